@@ -1,0 +1,186 @@
+"""The ``ckpt-analysis`` command line: run, plan, status, show, prefetch and demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ckpt_analysis.errors import CkptAnalysisError
+
+app = typer.Typer(
+    help=(
+        "Study how language models learn, from their saved checkpoints.\n\n"
+        "A job file (TOML, see docs/jobs.md) names checkpoints, evaluation data and analyses; "
+        "`run` computes every (analysis, checkpoint) unit into one Zarr store that "
+        "`ckpt_analysis.open_results(path)` reads back as an xarray Dataset.\n\n"
+        "Start with `ckpt-analysis demo`: it trains a tiny model offline and sweeps its checkpoints."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+JobArg = Annotated[Path, typer.Argument(help="Job spec (TOML); see docs/jobs.md and jobs/.")]
+StoreArg = Annotated[Path, typer.Argument(help="A results store (the job's `output`).")]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Override the job's output store path.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute done units; replace a store of another spec.")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from rich.logging import RichHandler
+
+    handler: logging.Handler = RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
+    if not sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    for noisy in ("distributed", "httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: CkptAnalysisError) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command()
+def run(
+    job: JobArg,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    executor: Annotated[
+        Literal["local", "inprocess"] | None,
+        typer.Option(help="`local`: Dask LocalCluster (default from the job); `inprocess`: debug."),
+    ] = None,
+    shard: Annotated[int | None, typer.Option(help="Run only units i with i % num_shards == shard.")] = None,
+    num_shards: Annotated[int, typer.Option(help="Shard count (SLURM array size).")] = 1,
+) -> None:
+    """Run a job: create its store (or resume it), then compute every unit not yet done.
+
+    Exit code 0 when every unit is done, 1 when some failed (see `status`), 2 on bad input.
+    """
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.run import run_job
+
+    try:
+        spec = load_job(job, output=output)
+        outcomes = run_job(spec, force=force, executor=executor, shard=shard, num_shards=num_shards)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    failed = [o for o in outcomes if not o.ok]
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    out.print(f"{spec.output}: {counts['done']} computed, {counts['skipped']} already done, "
+              f"{counts['failed']} failed")
+    for outcome in failed:
+        out.print(f"  [red]failed[/] {outcome.name}: {outcome.error}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(job: JobArg, output: OutputOpt = None, force: ForceOpt = False) -> None:
+    """Validate a job and create its store without computing (SLURM shards need this first)."""
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.plan import prepare_store
+
+    try:
+        spec = load_job(job, output=output)
+        action = prepare_store(spec, force=force)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    out.print(f"{spec.output}: {'store exists, spec unchanged' if action == 'resume' else 'created'}")
+
+
+@app.command()
+def status(store: StoreArg) -> None:
+    """Show which units are done, failed (with the reason), running or missing."""
+    from ckpt_analysis.store import unit_states
+
+    try:
+        states = unit_states(store)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    table = Table("unit", "state", "detail", title=str(store))
+    colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
+    for s in states:
+        table.add_row(s.unit_id, f"[{colour[s.state]}]{s.state}[/]", s.detail)
+    out.print(table)
+    counts = {k: sum(s.state == k for s in states) for k in colour}
+    out.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def show(store: StoreArg) -> None:
+    """Describe a store: job, dimensions, variables and unit progress."""
+    from ckpt_analysis.store import open_results, store_meta, unit_states
+
+    try:
+        ds, meta, states = open_results(store), store_meta(store), unit_states(store)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    out.print(f"[bold]{store}[/]  job {meta['job_spec']['name']!r}  spec {meta['spec_hash']}  "
+              f"model {meta['model_id']}")
+    out.print("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
+    table = Table("variable", "dims", "dtype", "description")
+    for name, var in ds.data_vars.items():
+        table.add_row(str(name), ", ".join(map(str, var.dims)), str(var.dtype), var.attrs.get("description", ""))
+    out.print(table)
+    counts = {k: sum(s.state == k for s in states) for k in ("done", "failed", "running", "missing")}
+    out.print("units: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command()
+def prefetch(job: JobArg) -> None:
+    """Download a job's Hub revisions into its cache_dir for a later offline run.
+
+    With HF_HUB_OFFLINE=1 nothing is downloaded: it reports what is cached and what is missing.
+    """
+    from ckpt_analysis.checkpoints import prefetch as fetch
+    from ckpt_analysis.config import load_job
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        cached, missing = fetch(load_job(job).checkpoints, offline=offline)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    out.print(f"{len(cached)} revisions cached, {len(missing)} missing" + (" (offline)" if offline else ""))
+    if missing:
+        out.print("missing: " + ", ".join(missing), highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the run, job file and store go.")] = Path("demo_out"),
+    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 600,
+    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 50,
+    force: ForceOpt = False,
+) -> None:
+    """Offline demo: train a tiny GPTNeoX on 3-digit addition, sweep activation covariances
+    over its checkpoints into a store, and print a summary."""
+    from ckpt_analysis.demo import run_demo
+    from ckpt_analysis.train import TrainConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    table = Table("step", *(f"layer {i} var / PR" for i in range(result.total_variance.shape[1])),
+                  title="residual stream after each layer: total variance / participation ratio")
+    for step, var, pr in zip(result.steps, result.total_variance, result.participation, strict=True):
+        table.add_row(str(step), *(f"{v:8.2f} / {p:5.2f}" for v, p in zip(var, pr, strict=True)))
+    out.print(table)
+    out.print(f"final answer-digit accuracy {result.accuracy:.3f}; store {result.store}")
+    out.print(f"query it: python -c \"import ckpt_analysis as ca; "
+              f"print(ca.open_results('{result.store}').act_cov)\"", highlight=False)
+    if any(not o.ok for o in result.outcomes):
+        raise typer.Exit(1)

@@ -1,0 +1,210 @@
+"""Job spec: strict dataclasses parsed from TOML; unknown keys are errors listing the valid ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from ckpt_analysis.errors import JobSpecError
+
+T = TypeVar("T")
+
+Selector = Union[str, list[int], list[str]]
+"""Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (SPEC §3)."""
+
+
+@dataclass(frozen=True)
+class CheckpointsSpec:
+    """Where the checkpoints come from and how they are loaded (SPEC §3).
+
+    ``source`` picks the kind: ``hub`` (``repo`` + ``revisions``), ``local`` (a run directory of
+    ``save_pretrained`` folders at ``path``) or ``state_dict`` (``files`` + ``config``).
+    """
+
+    source: Literal["hub", "local", "state_dict"]
+    repo: str | None = None
+    revisions: Selector = "pythia"
+    cache_dir: str | None = None
+    path: str | None = None
+    pattern: str | None = None
+    files: list[str] = field(default_factory=list)
+    config: str | None = None
+    select: Selector = "all"
+    tokens_per_step: int | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The analysed token set (SPEC §4): the built-in addition task or a ``datasets`` source."""
+
+    source: Literal["addition", "dataset"]
+    num_examples: int = 256
+    seed: int = 1234
+    path: str | None = None
+    format: Literal["auto", "disk", "json", "jsonl", "parquet", "text", "arrow", "csv"] = "auto"
+    split: str | None = None
+    text_column: str = "text"
+    ids_column: str | None = None
+    score_mask_column: str | None = None
+    label_columns: list[str] = field(default_factory=list)
+    seq_len: int = 128
+    num_sequences: int | None = None
+    add_bos: bool = False
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """How units are executed (SPEC §7)."""
+
+    executor: Literal["local", "inprocess"] = "local"
+    workers: int = 2
+    threads_per_worker: int = 1
+    torch_threads: int = 1
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job: checkpoints × analyses over one token set, into one store."""
+
+    name: str
+    output: str
+    checkpoints: CheckpointsSpec
+    data: DataSpec
+    analyses: dict[str, dict[str, Any]]
+    compute: ComputeSpec = field(default_factory=ComputeSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised spec as plain data (stored in the results' root attrs)."""
+        return dataclasses.asdict(self)
+
+    def spec_hash(self) -> str:
+        """Hash of everything that defines the results; compute settings and name excluded."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in ("compute", "name", "output")}
+        text = json.dumps(payload, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Errors name the offending table (``where``) and list the valid keys or values.
+    """
+    if not isinstance(data, dict):
+        raise JobSpecError(f"[{where}] must be a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise JobSpecError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in [{where}]; "
+            f"valid keys: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    required = [n for n, f in fields.items() if _is_required(f)]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise JobSpecError(f"missing required key(s) {', '.join(map(repr, missing))} in [{where}]")
+    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**values)
+
+
+def _is_required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            valid = ", ".join(map(repr, get_args(hint)))
+            raise JobSpecError(f"{where} = {value!r} is not valid; choose one of: {valid}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arm in get_args(hint):
+            try:
+                return _check_type(value, arm, where)
+            except JobSpecError:
+                continue
+        raise JobSpecError(f"{where} = {value!r} has the wrong type (expected {hint})")
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise JobSpecError(f"{where} must be a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise JobSpecError(f"{where} must be empty")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise JobSpecError(f"{where} = {value!r} must be {hint.__name__}")
+    return value
+
+
+def load_job(path: str | Path, *, output: str | None = None) -> JobSpec:
+    """Read and validate a job TOML; relative paths resolve against the job file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(f"job file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise JobSpecError(f"{path}: not valid TOML: {exc}") from exc
+    if output is not None:
+        raw["output"] = output
+    return job_from_dict(raw, base=path.parent)
+
+
+def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
+    """Validate a job mapping (the parsed TOML) and resolve its relative paths against ``base``."""
+    raw = dict(raw)
+    raw.setdefault("name", "job")
+    if "analyses" not in raw or not raw["analyses"]:
+        raise JobSpecError("the job names no analyses; add an [analyses.<name>] table")
+    nested = {"checkpoints": CheckpointsSpec, "data": DataSpec, "compute": ComputeSpec}
+    for key, cls in nested.items():
+        if key in raw:
+            raw[key] = parse_dataclass(cls, raw[key], key)
+    analyses = raw.get("analyses")
+    if not isinstance(analyses, dict) or not all(isinstance(v, dict) for v in analyses.values()):
+        raise JobSpecError("[analyses] must hold one table per analysis, e.g. [analyses.covariance]")
+    job = parse_dataclass(JobSpec, raw, "job")
+    return _resolve_paths(job, base)
+
+
+def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+
+    ck = job.checkpoints
+    ck = dataclasses.replace(
+        ck,
+        cache_dir=absolute(ck.cache_dir),
+        path=absolute(ck.path),
+        config=absolute(ck.config),
+        files=[str(absolute(f)) for f in ck.files],
+    )
+    data = job.data
+    if data.path is not None and data.source == "dataset" and Path(base / data.path).exists():
+        data = dataclasses.replace(data, path=absolute(data.path))
+    return dataclasses.replace(job, output=str(absolute(job.output)), checkpoints=ck, data=data)
+
+
+def job_from_json(text: str) -> JobSpec:
+    """Rebuild a JobSpec from its stored normalised form (paths already absolute)."""
+    return job_from_dict(json.loads(text), base=Path("/"))

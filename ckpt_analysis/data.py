@@ -1,0 +1,165 @@
+"""Evaluation token sets (SPEC §4): fixed-length sequences, a scored-target mask and label columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ckpt_analysis.config import DataSpec
+from ckpt_analysis.errors import DataError
+from ckpt_analysis.tasks import addition
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
+                 ".arrow": "arrow", ".csv": "csv"}
+
+
+@dataclass
+class EvalData:
+    """The analysed token set.
+
+    ``input_ids``/``attention_mask``/``score_mask`` are ``(sequence, position)``. Convention
+    (SPEC §4): ``score_mask[s, t]`` and every label describe token t, the *target*, predicted by
+    the logits at position t − 1, so position 0 is never scored. Labels are −1 where absent.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    score_mask: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.score_mask = self.score_mask & (self.attention_mask > 0)
+        self.score_mask[:, 0] = False
+        if not self.score_mask.any():
+            raise DataError("the evaluation data has no scored tokens (all sequences too short?)")
+
+    @property
+    def token_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence, position) of every analysed (scored) token, in row-major order."""
+        seq, pos = np.nonzero(self.score_mask)
+        return seq.astype(np.int64), pos.astype(np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.score_mask.sum())
+
+    def token_labels(self) -> dict[str, np.ndarray]:
+        seq, pos = self.token_index
+        return {name: values[seq, pos] for name, values in self.labels.items()}
+
+    def token_strings(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
+        """Decoded text of each analysed token and of its preceding context."""
+        seq, pos = self.token_index
+        texts, contexts = [], []
+        for s, p in zip(seq.tolist(), pos.tolist(), strict=True):
+            texts.append(tokenizer.decode([int(self.input_ids[s, p])]))
+            contexts.append(tokenizer.decode([int(i) for i in self.input_ids[s, :p]]))
+        return texts, contexts
+
+
+def load_eval_data(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None, vocab_size: int
+) -> EvalData:
+    """Build the token set named by ``spec``, checking it fits the model's context and vocabulary."""
+    data = _addition(spec, tokenizer) if spec.source == "addition" else _from_dataset(spec, tokenizer)
+    length = data.input_ids.shape[1]
+    if max_positions is not None and length > max_positions:
+        raise DataError(f"sequence length {length} exceeds the model context of {max_positions} positions")
+    if data.input_ids.max() >= vocab_size or data.input_ids.min() < 0:
+        raise DataError(f"token ids fall outside the model vocabulary of {vocab_size}")
+    return data
+
+
+def _addition(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
+    a, b = addition.problems(spec.num_examples, spec.seed)
+    try:
+        ids = addition.encode(tokenizer, a, b)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise DataError(f"data.source = 'addition' needs the addition tokenizer: {exc}") from exc
+    return EvalData(ids, np.ones_like(ids, dtype=np.int8), addition.score_mask(len(a)), addition.labels(a, b))
+
+
+def _load_dataset(spec: DataSpec) -> Dataset:
+    import datasets
+
+    if spec.path is None:
+        raise DataError("data.path is required when data.source = 'dataset'")
+    path = Path(spec.path)
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = "disk" if path.is_dir() else _FILE_FORMATS.get(path.suffix, "")
+        if not fmt and path.exists():
+            raise DataError(f"cannot tell the format of {path}; set data.format")
+    try:
+        if fmt == "disk" or (not path.exists() and fmt == ""):
+            loaded: Any = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(str(path))
+        else:
+            loaded = datasets.load_dataset("json" if fmt == "jsonl" else fmt, data_files=str(path))
+    except Exception as exc:
+        raise DataError(f"could not load data from {spec.path}: {exc}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        split = spec.split or next(iter(loaded))
+        if split not in loaded:
+            raise DataError(f"split {split!r} not in {spec.path}; available: {', '.join(loaded)}")
+        loaded = loaded[split]
+    if len(loaded) == 0:
+        raise DataError(f"the dataset at {spec.path} is empty")
+    if spec.num_sequences is not None:
+        loaded = loaded.select(range(min(spec.num_sequences, len(loaded))))
+    return loaded  # type: ignore[no-any-return]
+
+
+def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
+    ds = _load_dataset(spec)
+    needed = [spec.ids_column or spec.text_column, *spec.label_columns]
+    needed += [spec.score_mask_column] if spec.score_mask_column else []
+    absent = [c for c in needed if c not in ds.column_names]
+    if absent:
+        raise DataError(f"column(s) {absent} not in {spec.path}; available: {', '.join(ds.column_names)}")
+    if spec.ids_column is None and (spec.label_columns or spec.score_mask_column):
+        raise DataError("per-token labels and score masks need pre-tokenized ids (data.ids_column)")
+    if spec.ids_column:
+        rows = [list(map(int, r)) for r in ds[spec.ids_column]]
+    else:
+        rows = tokenizer(list(ds[spec.text_column]), add_special_tokens=False)["input_ids"]
+    if spec.add_bos:
+        if tokenizer.bos_token_id is None:
+            raise DataError("data.add_bos = true but the tokenizer has no BOS token")
+        rows = [[tokenizer.bos_token_id, *r] for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, attn = _pad(rows, spec.seq_len, pad)
+    score = _pad_column(ds, spec.score_mask_column, spec.seq_len, 1).astype(bool)
+    labels = {c: _pad_column(ds, c, spec.seq_len, -1) for c in spec.label_columns}
+    return EvalData(ids, attn, score, labels)
+
+
+def _pad(rows: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truncate or right-pad each row to ``length``; the mask marks real tokens."""
+    ids = np.full((len(rows), length), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int8)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _pad_column(ds: Dataset, column: str | None, length: int, default: int) -> np.ndarray:
+    """A per-token column (lists, truncated/padded) or per-sequence scalars broadcast over tokens."""
+    if column is None:
+        return np.full((len(ds), length), default, dtype=np.int64)
+    out = np.full((len(ds), length), default, dtype=np.int64)
+    for i, value in enumerate(ds[column]):
+        if isinstance(value, list):
+            value = value[:length]
+            out[i, : len(value)] = value
+        else:
+            out[i, :] = int(value)
+    return out

@@ -1,0 +1,115 @@
+"""Executors: run a dependency graph of opaque tasks in-process or on a Dask LocalCluster.
+
+An executor knows nothing about analyses or stores: it calls ``fn(index)`` for each task once
+the task's dependencies succeeded, and reports each :class:`Outcome` as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A node of the graph: its index (passed to ``fn``), display name and dependency indices."""
+
+    index: int
+    name: str
+    deps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one task."""
+
+    index: int
+    name: str
+    status: Literal["done", "skipped", "failed"]
+    error: str | None = None
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+TaskFn = Callable[[int], Outcome]
+OnDone = Callable[[Outcome], None]
+
+
+def _blocked(task: Task, failed: Sequence[Outcome]) -> Outcome:
+    names = ", ".join(o.name for o in failed)
+    return Outcome(task.index, task.name, "failed", f"dependency failed: {names}")
+
+
+class Executor(ABC):
+    """Runs tasks (given in dependency order) and returns their outcomes in task order."""
+
+    @abstractmethod
+    def run(self, tasks: Sequence[Task], fn: TaskFn, on_done: OnDone) -> list[Outcome]:
+        """Run every task whose dependencies succeeded; ``fn`` must not raise."""
+
+
+class InProcessExecutor(Executor):
+    """Runs tasks one after another in this process (debugging, SLURM array shards)."""
+
+    def run(self, tasks: Sequence[Task], fn: TaskFn, on_done: OnDone) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        for task in tasks:
+            failed = [outcomes[d] for d in task.deps if d in outcomes and not outcomes[d].ok]
+            outcome = _blocked(task, failed) if failed else fn(task.index)
+            outcomes[task.index] = outcome
+            on_done(outcome)
+        return [outcomes[t.index] for t in tasks]
+
+
+def _after_deps(fn: TaskFn, task: Task, *deps: Outcome) -> Outcome:
+    failed = [d for d in deps if not d.ok]
+    return _blocked(task, failed) if failed else fn(task.index)
+
+
+class DaskExecutor(Executor):
+    """Runs tasks on a ``dask.distributed.LocalCluster`` of worker processes.
+
+    Each worker process runs ``threads_per_worker`` tasks at once; tasks set torch's own thread
+    count themselves (the Dask nanny sets ``OMP_NUM_THREADS=1``).
+    """
+
+    def __init__(self, *, workers: int, threads_per_worker: int) -> None:
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+
+    def run(self, tasks: Sequence[Task], fn: TaskFn, on_done: OnDone) -> list[Outcome]:
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # its import resets this
+        with (
+            LocalCluster(n_workers=self.workers, threads_per_worker=self.threads_per_worker,
+                         processes=True, dashboard_address=None,
+                         silence_logs=logging.WARNING) as cluster,
+            Client(cluster) as client,
+        ):
+            futures = {}
+            for task in tasks:
+                deps = [futures[d] for d in task.deps if d in futures]
+                futures[task.index] = client.submit(_after_deps, fn, task, *deps, pure=False,
+                                                    key=f"unit-{task.index}-{task.name}")
+            outcomes: dict[int, Outcome] = {}
+            for future in as_completed(list(futures.values())):
+                outcome = future.result()
+                outcomes[outcome.index] = outcome
+                on_done(outcome)
+        return [outcomes[t.index] for t in tasks]
+
+
+def make_executor(kind: Literal["local", "inprocess"], *, workers: int, threads_per_worker: int) -> Executor:
+    """The executor named by ``compute.executor``."""
+    if kind == "inprocess":
+        return InProcessExecutor()
+    return DaskExecutor(workers=workers, threads_per_worker=threads_per_worker)

@@ -1,0 +1,151 @@
+"""The planner: validate a job end to end, then lay out its units and create its store once."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Literal
+
+import numpy as np
+
+from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource, check_layout
+from ckpt_analysis.config import JobSpec
+from ckpt_analysis.data import EvalData, load_eval_data
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
+from ckpt_analysis.store import check_output, create_store
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("ckpt-analysis", "torch", "transformers", "zarr", "xarray", "dask", "numpy")
+
+
+@dataclass
+class Plan:
+    """Everything the store is created from; built without writing anything."""
+
+    job: JobSpec
+    checkpoints: list[Checkpoint]
+    model_config: dict[str, Any]
+    eval_data: EvalData
+    token_text: list[str]
+    token_context: list[str]
+    analyses: list[Analysis]
+    units: list[Unit]
+
+
+def make_plan(job: JobSpec) -> Plan:
+    """Validate everything (analyses, checkpoints and their layout, data) and list the units.
+
+    Raises a :class:`~ckpt_analysis.errors.CkptAnalysisError` naming the culprit on bad input;
+    nothing is written.
+    """
+    analyses = build_analyses(job)
+    source = CheckpointSource.from_spec(job.checkpoints)
+    ckpts = source.checkpoints()
+    config = check_layout(source, ckpts)
+    tokenizer = source.tokenizer(ckpts[0])
+    data = load_eval_data(
+        job.data, tokenizer, max_positions=config.get("max_position_embeddings"), vocab_size=config["vocab_size"]
+    )
+    text, context = data.token_strings(tokenizer)
+    ctx = PlanContext(job, ckpts, config, data.num_tokens)
+    units = _ordered_units([u for a in analyses for u in a.units(ctx)])
+    return Plan(job, ckpts, config, data, text, context, analyses, units)
+
+
+def _ordered_units(units: list[Unit]) -> list[Unit]:
+    """Check ids are unique and dependencies exist and precede their dependents."""
+    seen: set[str] = set()
+    for unit in units:
+        if unit.id in seen:
+            raise JobSpecError(f"duplicate unit {unit.id}")
+        missing = [d for d in unit.deps if d not in seen]
+        if missing:
+            raise JobSpecError(f"unit {unit.id} depends on {missing}, which are not planned before it")
+        seen.add(unit.id)
+    return units
+
+
+def _coords(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    ck = plan.checkpoints
+    coords: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        "step": (("step",), np.array([c.step for c in ck], dtype=np.int64)),
+        "revision": (("step",), np.array([c.revision for c in ck], dtype=object)),
+        "tokens_seen": (("step",), np.array([-1 if c.tokens_seen is None else c.tokens_seen for c in ck])),
+        "unit_id": (("unit",), np.array([u.id for u in plan.units], dtype=object)),
+    }
+    ctx = PlanContext(plan.job, ck, plan.model_config, plan.eval_data.num_tokens)
+    for analysis in plan.analyses:
+        for name, values in analysis.coords(ctx).items():
+            if name in coords and not np.array_equal(coords[name][1], values):
+                raise JobSpecError(f"analyses disagree on the {name!r} coordinate")
+            coords[name] = ((name,), values)
+    return coords
+
+
+def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """The analysed token set (SPEC §4), stored so later queries can show what a token was."""
+    data = plan.eval_data
+    seq, pos = data.token_index
+    grid = ("sequence", "position")
+    tables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        "input_ids": (grid, data.input_ids),
+        "attention_mask": (grid, data.attention_mask),
+        "score_mask": (grid, data.score_mask.astype(np.int8)),
+        "token_sequence": (("token",), seq),
+        "token_position": (("token",), pos),
+        "token_id": (("token",), data.input_ids[seq, pos]),
+        "token_text": (("token",), np.array(plan.token_text, dtype=object)),
+        "token_context": (("token",), np.array(plan.token_context, dtype=object)),
+    }
+    for name, values in data.token_labels().items():
+        tables[f"label_{name}"] = (("token",), values)
+    return tables
+
+
+def _variables(plan: Plan) -> list[Variable]:
+    from ckpt_analysis.store import DONE
+
+    ctx = PlanContext(plan.job, plan.checkpoints, plan.model_config, plan.eval_data.num_tokens)
+    variables = [v for a in plan.analyses for v in a.variables(ctx)]
+    names = [v.name for v in variables]
+    if len(set(names)) != len(names):
+        raise JobSpecError(f"analyses declare the same variable twice: {names}")
+    done = Variable(DONE, ("unit",), (len(plan.units),), "int8", (1,), fill=0, doc="1 once a unit is complete")
+    return [*variables, done]
+
+
+def versions() -> dict[str, str]:
+    """Toolkit and library versions recorded with results."""
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
+    """Create the job's store unless a store of the same spec exists (then resume)."""
+    action = check_output(job.output, job.spec_hash(), force=force)
+    if action == "resume":
+        return action
+    plan = make_plan(job)
+    meta = {
+        "job_spec": job.to_dict(),
+        "spec_hash": job.spec_hash(),
+        "versions": versions(),
+        "model_id": job.checkpoints.repo or job.checkpoints.path or job.checkpoints.config,
+        "model_config": plan.model_config,
+        "checkpoint_refs": [c.ref for c in plan.checkpoints],
+        "units": [{"id": u.id, "analysis": u.analysis, "checkpoint": u.checkpoint, "deps": list(u.deps)}
+                  for u in plan.units],
+    }
+    create_store(job.output, variables=_variables(plan), coords=_coords(plan), tables=_tables(plan),
+                 meta=meta, replace=action == "replace")
+    log.info("created %s with %d units", job.output, len(plan.units))
+    return action

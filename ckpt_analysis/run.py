@@ -1,0 +1,167 @@
+"""Running a job: the unit protocol (skip, compute, write, mark done last) and the job driver."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
+from ckpt_analysis.config import JobSpec, job_from_dict
+from ckpt_analysis.data import EvalData
+from ckpt_analysis.errors import StoreError
+from ckpt_analysis.execute import InProcessExecutor, Outcome, Task, make_executor
+from ckpt_analysis.plan import prepare_store, versions
+from ckpt_analysis.progress import progress
+from ckpt_analysis.registry import Unit, UnitContext, get_analysis
+from ckpt_analysis.store import (
+    done_flags,
+    set_done,
+    store_meta,
+    write_block,
+    write_sidecar,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ModelCache:
+    """Loads checkpoints by index, keeping only the most recent model in memory."""
+
+    source: CheckpointSource
+    checkpoints: list[Checkpoint]
+    index: int | None = None
+    model: PreTrainedModel | None = None
+
+    def __call__(self, index: int) -> PreTrainedModel:
+        if self.index != index or self.model is None:
+            self.model = None  # free the previous model before loading the next
+            self.model = self.source.load(self.checkpoints[index])
+            self.index = index
+        return self.model
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """Per-process state for one store: the job, its units, and the analyses' unit context."""
+
+    job: JobSpec
+    units: list[Unit]
+    context: UnitContext
+
+
+@cache
+def _worker(store: str) -> _Worker:
+    import zarr
+
+    meta = store_meta(store)
+    job = job_from_dict(meta["job_spec"], base=Path("/"))
+    group = zarr.open_group(store, mode="r")
+    columns = zip(group["step"][:], group["revision"][:], meta["checkpoint_refs"], group["tokens_seen"][:],
+                  strict=True)
+    ckpts = [Checkpoint(int(s), str(r), ref, None if t < 0 else int(t)) for s, r, ref, t in columns]
+    data = EvalData(np.asarray(group["input_ids"][:]), np.asarray(group["attention_mask"][:]),
+                    np.asarray(group["score_mask"][:]).astype(bool))
+    units = [Unit(u["analysis"], u["id"].split("/", 1)[1], u["checkpoint"], tuple(u["deps"]))
+             for u in meta["units"]]
+    models = _ModelCache(CheckpointSource.from_spec(job.checkpoints), ckpts)
+    return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models))
+
+
+def _provenance() -> dict[str, Any]:
+    env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+           if k in os.environ}
+    return {"host": socket.gethostname(), "pid": os.getpid(), **env}
+
+
+def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
+    """Compute one unit into ``store``; never raises (failures come back as an Outcome).
+
+    The done marker is cleared before and set after the unit's writes, so a unit killed
+    mid-write is recomputed on the next run.
+    """
+    import torch
+
+    worker = _worker(store)
+    unit = worker.units[index]
+    if not force and done_flags(store)[index]:
+        return Outcome(index, unit.id, "skipped")
+    torch.set_num_threads(torch_threads)
+    start = time.time()
+    record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
+    write_sidecar(store, unit.id, record)
+    try:
+        set_done(store, index, False)
+        analysis = get_analysis(unit.analysis).from_spec(worker.job.analyses[unit.analysis])
+        for write in analysis.compute(unit, worker.context):
+            write_block(store, write)
+        set_done(store, index, True)
+    except Exception as exc:
+        wall = time.time() - start
+        error = f"{type(exc).__name__}: {exc}"
+        write_sidecar(store, unit.id, {**record, "status": "failed", "error": error,
+                                       "traceback": traceback.format_exc(), "wall_s": wall})
+        log.warning("unit %s failed: %s", unit.id, error)
+        return Outcome(index, unit.id, "failed", error, wall)
+    wall = time.time() - start
+    write_sidecar(store, unit.id, {**record, "status": "done", "wall_s": wall, "versions": versions()})
+    return Outcome(index, unit.id, "done", None, wall)
+
+
+def run_job(
+    job: JobSpec,
+    *,
+    force: bool = False,
+    executor: str | None = None,
+    shard: int | None = None,
+    num_shards: int = 1,
+) -> list[Outcome]:
+    """Plan (or resume) ``job``'s store, then run its units; returns one Outcome per unit run.
+
+    With ``shard``/``num_shards`` (SLURM arrays) the store must already exist and only units
+    ``i`` with ``i % num_shards == shard`` run, in-process.
+    """
+    store = job.output
+    if shard is None:
+        prepare_store(job, force=force)
+    elif not done_flags_exist(store):
+        raise StoreError(f"{store} does not exist; create it first with `ckpt-analysis plan`")
+    _worker.cache_clear()  # the store may have been (re)created just now
+    worker = _worker(store)
+    ids = {u.id: i for i, u in enumerate(worker.units)}
+    tasks = [Task(i, u.id, tuple(ids[d] for d in u.deps)) for i, u in enumerate(worker.units)]
+    if shard is not None:
+        tasks = [t for t in tasks if t.index % num_shards == shard]
+    kind = executor or job.compute.executor
+    runner = InProcessExecutor() if shard is not None else make_executor(
+        kind, workers=job.compute.workers, threads_per_worker=job.compute.threads_per_worker)  # type: ignore[arg-type]
+    fn = functools.partial(_run_unit_fn, store, job.compute.torch_threads, force)
+    with progress(len(tasks), f"{job.name}") as advance:
+        outcomes = runner.run(tasks, fn, lambda o: advance(o.name, o.ok))
+    _worker.cache_clear()
+    return outcomes
+
+
+def _run_unit_fn(store: str, torch_threads: int, force: bool, index: int) -> Outcome:
+    return run_unit(store, index, torch_threads=torch_threads, force=force)
+
+
+def done_flags_exist(store: str | Path) -> bool:
+    try:
+        done_flags(store)
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,200 @@
+"""The results store (SPEC §6): one Zarr v3 group per job, created once, filled chunk by chunk.
+
+Concurrency rules (zarr-python 3.1 facts, ``shared/ENVIRONMENT.md``): the planner creates every
+array and attribute once, in one process, into a temporary folder that is renamed into place;
+each unit owns whole chunks (extent 1 along its unit axis, no shards); workers never write
+attributes or resize; a unit is complete only when its ``unit_done`` chunk is 1, written last;
+per-unit provenance goes to sidecar JSON files under ``_units/``, each replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ckpt_analysis.errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
+    import zarr
+
+    from ckpt_analysis.registry import Variable, Write
+
+ATTR_KEY = "ckpt_analysis"
+UNITS_DIR = "_units"
+DONE = "unit_done"
+
+
+def open_results(path: str | Path) -> xr.Dataset:
+    """Open a results store as a lazy, labelled :class:`xarray.Dataset`.
+
+    Safe to call while a job is still writing: unfinished units read as NaN (floats) or −1
+    (counts); check ``unit_done`` for completeness.
+    """
+    import xarray as xr
+
+    if not (Path(path) / "zarr.json").is_file():
+        raise StoreError(f"{path} is not a results store")
+    with _quiet_consolidated():
+        return xr.open_zarr(str(path), consolidated=True)
+
+
+@contextmanager
+def _quiet_consolidated() -> Iterator[None]:
+    """Silence zarr's note that consolidated metadata is not in the v3 spec (we rely on it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
+
+
+def store_meta(path: str | Path) -> dict[str, Any]:
+    """The toolkit's root attributes (spec, hash, versions, units) of a store."""
+    import zarr
+
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    if ATTR_KEY not in attrs:
+        raise StoreError(f"{path} is a Zarr store but not a ckpt-analysis results store")
+    return dict(attrs[ATTR_KEY])
+
+
+def check_output(path: str | Path, spec_hash: str, *, force: bool) -> Literal["create", "resume", "replace"]:
+    """Decide what to do with the output path, refusing files and other jobs' stores."""
+    path = Path(path)
+    if path.is_file():
+        raise StoreError(f"output path {path} is a file, not a results store")
+    if not path.exists():
+        return "create"
+    if not (path / "zarr.json").is_file():
+        if any(path.iterdir()):
+            raise StoreError(f"output path {path} is a non-empty folder that is not a results store")
+        return "replace"
+    found = store_meta(path).get("spec_hash")
+    if found == spec_hash:
+        return "resume"
+    if not force:
+        raise StoreError(
+            f"{path} holds results of a different job spec (hash {found}, this job {spec_hash}); "
+            "use another output path or --force to replace it"
+        )
+    return "replace"
+
+
+def create_store(
+    path: str | Path,
+    *,
+    variables: list[Variable],
+    coords: dict[str, tuple[tuple[str, ...], np.ndarray]],
+    tables: dict[str, tuple[tuple[str, ...], np.ndarray]],
+    meta: dict[str, Any],
+    replace: bool,
+) -> None:
+    """Create the whole store once, atomically (temp folder + rename). Single process only."""
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    path = Path(path)
+    data_vars: dict[str, Any] = {n: (dims, values) for n, (dims, values) in tables.items()}
+    encoding: dict[str, dict[str, Any]] = {}
+    for var in variables:
+        lazy = da.full(var.shape, var.fill, dtype=var.dtype, chunks=var.chunks)
+        data_vars[var.name] = (var.dims, lazy, {"description": var.doc} if var.doc else {})
+        encoding[var.name] = {"chunks": var.chunks, "fill_value": var.fill, "compressors": None}
+    ds = xr.Dataset(data_vars, coords={n: (dims, v) for n, (dims, v) in coords.items()})
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ds.to_zarr(str(tmp), mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+        zarr.open_group(str(tmp), mode="r+").attrs.update({ATTR_KEY: meta})
+        with _quiet_consolidated():
+            zarr.consolidate_metadata(str(tmp))
+        (tmp / UNITS_DIR).mkdir()
+        if replace and path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        _array.cache_clear()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+@cache
+def _array(path: str, name: str) -> zarr.Array:
+    import zarr
+
+    return zarr.open_array(path, path=name, mode="r+")
+
+
+def write_block(path: str | Path, write: Write) -> None:
+    """Write one unit's block into its own chunks."""
+    _array(str(path), write.name)[write.index] = write.values
+
+
+def set_done(path: str | Path, index: int, done: bool) -> None:
+    """Set a unit's completion marker (its own chunk of ``unit_done``)."""
+    _array(str(path), DONE)[index] = np.int8(done)
+
+
+def done_flags(path: str | Path) -> np.ndarray:
+    """Completion markers of every unit, as booleans."""
+    import zarr
+
+    return np.asarray(zarr.open_array(str(path), path=DONE, mode="r")[:], dtype=bool)
+
+
+def _sidecar_path(path: str | Path, unit_id: str) -> Path:
+    return Path(path) / UNITS_DIR / (unit_id.replace("/", "__") + ".json")
+
+
+def write_sidecar(path: str | Path, unit_id: str, record: dict[str, Any]) -> None:
+    """Replace a unit's provenance record atomically (write to a temp file, then rename)."""
+    target = _sidecar_path(path, unit_id)
+    tmp = target.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, target)
+
+
+def read_sidecar(path: str | Path, unit_id: str) -> dict[str, Any] | None:
+    target = _sidecar_path(path, unit_id)
+    return json.loads(target.read_text()) if target.is_file() else None
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """A unit's state as ``status`` reports it."""
+
+    index: int
+    unit_id: str
+    state: Literal["done", "failed", "running", "missing"]
+    detail: str = ""
+
+
+def unit_states(path: str | Path) -> list[UnitState]:
+    """Every unit's state: done (marker set), failed (with reason), running/interrupted, missing."""
+    units = store_meta(path)["units"]
+    done = done_flags(path)
+    states = []
+    for i, unit in enumerate(units):
+        record = read_sidecar(path, unit["id"]) or {}
+        status = record.get("status")
+        if done[i]:
+            states.append(UnitState(i, unit["id"], "done", f"{record.get('wall_s', 0):.1f}s"))
+        elif status == "failed":
+            states.append(UnitState(i, unit["id"], "failed", str(record.get("error", ""))))
+        elif status == "running":
+            where = f"host {record.get('host')} pid {record.get('pid')}"
+            states.append(UnitState(i, unit["id"], "running", f"started on {where} (or interrupted)"))
+        else:
+            states.append(UnitState(i, unit["id"], "missing"))
+    return states

@@ -1,0 +1,92 @@
+"""A tiny trainer: a small GPTNeoX learns 3-digit addition and saves HF checkpoints as it goes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpt_analysis.progress import progress
+from ckpt_analysis.tasks import addition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model size and optimisation settings of the tiny addition run."""
+
+    steps: int = 600
+    save_every: int = 50
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+def tiny_gpt_neox(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                  max_positions: int = 64, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised small GPTNeoX (the usual test and demo model)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
+        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(config)
+
+
+def answer_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer digits only."""
+    logits = model(input_ids=ids).logits
+    pos = torch.tensor(addition.ANSWER_POSITIONS)
+    return torch.nn.functional.cross_entropy(logits[:, pos - 1].flatten(0, 1), ids[:, pos].flatten())
+
+
+def _save(model: torch.nn.Module, tokenizer: object, out: Path, step: int) -> None:
+    folder = out / f"checkpoint-{step}"
+    model.save_pretrained(folder)  # type: ignore[operator]
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
+    """Train on fresh random problems each step, saving ``checkpoint-<N>`` every ``save_every``.
+
+    Returns the final answer-digit accuracy on held-out problems.
+    """
+    tokenizer = addition.build_tokenizer()
+    model = tiny_gpt_neox(len(addition.VOCAB), hidden_size=config.hidden_size, num_layers=config.num_layers,
+                          num_heads=config.num_heads, seed=config.seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(model, tokenizer, out, 0)
+    with progress(config.steps, "training") as advance:
+        for step in range(1, config.steps + 1):
+            a, b = addition.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
+            loss = answer_loss(model, torch.from_numpy(addition.encode(tokenizer, a, b)))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            if step % config.save_every == 0:
+                _save(model, tokenizer, out, step)
+            advance(f"loss {loss.item():.3f}", True)
+    return answer_accuracy(model, tokenizer)
+
+
+@torch.no_grad()
+def answer_accuracy(model: torch.nn.Module, tokenizer: object, n: int = 512) -> float:
+    """Teacher-forced accuracy of the answer digits on held-out problems."""
+    a, b = addition.problems(n, seed=-1 % 2**32)
+    ids = torch.from_numpy(addition.encode(tokenizer, a, b))  # type: ignore[arg-type]
+    pos = torch.tensor(addition.ANSWER_POSITIONS)
+    pred = model(input_ids=ids).logits[:, pos - 1].argmax(-1)
+    return float((pred == ids[:, pos]).float().mean())
+
