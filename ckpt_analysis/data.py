@@ -97,13 +97,15 @@ def _load_dataset(spec: DataSpec) -> Dataset:
         fmt = "disk" if path.is_dir() else _FILE_FORMATS.get(path.suffix, "")
         if not fmt and path.exists():
             raise DataError(f"cannot tell the format of {path}; set data.format")
+    if path.is_file() and not _has_content(path):
+        raise DataError(f"the data file {path} is empty")
     try:
         if fmt == "disk" or (not path.exists() and fmt == ""):
             loaded: Any = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(str(path))
         else:
             loaded = datasets.load_dataset("json" if fmt == "jsonl" else fmt, data_files=str(path))
     except Exception as exc:
-        raise DataError(f"could not load data from {spec.path}: {exc}") from exc
+        raise DataError(f"could not load data from {spec.path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         split = spec.split or next(iter(loaded))
         if split not in loaded:
@@ -114,6 +116,11 @@ def _load_dataset(spec: DataSpec) -> Dataset:
     if spec.num_sequences is not None:
         loaded = loaded.select(range(min(spec.num_sequences, len(loaded))))
     return loaded  # type: ignore[no-any-return]
+
+
+def _has_content(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return bool(handle.read(4096).strip())
 
 
 def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:

@@ -1,0 +1,78 @@
+"""Feature covariance: the streaming accumulator and stored results against numpy.cov."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import job_dict
+
+from ckpt_analysis.analyses.covariance import CovarianceAccumulator, participation_ratio
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+
+
+def test_streaming_accumulator_equals_numpy_cov_across_uneven_batches() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(1000, 16)) @ rng.normal(size=(16, 16))
+    acc = CovarianceAccumulator(16)
+    for part in np.array_split(x, [1, 7, 300, 301, 999]):
+        acc.update(torch.from_numpy(part).float())
+    xf = x.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(acc.covariance().numpy(), np.cov(xf, rowvar=False, bias=False), rtol=1e-10)
+    np.testing.assert_allclose(acc.mean.numpy(), xf.mean(axis=0), rtol=1e-12)
+    assert acc.count == 1000
+
+
+def test_participation_ratio_is_one_for_rank_one_and_d_for_isotropic() -> None:
+    v = np.arange(1.0, 5.0)
+    assert participation_ratio(np.outer(v, v)) == pytest.approx(1.0)
+    assert participation_ratio(np.eye(7) * 3) == pytest.approx(7.0)
+
+
+def _independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Activations from HF's hidden_states and a plain re-computation of each block (no hooks)."""
+    x = torch.from_numpy(ids)
+    with torch.no_grad():
+        hidden = model(input_ids=x, output_hidden_states=True).hidden_states
+        out: dict[str, list[np.ndarray]] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "resid_post": []}
+        pos = torch.arange(ids.shape[1])[None]
+        rotary = model.gpt_neox.rotary_emb(hidden[0], pos)
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf"), dtype=hidden[0].dtype).triu(1)[None, None]
+        for i, layer in enumerate(model.gpt_neox.layers):
+            h = hidden[i]
+            attn = layer.attention(layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary)[0]
+            mlp = layer.mlp(layer.post_attention_layernorm(h))  # GPT-NeoX parallel residual
+            for site, value in (("resid_pre", h), ("attn_out", attn), ("mlp_out", mlp),
+                                ("resid_post", h + attn + mlp)):
+                out[site].append(value.double().numpy())
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("positions", ["scored", "predicting", "all"])
+def test_stored_covariance_equals_numpy_cov_of_captured_activations(
+    run_dir: Path, tmp_path: Path, positions: str
+) -> None:
+    raw = job_dict(run_dir, tmp_path / "r.zarr", analyses={"covariance": {"positions": positions}},
+                   checkpoints={"select": [0, 50], "dtype": "float64"}, compute={"batch_size": 7})
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.status == "done" for o in run_job(job))
+    ds = open_results(job.output)
+    ids, score = ds.input_ids.values, ds.score_mask.values.astype(bool)
+    rows = {"scored": score, "all": np.ones_like(score),
+            "predicting": np.concatenate([score[:, 1:], np.zeros_like(score[:, :1])], axis=1)}[positions]
+    source = CheckpointSource.from_spec(job.checkpoints)
+    for step_index, ckpt in enumerate(source.checkpoints()):
+        acts = _independent_activations(source.load(ckpt, attn="eager"), ids)
+        for site in ds.site.values:
+            for layer in ds.layer.values:
+                x = acts[str(site)][layer][rows]
+                got = ds.act_cov.isel(step=step_index).sel(site=site, layer=layer).values
+                ref = np.cov(x, rowvar=False, bias=False)
+                np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+                np.testing.assert_allclose(ds.act_mean.isel(step=step_index).sel(site=site, layer=layer),
+                                           x.mean(axis=0), rtol=1e-6, atol=1e-6 * np.abs(x).max())
+                assert int(ds.act_count.isel(step=step_index).sel(site=site, layer=layer)) == len(x)

@@ -1,0 +1,109 @@
+"""Test builders with overridable defaults: tiny GPTNeoX checkpoints, a fake Hub cache, job files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_analysis.tasks.addition import VOCAB, build_tokenizer
+from ckpt_analysis.train import tiny_gpt_neox
+
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
+
+
+def tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random GPTNeoX over the addition vocabulary."""
+    return tiny_gpt_neox(len(VOCAB), **{**TINY, **overrides}, seed=seed)
+
+
+def trajectory(n: int, *, seed: int = 0, **overrides: Any) -> list[torch.nn.Module]:
+    """``n`` checkpoints of one model, each a small random step from the previous one."""
+    model = tiny_model(seed, **overrides)
+    gen = torch.Generator().manual_seed(seed + 1)
+    models = []
+    for _ in range(n):
+        models.append(model)
+        model = tiny_model(seed, **overrides)
+        model.load_state_dict(models[-1].state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return models
+
+
+def save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)  # type: ignore[operator]
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build_local_run(root: Path, steps: list[int], *, name: str = "checkpoint-{step}", seed: int = 0) -> Path:
+    """A run folder of ``save_pretrained`` checkpoints, one per step."""
+    for step, model in zip(steps, trajectory(len(steps), seed=seed), strict=True):
+        save_checkpoint(model, root / name.format(step=step))
+    return root
+
+
+def build_fake_hub(cache_dir: Path, repo: str, revisions: list[str], *, seed: int = 0) -> Path:
+    """A Hugging Face cache holding ``repo`` at ``revisions`` (refs → snapshots), as the Hub writes it."""
+    base = cache_dir / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    for revision, model in zip(revisions, trajectory(len(revisions), seed=seed), strict=True):
+        commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+        save_checkpoint(model, base / "snapshots" / commit)
+        (base / "refs" / revision).write_text(commit)  # no trailing newline, as the Hub writes it
+    (base / "refs" / "main").write_text((base / "refs" / revisions[-1]).read_text())
+    return cache_dir
+
+
+def to_toml(job: dict[str, Any]) -> str:
+    """Serialise a job mapping (scalars, lists, nested tables) as TOML."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                tables.append((f"{prefix}{key}", value))
+            else:
+                lines.append(f"{key} = {_value(value)}")
+
+    emit("", job)
+    while tables:
+        name, table = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        emit(f"{name}.", table)
+    return "\n".join(lines) + "\n"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
+    """A covariance job over a local run; top-level tables in ``overrides`` are merged."""
+    job: dict[str, Any] = {
+        "name": "test-job",
+        "output": str(output),
+        "checkpoints": {"source": "local", "path": str(run_dir)},
+        "data": {"source": "addition", "num_examples": 64},
+        "analyses": {"covariance": {}},
+        "compute": {"executor": "inprocess", "batch_size": 32},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job
+
+
+def write_job(path: Path, run_dir: Path, output: Path, **overrides: Any) -> Path:
+    path.write_text(to_toml(job_dict(run_dir, output, **overrides)))
+    return path

@@ -1,0 +1,142 @@
+"""Checkpoint sources: the Pythia schedule, selectors, Hub/local/state-dict loading, layout checks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from builders import save_checkpoint, tiny_model
+from conftest import HUB_REPO, HUB_REVISIONS, RUN_STEPS
+
+from ckpt_analysis.checkpoints import (
+    PYTHIA_REVISIONS,
+    Checkpoint,
+    CheckpointSource,
+    check_layout,
+    prefetch,
+    select,
+)
+from ckpt_analysis.config import CheckpointsSpec
+from ckpt_analysis.errors import CheckpointError, JobSpecError
+
+
+def test_pythia_schedule_has_154_revisions_in_order() -> None:
+    assert len(PYTHIA_REVISIONS) == 154
+    assert PYTHIA_REVISIONS[:11] == ("step0", "step1", "step2", "step4", "step8", "step16", "step32",
+                                     "step64", "step128", "step256", "step512")
+    assert PYTHIA_REVISIONS[11] == "step1000" and PYTHIA_REVISIONS[-1] == "step143000"
+
+
+def _ckpts(steps: list[int]) -> list[Checkpoint]:
+    return [Checkpoint(s, f"step{s}", f"step{s}") for s in steps]
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("all", [0, 1, 2, 4, 6, 1000, 2000, 3000]),
+        ("log", [0, 1, 2, 4]),
+        ("every=1000", [0, 1000, 2000, 3000]),
+        ("2:1000", [2, 4, 6, 1000]),
+        ("0:3000:1000", [0, 1000, 2000, 3000]),
+        ([4, "step2000"], [4, 2000]),
+    ],
+)
+def test_selectors_pick_the_documented_steps(selector: object, expected: list[int]) -> None:
+    ckpts = _ckpts([0, 1, 2, 4, 6, 1000, 2000, 3000])
+    assert [c.step for c in select(ckpts, selector)] == expected  # type: ignore[arg-type]
+
+
+def test_selecting_an_absent_checkpoint_names_it() -> None:
+    with pytest.raises(CheckpointError, match="checkpoint 'step3' is not among the available step0"):
+        select(_ckpts([0, 1, 2]), ["step3"])
+
+
+def test_bad_selector_lists_the_valid_forms() -> None:
+    with pytest.raises(JobSpecError, match="'every=N', 'A:B'"):
+        select(_ckpts([0]), "sometimes")
+
+
+def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
+    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=HUB_REVISIONS, cache_dir=str(hub_cache),
+                           dtype="float64", device="cpu")
+    source = CheckpointSource.from_spec(spec)
+    ckpts = source.checkpoints()
+    assert [c.step for c in ckpts] == [0, 1, 2, 4, 1000]
+    model = source.load(ckpts[-1])
+    assert next(model.parameters()).dtype == torch.float64
+    assert not model.training
+    assert check_layout(source, ckpts)["model_type"] == "gpt_neox"
+
+
+def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
+    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache))
+    source = CheckpointSource.from_spec(spec)
+    with pytest.raises(CheckpointError, match=r"revision 'step3' of tiny-org/tiny-neox is not in the cache.*prefetch"):
+        check_layout(source, source.checkpoints())
+
+
+def test_prefetch_offline_reports_cached_and_missing(hub_cache: Path) -> None:
+    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0", "step3", "step4"],
+                           cache_dir=str(hub_cache))
+    assert prefetch(spec, offline=True) == (["step0", "step4"], ["step3"])
+
+
+def test_local_run_discovers_checkpoint_and_step_folders(run_dir: Path, tmp_path: Path) -> None:
+    spec = CheckpointsSpec(source="local", path=str(run_dir))
+    assert [c.step for c in CheckpointSource.from_spec(spec).checkpoints()] == RUN_STEPS
+    save_checkpoint(tiny_model(), tmp_path / "step_7")
+    other = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    assert [c.revision for c in other.checkpoints()] == ["step_7"]
+
+
+def test_state_dict_files_load_with_one_config(run_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = tiny_model(seed=3)
+    save_file(model.state_dict(), str(tmp_path / "weights_100.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "weights_200.pt")
+    spec = CheckpointsSpec(source="state_dict", files=[str(tmp_path / "weights_*")],
+                           config=str(run_dir / "checkpoint-0" / "config.json"))
+    source = CheckpointSource.from_spec(spec)
+    ckpts = source.checkpoints()
+    assert [c.step for c in ckpts] == [100, 200]
+    for ckpt in ckpts:
+        loaded = source.load(ckpt)
+        assert torch.equal(loaded.gpt_neox.embed_in.weight, model.gpt_neox.embed_in.weight)
+
+
+def test_architecture_mismatch_names_the_checkpoint(tmp_path: Path) -> None:
+    save_checkpoint(tiny_model(), tmp_path / "checkpoint-0")
+    save_checkpoint(tiny_model(num_layers=3), tmp_path / "checkpoint-5")
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="checkpoint checkpoint-5 has num_hidden_layers=3"):
+        check_layout(source, source.checkpoints())
+
+
+def test_corrupt_weights_file_is_named(tmp_path: Path) -> None:
+    save_checkpoint(tiny_model(), tmp_path / "checkpoint-0")
+    bad = save_checkpoint(tiny_model(), tmp_path / "checkpoint-5") / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="checkpoint-5/model.safetensors is corrupt"):
+        check_layout(source, source.checkpoints())
+
+
+def test_nan_weights_are_rejected_at_load(tmp_path: Path) -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[0, 0] = float("nan")
+    save_checkpoint(model, tmp_path / "checkpoint-3")
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    with pytest.raises(CheckpointError, match=r"checkpoint-3: parameter 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight'"):
+        source.load(source.checkpoints()[0])
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(run_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    spec = dataclasses.replace(CheckpointsSpec(source="local", path=str(run_dir)), device="cuda")
+    source = CheckpointSource.from_spec(spec)
+    with pytest.raises(CheckpointError, match="CUDA is not available"):
+        source.load(source.checkpoints()[0])

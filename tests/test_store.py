@@ -1,0 +1,79 @@
+"""Results store: named dims and coordinates, plain xarray/zarr access, spec guarding, NaN fill."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from builders import job_dict
+
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.errors import StoreError
+from ckpt_analysis.plan import prepare_store
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results, store_meta, unit_states
+
+
+@pytest.fixture
+def planned(run_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    job = job_from_dict(job_dict(run_dir, tmp_path / "r.zarr"), base=tmp_path)
+    prepare_store(job, force=False)
+    return job
+
+
+def test_store_has_named_dims_coordinates_and_token_table(planned) -> None:  # type: ignore[no-untyped-def]
+    ds = open_results(planned.output)
+    assert ds.act_cov.dims == ("step", "site", "layer", "dim", "dim_b")
+    assert ds.step.dtype == np.int64 and ds.step.values.tolist() == [0, 10, 20, 30, 40, 50]
+    assert ds.revision.values.tolist()[:2] == ["checkpoint-0", "checkpoint-10"]
+    assert ds.site.values.tolist() == ["resid_pre", "attn_out", "mlp_out", "resid_post"]
+    assert set(ds.label_carry.values.tolist()) == {0, 1}
+    assert ds.token_context.values[0].endswith("=")
+    group = zarr.open_group(planned.output, mode="r")
+    assert group["act_cov"].metadata.dimension_names == ("step", "site", "layer", "dim", "dim_b")
+    assert group["act_cov"].chunks[:3] == (1, 1, 1)
+    meta = store_meta(planned.output)
+    assert meta["spec_hash"] == planned.spec_hash() and "torch" in meta["versions"]
+
+
+def test_unwritten_units_read_as_nan_and_missing(planned) -> None:  # type: ignore[no-untyped-def]
+    ds = open_results(planned.output)
+    assert np.isnan(ds.act_cov.sel(step=10).values).all()
+    assert (ds.act_count.values == -1).all()
+    assert {s.state for s in unit_states(planned.output)} == {"missing"}
+
+
+def test_plain_xarray_reads_the_store_without_the_package(planned) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys, xarray as xr; ds = xr.open_zarr(sys.argv[1]); "
+        "assert 'ckpt_analysis' not in sys.modules; print(ds.act_cov.sel(step=20, layer=1).dims)"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code, planned.output],
+                         capture_output=True, text=True, check=True)
+    assert "('site', 'dim', 'dim_b')" in out.stdout
+
+
+def test_rerun_with_another_spec_is_refused_unless_forced(planned, run_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = job_from_dict(job_dict(run_dir, tmp_path / "r.zarr", data={"num_examples": 8}), base=tmp_path)
+    with pytest.raises(StoreError, match="holds results of a different job spec .* --force"):
+        prepare_store(other, force=False)
+    assert prepare_store(other, force=True) == "replace"
+    assert open_results(other.output).sizes["sequence"] == 8
+
+
+def test_output_that_is_a_file_or_foreign_folder_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "file.zarr").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("x")
+    for output, match in (("file.zarr", "is a file"), ("folder", "non-empty folder that is not a results store")):
+        job = job_from_dict(job_dict(run_dir, tmp_path / output), base=tmp_path)
+        with pytest.raises(StoreError, match=match):
+            run_job(job, force=True)
+
+
+def test_query_selects_one_step_layer_matrix(planned) -> None:  # type: ignore[no-untyped-def]
+    run_job(planned)
+    cov = open_results(planned.output).act_cov.sel(step=30, layer=0, site="resid_post")
+    assert cov.shape == (32, 32) and np.isfinite(cov.values).all()
