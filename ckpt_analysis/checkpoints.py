@@ -84,9 +84,7 @@ class CheckpointSource(ABC):
             raise CheckpointError(f"checkpoint {ckpt.revision}: no config.json in {path.parent}")
         return dict(json.loads(path.read_text()))
 
-    def load(
-        self, ckpt: Checkpoint, *, attn: Literal["sdpa", "eager"] | str = "sdpa"
-    ) -> PreTrainedModel:
+    def load(self, ckpt: Checkpoint, *, attn: Literal["sdpa", "eager"] | str = "sdpa") -> PreTrainedModel:
         """Load ``ckpt`` in eval mode on the spec's dtype/device; reject NaN/inf weights."""
         import torch
         from transformers.utils import logging as hf_logging
@@ -102,7 +100,8 @@ class CheckpointSource(ABC):
         for name, param in model.named_parameters():
             if not torch.isfinite(param).all():
                 raise CheckpointError(f"checkpoint {ckpt.revision}: parameter {name!r} has NaN/inf values")
-        return model.to(resolve_device(self.spec.device)).eval()
+        torch.nn.Module.to(model, resolve_device(self.spec.device))  # transformers mis-types .to
+        return model.eval()
 
     def tokenizer(self, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
@@ -349,7 +348,8 @@ def _selector_predicate(selector: str) -> Any:
         lo, hi, stride = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1)
         return lambda s: lo <= s <= hi and (s - lo) % stride == 0
     raise JobSpecError(
-        f"checkpoint selector {selector!r} is not valid; use 'all', 'log', 'every=N', 'A:B', 'A:B:N' or a list"
+        f"checkpoint selector {selector!r} is not valid; "
+        "use 'all', 'log', 'every=N', 'A:B', 'A:B:N' or a list"
     )
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckpt_analysis.errors import CkptAnalysisError
@@ -25,18 +26,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)
 JobArg = Annotated[Path, typer.Argument(help="Job spec (TOML); see docs/jobs.md and jobs/.")]
 StoreArg = Annotated[Path, typer.Argument(help="A results store (the job's `output`).")]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Override the job's output store path.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute done units; replace a store of another spec.")]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Override the job's output store path.")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Recompute done units; replace a store of another spec.")
+]
 
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     from rich.logging import RichHandler
 
-    handler: logging.Handler = RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
+    handler: logging.Handler = (
+        RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
+    )
     if not sys.stderr.isatty():
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
@@ -45,7 +52,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 
 def _fail(exc: CkptAnalysisError) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     return typer.Exit(2)
 
 
@@ -75,10 +82,12 @@ def run(
         raise _fail(exc) from exc
     failed = [o for o in outcomes if not o.ok]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
-    out.print(f"{spec.output}: {counts['done']} computed, {counts['skipped']} already done, "
-              f"{counts['failed']} failed")
+    out.print(
+        f"{spec.output}: {counts['done']} computed, {counts['skipped']} already done, "
+        f"{counts['failed']} failed"
+    )
     for outcome in failed:
-        out.print(f"  [red]failed[/] {outcome.name}: {outcome.error}", highlight=False)
+        out.print(f"  [red]failed[/] {outcome.name}: {escape(str(outcome.error))}", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -109,7 +118,7 @@ def status(store: StoreArg) -> None:
     table = Table("unit", "state", "detail", title=str(store))
     colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
     for s in states:
-        table.add_row(s.unit_id, f"[{colour[s.state]}]{s.state}[/]", s.detail)
+        table.add_row(s.unit_id, f"[{colour[s.state]}]{s.state}[/]", escape(s.detail))
     out.print(table)
     counts = {k: sum(s.state == k for s in states) for k in colour}
     out.print(", ".join(f"{v} {k}" for k, v in counts.items()))
@@ -126,12 +135,16 @@ def show(store: StoreArg) -> None:
         ds, meta, states = open_results(store), store_meta(store), unit_states(store)
     except CkptAnalysisError as exc:
         raise _fail(exc) from exc
-    out.print(f"[bold]{store}[/]  job {meta['job_spec']['name']!r}  spec {meta['spec_hash']}  "
-              f"model {meta['model_id']}")
+    out.print(
+        f"[bold]{store}[/]  job {meta['job_spec']['name']!r}  spec {meta['spec_hash']}  "
+        f"model {meta['model_id']}"
+    )
     out.print("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
     table = Table("variable", "dims", "dtype", "description")
     for name, var in ds.data_vars.items():
-        table.add_row(str(name), ", ".join(map(str, var.dims)), str(var.dtype), var.attrs.get("description", ""))
+        table.add_row(
+            str(name), ", ".join(map(str, var.dims)), str(var.dtype), var.attrs.get("description", "")
+        )
     out.print(table)
     counts = {k: sum(s.state == k for s in states) for k in ("done", "failed", "running", "missing")}
     out.print("units: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
@@ -174,13 +187,19 @@ def demo(
         result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
     except CkptAnalysisError as exc:
         raise _fail(exc) from exc
-    table = Table("step", *(f"layer {i} var / PR" for i in range(result.total_variance.shape[1])),
-                  title="residual stream after each layer: total variance / participation ratio")
+    table = Table(
+        "step",
+        *(f"layer {i} var / PR" for i in range(result.total_variance.shape[1])),
+        title="residual stream after each layer: total variance / participation ratio",
+    )
     for step, var, pr in zip(result.steps, result.total_variance, result.participation, strict=True):
         table.add_row(str(step), *(f"{v:8.2f} / {p:5.2f}" for v, p in zip(var, pr, strict=True)))
     out.print(table)
     out.print(f"final answer-digit accuracy {result.accuracy:.3f}; store {result.store}")
-    out.print(f"query it: python -c \"import ckpt_analysis as ca; "
-              f"print(ca.open_results('{result.store}').act_cov)\"", highlight=False)
+    out.print(
+        f'query it: python -c "import ckpt_analysis as ca; '
+        f"print(ca.open_results('{result.store}').act_cov)\"",
+        highlight=False,
+    )
     if any(not o.ok for o in result.outcomes):
         raise typer.Exit(1)

@@ -16,7 +16,7 @@ from ckpt_analysis.errors import JobSpecError
 
 T = TypeVar("T")
 
-Selector = Union[str, list[int], list[str]]
+Selector = str | list[int] | list[str]
 """Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (SPEC §3)."""
 
 
@@ -106,8 +106,7 @@ def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise JobSpecError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in [{where}]; "
-            f"valid keys: {', '.join(fields)}"
+            f"unknown key(s) {', '.join(map(repr, unknown))} in [{where}]; valid keys: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     required = [n for n, f in fields.items() if _is_required(f)]

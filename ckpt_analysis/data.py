@@ -16,8 +16,14 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
-                 ".arrow": "arrow", ".csv": "csv"}
+_FILE_FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".arrow": "arrow",
+    ".csv": "csv",
+}
 
 
 @dataclass
@@ -57,10 +63,11 @@ class EvalData:
     def token_strings(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
         """Decoded text of each analysed token and of its preceding context."""
         seq, pos = self.token_index
-        texts, contexts = [], []
+        texts: list[str] = []
+        contexts: list[str] = []
         for s, p in zip(seq.tolist(), pos.tolist(), strict=True):
-            texts.append(tokenizer.decode([int(self.input_ids[s, p])]))
-            contexts.append(tokenizer.decode([int(i) for i in self.input_ids[s, :p]]))
+            texts.append(str(tokenizer.decode([int(self.input_ids[s, p])])))
+            contexts.append(str(tokenizer.decode([int(i) for i in self.input_ids[s, :p]])))
         return texts, contexts
 
 
@@ -92,7 +99,7 @@ def _load_dataset(spec: DataSpec) -> Dataset:
     if spec.path is None:
         raise DataError("data.path is required when data.source = 'dataset'")
     path = Path(spec.path)
-    fmt = spec.format
+    fmt: str = spec.format
     if fmt == "auto":
         fmt = "disk" if path.is_dir() else _FILE_FORMATS.get(path.suffix, "")
         if not fmt and path.exists():
@@ -101,7 +108,9 @@ def _load_dataset(spec: DataSpec) -> Dataset:
         raise DataError(f"the data file {path} is empty")
     try:
         if fmt == "disk" or (not path.exists() and fmt == ""):
-            loaded: Any = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(str(path))
+            loaded: Any = (
+                datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(str(path))
+            )
         else:
             loaded = datasets.load_dataset("json" if fmt == "jsonl" else fmt, data_files=str(path))
     except Exception as exc:
@@ -115,7 +124,7 @@ def _load_dataset(spec: DataSpec) -> Dataset:
         raise DataError(f"the dataset at {spec.path} is empty")
     if spec.num_sequences is not None:
         loaded = loaded.select(range(min(spec.num_sequences, len(loaded))))
-    return loaded  # type: ignore[no-any-return]
+    return loaded
 
 
 def _has_content(path: Path) -> bool:

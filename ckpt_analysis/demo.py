@@ -52,8 +52,9 @@ class DemoResult:
     """``(step, layer)`` at ``resid_post``: trace of the covariance and its participation ratio."""
 
 
-def run_demo(workdir: Path, *, train: TrainConfig = TrainConfig(), force: bool = False) -> DemoResult:
+def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = False) -> DemoResult:
     """Train (unless a run exists), write ``demo.toml``, run it, and summarise the store."""
+    train = train or TrainConfig()
     run_dir = workdir / "run"
     if force or not (run_dir / f"checkpoint-{train.steps - train.steps % train.save_every}").is_dir():
         log.info("training the tiny addition model into %s", run_dir)

@@ -10,7 +10,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,21 @@ class DaskExecutor(Executor):
 
         logging.getLogger("distributed").setLevel(logging.WARNING)  # its import resets this
         with (
-            LocalCluster(n_workers=self.workers, threads_per_worker=self.threads_per_worker,
-                         processes=True, dashboard_address=None,
-                         silence_logs=logging.WARNING) as cluster,
+            LocalCluster(
+                n_workers=self.workers,
+                threads_per_worker=self.threads_per_worker,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+            ) as cluster,
             Client(cluster) as client,
         ):
-            futures = {}
+            futures: dict[int, Any] = {}
             for task in tasks:
                 deps = [futures[d] for d in task.deps if d in futures]
-                futures[task.index] = client.submit(_after_deps, fn, task, *deps, pure=False,
-                                                    key=f"unit-{task.index}-{task.name}")
+                futures[task.index] = client.submit(
+                    _after_deps, fn, task, *deps, pure=False, key=f"unit-{task.index}-{task.name}"
+                )
             outcomes: dict[int, Outcome] = {}
             for future in as_completed(list(futures.values())):
                 outcome = future.result()

@@ -48,7 +48,10 @@ def make_plan(job: JobSpec) -> Plan:
     config = check_layout(source, ckpts)
     tokenizer = source.tokenizer(ckpts[0])
     data = load_eval_data(
-        job.data, tokenizer, max_positions=config.get("max_position_embeddings"), vocab_size=config["vocab_size"]
+        job.data,
+        tokenizer,
+        max_positions=config.get("max_position_embeddings"),
+        vocab_size=config["vocab_size"],
     )
     text, context = data.token_strings(tokenizer)
     ctx = PlanContext(job, ckpts, config, data.num_tokens)
@@ -114,7 +117,9 @@ def _variables(plan: Plan) -> list[Variable]:
     names = [v.name for v in variables]
     if len(set(names)) != len(names):
         raise JobSpecError(f"analyses declare the same variable twice: {names}")
-    done = Variable(DONE, ("unit",), (len(plan.units),), "int8", (1,), fill=0, doc="1 once a unit is complete")
+    done = Variable(
+        DONE, ("unit",), (len(plan.units),), "int8", (1,), fill=0, doc="1 once a unit is complete"
+    )
     return [*variables, done]
 
 
@@ -142,10 +147,18 @@ def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "
         "model_id": job.checkpoints.repo or job.checkpoints.path or job.checkpoints.config,
         "model_config": plan.model_config,
         "checkpoint_refs": [c.ref for c in plan.checkpoints],
-        "units": [{"id": u.id, "analysis": u.analysis, "checkpoint": u.checkpoint, "deps": list(u.deps)}
-                  for u in plan.units],
+        "units": [
+            {"id": u.id, "analysis": u.analysis, "checkpoint": u.checkpoint, "deps": list(u.deps)}
+            for u in plan.units
+        ],
     }
-    create_store(job.output, variables=_variables(plan), coords=_coords(plan), tables=_tables(plan),
-                 meta=meta, replace=action == "replace")
+    create_store(
+        job.output,
+        variables=_variables(plan),
+        coords=_coords(plan),
+        tables=_tables(plan),
+        meta=meta,
+        replace=action == "replace",
+    )
     log.info("created %s with %d units", job.output, len(plan.units))
     return action

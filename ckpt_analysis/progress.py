@@ -22,8 +22,14 @@ def progress(total: int, description: str, *, every_s: float = 30.0) -> Iterator
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("{task.fields[last]}"), transient=False) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[last]}"),
+            transient=False,
+        ) as bar:
             task = bar.add_task(description, total=total, last="")
 
             def advance_bar(label: str, ok: bool) -> None:

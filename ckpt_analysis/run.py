@@ -11,20 +11,19 @@ import traceback
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
 from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import StoreError
-from ckpt_analysis.execute import InProcessExecutor, Outcome, Task, make_executor
+from ckpt_analysis.execute import Outcome, Task, make_executor
 from ckpt_analysis.plan import prepare_store, versions
 from ckpt_analysis.progress import progress
 from ckpt_analysis.registry import Unit, UnitContext, get_analysis
 from ckpt_analysis.store import (
     done_flags,
+    read_array,
     set_done,
     store_meta,
     write_block,
@@ -65,25 +64,35 @@ class _Worker:
 
 @cache
 def _worker(store: str) -> _Worker:
-    import zarr
-
     meta = store_meta(store)
     job = job_from_dict(meta["job_spec"], base=Path("/"))
-    group = zarr.open_group(store, mode="r")
-    columns = zip(group["step"][:], group["revision"][:], meta["checkpoint_refs"], group["tokens_seen"][:],
-                  strict=True)
-    ckpts = [Checkpoint(int(s), str(r), ref, None if t < 0 else int(t)) for s, r, ref, t in columns]
-    data = EvalData(np.asarray(group["input_ids"][:]), np.asarray(group["attention_mask"][:]),
-                    np.asarray(group["score_mask"][:]).astype(bool))
-    units = [Unit(u["analysis"], u["id"].split("/", 1)[1], u["checkpoint"], tuple(u["deps"]))
-             for u in meta["units"]]
+    columns = zip(
+        read_array(store, "step").tolist(),
+        read_array(store, "revision").tolist(),
+        meta["checkpoint_refs"],
+        read_array(store, "tokens_seen").tolist(),
+        strict=True,
+    )
+    ckpts = [Checkpoint(s, str(r), ref, None if t < 0 else t) for s, r, ref, t in columns]
+    data = EvalData(
+        read_array(store, "input_ids"),
+        read_array(store, "attention_mask"),
+        read_array(store, "score_mask").astype(bool),
+    )
+    units = [
+        Unit(u["analysis"], u["id"].split("/", 1)[1], u["checkpoint"], tuple(u["deps"]))
+        for u in meta["units"]
+    ]
     models = _ModelCache(CheckpointSource.from_spec(job.checkpoints), ckpts)
     return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models))
 
 
 def _provenance() -> dict[str, Any]:
-    env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
-           if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+        if k in os.environ
+    }
     return {"host": socket.gethostname(), "pid": os.getpid(), **env}
 
 
@@ -112,8 +121,17 @@ def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outc
     except Exception as exc:
         wall = time.time() - start
         error = f"{type(exc).__name__}: {exc}"
-        write_sidecar(store, unit.id, {**record, "status": "failed", "error": error,
-                                       "traceback": traceback.format_exc(), "wall_s": wall})
+        write_sidecar(
+            store,
+            unit.id,
+            {
+                **record,
+                "status": "failed",
+                "error": error,
+                "traceback": traceback.format_exc(),
+                "wall_s": wall,
+            },
+        )
         log.warning("unit %s failed: %s", unit.id, error)
         return Outcome(index, unit.id, "failed", error, wall)
     wall = time.time() - start
@@ -125,7 +143,7 @@ def run_job(
     job: JobSpec,
     *,
     force: bool = False,
-    executor: str | None = None,
+    executor: Literal["local", "inprocess"] | None = None,
     shard: int | None = None,
     num_shards: int = 1,
 ) -> list[Outcome]:
@@ -145,9 +163,10 @@ def run_job(
     tasks = [Task(i, u.id, tuple(ids[d] for d in u.deps)) for i, u in enumerate(worker.units)]
     if shard is not None:
         tasks = [t for t in tasks if t.index % num_shards == shard]
-    kind = executor or job.compute.executor
-    runner = InProcessExecutor() if shard is not None else make_executor(
-        kind, workers=job.compute.workers, threads_per_worker=job.compute.threads_per_worker)  # type: ignore[arg-type]
+    kind = "inprocess" if shard is not None else executor or job.compute.executor
+    runner = make_executor(
+        kind, workers=job.compute.workers, threads_per_worker=job.compute.threads_per_worker
+    )
     fn = functools.partial(_run_unit_fn, store, job.compute.torch_threads, force)
     with progress(len(tasks), f"{job.name}") as advance:
         outcomes = runner.run(tasks, fn, lambda o: advance(o.name, o.ok))

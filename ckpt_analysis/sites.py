@@ -36,7 +36,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _child(layer: nn.Module, names: tuple[str, ...], site: str) -> nn.Module:
     for name in names:
         if isinstance(getattr(layer, name, None), nn.Module):
-            return getattr(layer, name)  # type: ignore[no-any-return]
+            return getattr(layer, name)
     raise ValueError(f"{type(layer).__name__} exposes no {site} module (looked for {', '.join(names)})")
 
 
@@ -55,8 +55,9 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
     for index, layer in enumerate(decoder_layers(model)):
         if "resid_pre" in sites:
 
-            def pre(_m: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
-                    i: int = index) -> None:
+            def pre(
+                _m: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], i: int = index
+            ) -> None:
                 callback("resid_pre", i, args[0] if args else kwargs["hidden_states"])
 
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))

@@ -65,7 +65,9 @@ def store_meta(path: str | Path) -> dict[str, Any]:
     attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     if ATTR_KEY not in attrs:
         raise StoreError(f"{path} is a Zarr store but not a ckpt-analysis results store")
-    return dict(attrs[ATTR_KEY])
+    meta = attrs[ATTR_KEY]
+    assert isinstance(meta, dict)
+    return meta
 
 
 def check_output(path: str | Path, spec_hash: str, *, force: bool) -> Literal["create", "resume", "replace"]:
@@ -146,11 +148,16 @@ def set_done(path: str | Path, index: int, done: bool) -> None:
     _array(str(path), DONE)[index] = np.int8(done)
 
 
-def done_flags(path: str | Path) -> np.ndarray:
-    """Completion markers of every unit, as booleans."""
+def read_array(path: str | Path, name: str) -> np.ndarray:
+    """One whole array of the store, read with zarr (no xarray decoding)."""
     import zarr
 
-    return np.asarray(zarr.open_array(str(path), path=DONE, mode="r")[:], dtype=bool)
+    return np.asarray(zarr.open_array(str(path), path=name, mode="r")[:])
+
+
+def done_flags(path: str | Path) -> np.ndarray:
+    """Completion markers of every unit, as booleans."""
+    return read_array(path, DONE).astype(bool)
 
 
 def _sidecar_path(path: str | Path, unit_id: str) -> Path:

@@ -29,15 +29,28 @@ class TrainConfig:
     num_heads: int = 4
 
 
-def tiny_gpt_neox(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                  max_positions: int = 64, seed: int = 0) -> torch.nn.Module:
+def tiny_gpt_neox(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 64,
+    seed: int = 0,
+) -> torch.nn.Module:
     """A randomly initialised small GPTNeoX (the usual test and demo model)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
-        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
@@ -63,8 +76,13 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
     Returns the final answer-digit accuracy on held-out problems.
     """
     tokenizer = addition.build_tokenizer()
-    model = tiny_gpt_neox(len(addition.VOCAB), hidden_size=config.hidden_size, num_layers=config.num_layers,
-                          num_heads=config.num_heads, seed=config.seed)
+    model = tiny_gpt_neox(
+        len(addition.VOCAB),
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        seed=config.seed,
+    )
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     out.mkdir(parents=True, exist_ok=True)
     _save(model, tokenizer, out, 0)
@@ -89,4 +107,3 @@ def answer_accuracy(model: torch.nn.Module, tokenizer: object, n: int = 512) -> 
     pos = torch.tensor(addition.ANSWER_POSITIONS)
     pred = model(input_ids=ids).logits[:, pos - 1].argmax(-1)
     return float((pred == ids[:, pos]).float().mean())
-

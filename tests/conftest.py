@@ -5,10 +5,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # read once when huggingface_hub is imported: set it first
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-from builders import build_fake_hub, build_local_run  # noqa: E402
+import pytest
+from builders import build_fake_hub, build_local_run
 
 RUN_STEPS = [0, 10, 20, 30, 40, 50]
 HUB_REPO = "tiny-org/tiny-neox"

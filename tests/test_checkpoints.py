@@ -22,8 +22,19 @@ from ckpt_analysis.errors import CheckpointError, JobSpecError
 
 def test_pythia_schedule_has_154_revisions_in_order() -> None:
     assert len(PYTHIA_REVISIONS) == 154
-    assert PYTHIA_REVISIONS[:11] == ("step0", "step1", "step2", "step4", "step8", "step16", "step32",
-                                     "step64", "step128", "step256", "step512")
+    assert PYTHIA_REVISIONS[:11] == (
+        "step0",
+        "step1",
+        "step2",
+        "step4",
+        "step8",
+        "step16",
+        "step32",
+        "step64",
+        "step128",
+        "step256",
+        "step512",
+    )
     assert PYTHIA_REVISIONS[11] == "step1000" and PYTHIA_REVISIONS[-1] == "step143000"
 
 
@@ -58,8 +69,14 @@ def test_bad_selector_lists_the_valid_forms() -> None:
 
 
 def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=HUB_REVISIONS, cache_dir=str(hub_cache),
-                           dtype="float64", device="cpu")
+    spec = CheckpointsSpec(
+        source="hub",
+        repo=HUB_REPO,
+        revisions=HUB_REVISIONS,
+        cache_dir=str(hub_cache),
+        dtype="float64",
+        device="cpu",
+    )
     source = CheckpointSource.from_spec(spec)
     ckpts = source.checkpoints()
     assert [c.step for c in ckpts] == [0, 1, 2, 4, 1000]
@@ -70,15 +87,20 @@ def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
 
 
 def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache))
+    spec = CheckpointsSpec(
+        source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache)
+    )
     source = CheckpointSource.from_spec(spec)
-    with pytest.raises(CheckpointError, match=r"revision 'step3' of tiny-org/tiny-neox is not in the cache.*prefetch"):
+    with pytest.raises(
+        CheckpointError, match=r"revision 'step3' of tiny-org/tiny-neox is not in the cache.*prefetch"
+    ):
         check_layout(source, source.checkpoints())
 
 
 def test_prefetch_offline_reports_cached_and_missing(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0", "step3", "step4"],
-                           cache_dir=str(hub_cache))
+    spec = CheckpointsSpec(
+        source="hub", repo=HUB_REPO, revisions=["step0", "step3", "step4"], cache_dir=str(hub_cache)
+    )
     assert prefetch(spec, offline=True) == (["step0", "step4"], ["step3"])
 
 
@@ -96,8 +118,11 @@ def test_state_dict_files_load_with_one_config(run_dir: Path, tmp_path: Path) ->
     model = tiny_model(seed=3)
     save_file(model.state_dict(), str(tmp_path / "weights_100.safetensors"))
     torch.save(model.state_dict(), tmp_path / "weights_200.pt")
-    spec = CheckpointsSpec(source="state_dict", files=[str(tmp_path / "weights_*")],
-                           config=str(run_dir / "checkpoint-0" / "config.json"))
+    spec = CheckpointsSpec(
+        source="state_dict",
+        files=[str(tmp_path / "weights_*")],
+        config=str(run_dir / "checkpoint-0" / "config.json"),
+    )
     source = CheckpointSource.from_spec(spec)
     ckpts = source.checkpoints()
     assert [c.step for c in ckpts] == [100, 200]
@@ -119,7 +144,7 @@ def test_corrupt_weights_file_is_named(tmp_path: Path) -> None:
     bad = save_checkpoint(tiny_model(), tmp_path / "checkpoint-5") / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
-    with pytest.raises(CheckpointError, match="checkpoint-5/model.safetensors is corrupt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-5/model\.safetensors is corrupt"):
         check_layout(source, source.checkpoints())
 
 
@@ -129,7 +154,9 @@ def test_nan_weights_are_rejected_at_load(tmp_path: Path) -> None:
         model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[0, 0] = float("nan")
     save_checkpoint(model, tmp_path / "checkpoint-3")
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
-    with pytest.raises(CheckpointError, match=r"checkpoint-3: parameter 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint-3: parameter 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight'"
+    ):
         source.load(source.checkpoints()[0])
 
 

@@ -23,13 +23,15 @@ def test_unknown_nested_key_names_its_table(tmp_path: Path) -> None:
 
 def test_bad_literal_lists_choices(tmp_path: Path) -> None:
     raw = job_dict(tmp_path, tmp_path / "out.zarr", checkpoints={"dtype": "float8"})
-    with pytest.raises(JobSpecError, match="checkpoints.dtype = 'float8' is not valid; choose one of: 'float32'"):
+    with pytest.raises(
+        JobSpecError, match=r"checkpoints\.dtype = 'float8' is not valid; choose one of: 'float32'"
+    ):
         job_from_dict(raw, base=tmp_path)
 
 
 def test_wrong_type_is_reported(tmp_path: Path) -> None:
     raw = job_dict(tmp_path, tmp_path / "out.zarr", compute={"workers": "two"})
-    with pytest.raises(JobSpecError, match="compute.workers = 'two' must be int"):
+    with pytest.raises(JobSpecError, match=r"compute\.workers = 'two' must be int"):
         job_from_dict(raw, base=tmp_path)
 
 
@@ -59,5 +61,5 @@ def test_spec_hash_ignores_compute_but_not_analysis_settings(tmp_path: Path) -> 
 
 
 def test_missing_job_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(JobSpecError, match="nope.toml' does not exist"):
+    with pytest.raises(JobSpecError, match=r"nope\.toml' does not exist"):
         load_job(tmp_path / "nope.toml")

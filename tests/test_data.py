@@ -33,9 +33,13 @@ def test_addition_carry_labels_match_column_arithmetic() -> None:
 
 
 def test_addition_scores_only_answer_digits(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    data = load_eval_data(DataSpec(source="addition", num_examples=10), tokenizer, max_positions=32,
-                          vocab_size=len(addition.VOCAB))
-    seq, pos = data.token_index
+    data = load_eval_data(
+        DataSpec(source="addition", num_examples=10),
+        tokenizer,
+        max_positions=32,
+        vocab_size=len(addition.VOCAB),
+    )
+    _, pos = data.token_index
     assert data.num_tokens == 40
     assert set(pos.tolist()) == set(addition.ANSWER_POSITIONS)
     texts, contexts = data.token_strings(tokenizer)
@@ -46,8 +50,12 @@ def test_addition_scores_only_answer_digits(tokenizer) -> None:  # type: ignore[
 def test_text_file_is_tokenized_truncated_and_padded(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in ["12+34=46", "1+1=2", "999+999=1998"]))
-    data = load_eval_data(DataSpec(source="dataset", path=str(path), seq_len=8), tokenizer,
-                          max_positions=32, vocab_size=len(addition.VOCAB))
+    data = load_eval_data(
+        DataSpec(source="dataset", path=str(path), seq_len=8),
+        tokenizer,
+        max_positions=32,
+        vocab_size=len(addition.VOCAB),
+    )
     assert data.input_ids.shape == (3, 8)
     assert data.attention_mask.sum(axis=1).tolist() == [8, 5, 8]
     assert not data.score_mask[:, 0].any()
@@ -58,11 +66,23 @@ def test_text_file_is_tokenized_truncated_and_padded(tmp_path: Path, tokenizer) 
 def test_pretokenized_ids_carry_masks_and_labels(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     import datasets
 
-    ds = datasets.Dataset.from_dict({"ids": [[1, 3, 4, 5], [1, 6, 7]], "mask": [[0, 0, 1, 1], [0, 1, 1]],
-                                     "kind": [[9, 8, 7, 6], [5, 4, 3]], "doc": [10, 20]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "ids": [[1, 3, 4, 5], [1, 6, 7]],
+            "mask": [[0, 0, 1, 1], [0, 1, 1]],
+            "kind": [[9, 8, 7, 6], [5, 4, 3]],
+            "doc": [10, 20],
+        }
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
-    spec = DataSpec(source="dataset", path=str(tmp_path / "ds"), ids_column="ids", score_mask_column="mask",
-                    label_columns=["kind", "doc"], seq_len=4)
+    spec = DataSpec(
+        source="dataset",
+        path=str(tmp_path / "ds"),
+        ids_column="ids",
+        score_mask_column="mask",
+        label_columns=["kind", "doc"],
+        seq_len=4,
+    )
     data = load_eval_data(spec, tokenizer, max_positions=32, vocab_size=len(addition.VOCAB))
     assert data.token_index[1].tolist() == [2, 3, 1, 2]
     labels = data.token_labels()
@@ -78,8 +98,12 @@ def test_empty_or_too_short_data_is_rejected(tmp_path: Path, tokenizer, rows, ma
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in rows) + ("\n" if rows else ""))
     with pytest.raises(DataError, match=match):
-        load_eval_data(DataSpec(source="dataset", path=str(path), format="jsonl"), tokenizer,
-                       max_positions=32, vocab_size=16)
+        load_eval_data(
+            DataSpec(source="dataset", path=str(path), format="jsonl"),
+            tokenizer,
+            max_positions=32,
+            vocab_size=16,
+        )
 
 
 def test_sequence_longer_than_context_is_rejected(tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -95,6 +119,7 @@ def test_missing_column_lists_the_available_ones(tmp_path: Path, tokenizer) -> N
 
 
 def test_score_mask_excludes_position_zero_and_padding() -> None:
-    data = EvalData(np.ones((1, 4), dtype=np.int64), np.array([[1, 1, 1, 0]], dtype=np.int8),
-                    np.ones((1, 4), dtype=bool))
+    data = EvalData(
+        np.ones((1, 4), dtype=np.int64), np.array([[1, 1, 1, 0]], dtype=np.int8), np.ones((1, 4), dtype=bool)
+    )
     assert data.score_mask.tolist() == [[False, True, True, False]]

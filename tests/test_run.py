@@ -36,9 +36,12 @@ def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def test_dask_local_cluster_gives_the_same_store_as_in_process(run_dir: Path, tmp_path: Path, reference: str) -> None:
-    job = job_from_dict(job_dict(run_dir, tmp_path / "d.zarr", compute={"executor": "local", "workers": 2}),
-                        base=tmp_path)
+def test_dask_local_cluster_gives_the_same_store_as_in_process(
+    run_dir: Path, tmp_path: Path, reference: str
+) -> None:
+    job = job_from_dict(
+        job_dict(run_dir, tmp_path / "d.zarr", compute={"executor": "local", "workers": 2}), base=tmp_path
+    )
     outcomes = run_job(job)
     assert [o.status for o in outcomes] == ["done"] * 6
     assert_same_results(job.output, reference)
@@ -61,8 +64,10 @@ def test_one_failing_checkpoint_does_not_stop_the_others(tmp_path: Path) -> None
     job_path = write_job(tmp_path / "job.toml", run, tmp_path / "r.zarr")
     result = subprocess.run([*CLI, "run", str(job_path)], capture_output=True, text=True)
     assert result.returncode == 1
-    assert "failed covariance/step=1: CheckpointError: checkpoint checkpoint-1: parameter 'lm_head.weight'" \
+    assert (
+        "failed covariance/step=1: CheckpointError: checkpoint checkpoint-1: parameter 'lm_head.weight'"
         in " ".join(result.stdout.split())
+    )
     states = {s.unit_id: s for s in unit_states(tmp_path / "r.zarr")}
     assert [states[f"covariance/step={i}"].state for i in range(3)] == ["done", "failed", "done"]
     assert "NaN/inf" in states["covariance/step=1"].detail
@@ -90,7 +95,9 @@ def test_sigkill_mid_sweep_then_rerun_equals_an_uninterrupted_run(tmp_path: Path
     ref_job = job_from_dict(job_dict(run, tmp_path / "ref.zarr", data=data), base=tmp_path)
     run_job(ref_job)
     job_path = write_job(tmp_path / "job.toml", run, tmp_path / "k.zarr", data=data)
-    proc = subprocess.Popen([*CLI, "run", str(job_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, "run", str(job_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     done = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and done < 3:
@@ -114,8 +121,11 @@ def test_eight_concurrent_writer_processes_lose_nothing(tmp_path: Path) -> None:
     job_path = write_job(tmp_path / "job.toml", run, tmp_path / "c.zarr")
     prepare_store(load_job(job_path), force=False)
     procs = [
-        subprocess.Popen([*CLI, "run", str(job_path), "--shard", str(i), "--num-shards", "8"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [*CLI, "run", str(job_path), "--shard", str(i), "--num-shards", "8"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for i in range(8)
     ]
     errors = [p.communicate()[1] for p in procs]

@@ -50,14 +50,18 @@ def test_plain_xarray_reads_the_store_without_the_package(planned) -> None:  # t
         "import sys, xarray as xr; ds = xr.open_zarr(sys.argv[1]); "
         "assert 'ckpt_analysis' not in sys.modules; print(ds.act_cov.sel(step=20, layer=1).dims)"
     )
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code, planned.output],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code, planned.output],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "('site', 'dim', 'dim_b')" in out.stdout
 
 
 def test_rerun_with_another_spec_is_refused_unless_forced(planned, run_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     other = job_from_dict(job_dict(run_dir, tmp_path / "r.zarr", data={"num_examples": 8}), base=tmp_path)
-    with pytest.raises(StoreError, match="holds results of a different job spec .* --force"):
+    with pytest.raises(StoreError, match=r"holds results of a different job spec .* --force"):
         prepare_store(other, force=False)
     assert prepare_store(other, force=True) == "replace"
     assert open_results(other.output).sizes["sequence"] == 8
@@ -67,7 +71,10 @@ def test_output_that_is_a_file_or_foreign_folder_is_refused(run_dir: Path, tmp_p
     (tmp_path / "file.zarr").write_text("x")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "notes.txt").write_text("x")
-    for output, match in (("file.zarr", "is a file"), ("folder", "non-empty folder that is not a results store")):
+    for output, match in (
+        ("file.zarr", "is a file"),
+        ("folder", "non-empty folder that is not a results store"),
+    ):
         job = job_from_dict(job_dict(run_dir, tmp_path / output), base=tmp_path)
         with pytest.raises(StoreError, match=match):
             run_job(job, force=True)

@@ -47,7 +47,9 @@ class CovarianceAccumulator:
         return self.m2 / (self.count - 1)
 
 
-def position_mask(score_mask: torch.Tensor, attention_mask: torch.Tensor, positions: Positions) -> torch.Tensor:
+def position_mask(
+    score_mask: torch.Tensor, attention_mask: torch.Tensor, positions: Positions
+) -> torch.Tensor:
     """Which positions' activations count (documented in docs/covariance.md).
 
     ``scored``: the analysed tokens' own positions t; ``predicting``: positions t − 1 whose
@@ -92,12 +94,31 @@ class Covariance(Analysis):
         steps = len(ctx.checkpoints)
         dtype = self.params.store_dtype
         return [
-            Variable("act_mean", ("step", "site", "layer", "dim"), (steps, sites, layers, d), dtype,
-                     (1, 1, 1, d), doc="mean activation"),
-            Variable("act_cov", ("step", "site", "layer", "dim", "dim_b"), (steps, sites, layers, d, d),
-                     dtype, (1, 1, 1, d, d), doc="activation covariance, numpy.cov(bias=False)"),
-            Variable("act_count", ("step", "site", "layer"), (steps, sites, layers), "int64",
-                     (1, sites, layers), fill=-1, doc="rows (token positions) accumulated"),
+            Variable(
+                "act_mean",
+                ("step", "site", "layer", "dim"),
+                (steps, sites, layers, d),
+                dtype,
+                (1, 1, 1, d),
+                doc="mean activation",
+            ),
+            Variable(
+                "act_cov",
+                ("step", "site", "layer", "dim", "dim_b"),
+                (steps, sites, layers, d, d),
+                dtype,
+                (1, 1, 1, d, d),
+                doc="activation covariance, numpy.cov(bias=False)",
+            ),
+            Variable(
+                "act_count",
+                ("step", "site", "layer"),
+                (steps, sites, layers),
+                "int64",
+                (1, sites, layers),
+                fill=-1,
+                doc="rows (token positions) accumulated",
+            ),
         ]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
@@ -119,19 +140,28 @@ class Covariance(Analysis):
                 part = slice(start, start + batch)
                 ids = torch.from_numpy(data.input_ids[part]).to(device)
                 attn = torch.from_numpy(data.attention_mask[part]).to(device)
-                rows = position_mask(torch.from_numpy(data.score_mask[part]).to(device), attn,
-                                     self.params.positions)
+                rows = position_mask(
+                    torch.from_numpy(data.score_mask[part]).to(device), attn, self.params.positions
+                )
                 model.base_model(input_ids=ids, attention_mask=attn)
         return self._writes(unit.checkpoint, sites, layers, accs)
 
-    def _writes(self, step: int, sites: tuple[Site, ...], layers: int,
-                accs: dict[tuple[Site, int], CovarianceAccumulator]) -> list[Write]:
+    def _writes(
+        self,
+        step: int,
+        sites: tuple[Site, ...],
+        layers: int,
+        accs: dict[tuple[Site, int], CovarianceAccumulator],
+    ) -> list[Write]:
         grid = [[accs[(s, i)] for i in range(layers)] for s in sites]
         mean = np.stack([np.stack([a.mean.cpu().numpy() for a in row]) for row in grid])
         cov = np.stack([np.stack([a.covariance().cpu().numpy() for a in row]) for row in grid])
         count = np.array([[a.count for a in row] for row in grid], dtype=np.int64)
-        return [Write("act_mean", (step,), mean), Write("act_cov", (step,), cov),
-                Write("act_count", (step,), count)]
+        return [
+            Write("act_mean", (step,), mean),
+            Write("act_cov", (step,), cov),
+            Write("act_count", (step,), count),
+        ]
 
 
 def participation_ratio(cov: np.ndarray) -> np.ndarray:

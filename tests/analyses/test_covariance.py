@@ -44,10 +44,16 @@ def _independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[st
         causal = torch.full((n, n), float("-inf"), dtype=hidden[0].dtype).triu(1)[None, None]
         for i, layer in enumerate(model.gpt_neox.layers):
             h = hidden[i]
-            attn = layer.attention(layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary)[0]
+            attn = layer.attention(
+                layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary
+            )[0]
             mlp = layer.mlp(layer.post_attention_layernorm(h))  # GPT-NeoX parallel residual
-            for site, value in (("resid_pre", h), ("attn_out", attn), ("mlp_out", mlp),
-                                ("resid_post", h + attn + mlp)):
+            for site, value in (
+                ("resid_pre", h),
+                ("attn_out", attn),
+                ("mlp_out", mlp),
+                ("resid_post", h + attn + mlp),
+            ):
                 out[site].append(value.double().numpy())
     return {k: np.stack(v) for k, v in out.items()}
 
@@ -56,14 +62,22 @@ def _independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[st
 def test_stored_covariance_equals_numpy_cov_of_captured_activations(
     run_dir: Path, tmp_path: Path, positions: str
 ) -> None:
-    raw = job_dict(run_dir, tmp_path / "r.zarr", analyses={"covariance": {"positions": positions}},
-                   checkpoints={"select": [0, 50], "dtype": "float64"}, compute={"batch_size": 7})
+    raw = job_dict(
+        run_dir,
+        tmp_path / "r.zarr",
+        analyses={"covariance": {"positions": positions}},
+        checkpoints={"select": [0, 50], "dtype": "float64"},
+        compute={"batch_size": 7},
+    )
     job = job_from_dict(raw, base=tmp_path)
     assert all(o.status == "done" for o in run_job(job))
     ds = open_results(job.output)
     ids, score = ds.input_ids.values, ds.score_mask.values.astype(bool)
-    rows = {"scored": score, "all": np.ones_like(score),
-            "predicting": np.concatenate([score[:, 1:], np.zeros_like(score[:, :1])], axis=1)}[positions]
+    rows = {
+        "scored": score,
+        "all": np.ones_like(score),
+        "predicting": np.concatenate([score[:, 1:], np.zeros_like(score[:, :1])], axis=1),
+    }[positions]
     source = CheckpointSource.from_spec(job.checkpoints)
     for step_index, ckpt in enumerate(source.checkpoints()):
         acts = _independent_activations(source.load(ckpt, attn="eager"), ids)
@@ -73,6 +87,10 @@ def test_stored_covariance_equals_numpy_cov_of_captured_activations(
                 got = ds.act_cov.isel(step=step_index).sel(site=site, layer=layer).values
                 ref = np.cov(x, rowvar=False, bias=False)
                 np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
-                np.testing.assert_allclose(ds.act_mean.isel(step=step_index).sel(site=site, layer=layer),
-                                           x.mean(axis=0), rtol=1e-6, atol=1e-6 * np.abs(x).max())
+                np.testing.assert_allclose(
+                    ds.act_mean.isel(step=step_index).sel(site=site, layer=layer),
+                    x.mean(axis=0),
+                    rtol=1e-6,
+                    atol=1e-6 * np.abs(x).max(),
+                )
                 assert int(ds.act_count.isel(step=step_index).sel(site=site, layer=layer)) == len(x)

@@ -1,0 +1,165 @@
+"""The command line: every SPEC §7 bad input gets one clear error and leaves no store; help; demo."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import build_local_run, save_checkpoint, tiny_model, to_toml, write_job
+
+from ckpt_analysis.store import open_results
+
+CLI = [sys.executable, "-m", "ckpt_analysis"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    result.stdout = " ".join(result.stdout.split())  # undo rich's line wrapping
+    result.stderr = " ".join(result.stderr.split())
+    return result
+
+
+def _nan_run(root: Path) -> Path:
+    model = tiny_model()
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[3, 3] = float("nan")
+    save_checkpoint(model, root / "checkpoint-0")
+    return root
+
+
+def _mismatch_run(root: Path) -> Path:
+    save_checkpoint(tiny_model(), root / "checkpoint-0")
+    save_checkpoint(tiny_model(hidden_size=16), root / "checkpoint-1")
+    return root
+
+
+def _corrupt_run(root: Path) -> Path:
+    build_local_run(root, [0, 1])
+    (root / "checkpoint-1" / "model.safetensors").write_bytes(b"\x00garbage")
+    return root
+
+
+def _data_file(tmp: Path, text: str) -> str:
+    (tmp / "d.jsonl").write_text(text)
+    return str(tmp / "d.jsonl")
+
+
+BAD_INPUTS = {
+    "missing revision": (
+        lambda t, run: {
+            "checkpoints": {"source": "hub", "repo": "org/none", "revisions": ["step7"], "cache_dir": str(t)}
+        },
+        "revision 'step7' of org/none is not in the cache",
+    ),
+    "unknown revision": (
+        lambda t, run: {"checkpoints": {"select": ["checkpoint-99"]}},
+        "checkpoint 'checkpoint-99' is not among the available",
+    ),
+    "corrupt weights": (
+        lambda t, run: {"checkpoints": {"path": str(_corrupt_run(t / "c"))}},
+        "checkpoint-1/model.safetensors is corrupt",
+    ),
+    "architecture mismatch": (
+        lambda t, run: {"checkpoints": {"path": str(_mismatch_run(t / "m"))}},
+        "checkpoint checkpoint-1 has hidden_size=16",
+    ),
+    "empty data": (lambda t, run: {"data": {"source": "dataset", "path": _data_file(t, "")}}, "is empty"),
+    "too-short data": (
+        lambda t, run: {"data": {"source": "dataset", "path": _data_file(t, '{"text": "1"}\n')}},
+        "no scored tokens",
+    ),
+    "beyond context": (
+        lambda t, run: {
+            "data": {
+                "source": "dataset",
+                "seq_len": 40,
+                "path": _data_file(t, '{"text": "' + "1+" * 30 + '"}\n'),
+            }
+        },
+        "sequence length 40 exceeds the model context of 32",
+    ),
+    "unknown job key": (
+        lambda t, run: {"compute": {"gpus": 1}},
+        "unknown key(s) 'gpus' in [compute]; valid keys: executor, workers",
+    ),
+    "unknown analysis": (
+        lambda t, run: {"analyses": {"covariance": {}, "magic": {}}},
+        "unknown analysis 'magic'; valid analyses: covariance",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_error_and_no_store(case: str, run_dir: Path, tmp_path: Path) -> None:
+    overrides, message = BAD_INPUTS[case]
+    job = write_job(tmp_path / "job.toml", run_dir, tmp_path / "out.zarr", **overrides(tmp_path, run_dir))
+    result = cli("run", job)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_nan_weights_fail_their_unit_and_write_nothing_for_it(tmp_path: Path) -> None:
+    job = write_job(tmp_path / "job.toml", _nan_run(tmp_path / "run"), tmp_path / "out.zarr")
+    result = cli("run", job)
+    assert result.returncode == 1
+    assert "parameter 'gpt_neox.embed_in.weight' has NaN/inf values" in result.stdout
+    assert cli("status", tmp_path / "out.zarr").stdout.endswith("0 done, 1 failed, 0 running, 0 missing")
+    assert np.isnan(open_results(tmp_path / "out.zarr").act_cov.values).all()
+
+
+def test_output_of_another_job_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    first = write_job(tmp_path / "a.toml", run_dir, tmp_path / "out.zarr", checkpoints={"select": [0]})
+    assert cli("run", first).returncode == 0
+    second = write_job(tmp_path / "b.toml", run_dir, tmp_path / "out.zarr", checkpoints={"select": [10]})
+    result = cli("run", second)
+    assert result.returncode == 2 and "holds results of a different job spec" in result.stderr
+    assert cli("run", second, "--force").returncode == 0
+
+
+def test_help_teaches_every_command() -> None:
+    result = cli("--help")
+    for command in ("run", "plan", "status", "show", "prefetch", "demo"):
+        assert command in result.stdout
+    assert "--shard" in cli("run", "--help").stdout
+
+
+def test_show_describes_a_store(run_dir: Path, tmp_path: Path) -> None:
+    job = write_job(tmp_path / "job.toml", run_dir, tmp_path / "out.zarr", checkpoints={"select": "0:20"})
+    assert cli("run", job).returncode == 0
+    result = cli("show", tmp_path / "out.zarr")
+    assert "act_cov" in result.stdout and "step=3" in result.stdout and "3 done" in result.stdout
+
+
+def test_prefetch_offline_reports_missing_revisions(hub_cache: Path, tmp_path: Path) -> None:
+    job = {
+        "name": "p",
+        "output": str(tmp_path / "o.zarr"),
+        "analyses": {"covariance": {}},
+        "checkpoints": {
+            "source": "hub",
+            "repo": "tiny-org/tiny-neox",
+            "revisions": ["step0", "step9"],
+            "cache_dir": str(hub_cache),
+        },
+        "data": {"source": "addition"},
+    }
+    (tmp_path / "job.toml").write_text(to_toml(job))
+    result = cli("prefetch", tmp_path / "job.toml")
+    assert result.returncode == 1 and "1 revisions cached, 1 missing (offline)" in result.stdout
+    assert "missing: step9" in result.stdout
+
+
+def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
+    result = cli("demo", "--workdir", tmp_path, "--steps", "20", "--save-every", "10")
+    assert result.returncode == 0, result.stderr
+    assert "participation ratio" in result.stdout and "final answer-digit accuracy" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint-0",
+        "checkpoint-10",
+        "checkpoint-20",
+    ]
+    assert cli("status", tmp_path / "results.zarr").stdout.endswith("3 done, 0 failed, 0 running, 0 missing")
