@@ -36,8 +36,16 @@ UNITS_DIR = "_units"
 DONE = "unit_done"
 
 
-def open_results(path: str | Path) -> xr.Dataset:
+def open_results(path: str | Path, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
     """Open a results store as a lazy, labelled :class:`xarray.Dataset`.
+
+    Parameters
+    ----------
+    path
+        The store (a job's ``output``).
+    chunks
+        ``None`` (default): lazily indexed arrays without dask, fastest for ``.sel`` of a few
+        matrices. ``{}``: dask arrays on the store's chunks, for reductions over many steps.
 
     Safe to call while a job is still writing: unfinished units read as NaN (floats) or −1
     (counts); check ``unit_done`` for completeness.
@@ -47,7 +55,7 @@ def open_results(path: str | Path) -> xr.Dataset:
     if not (Path(path) / "zarr.json").is_file():
         raise StoreError(f"{path} is not a results store")
     with _quiet_consolidated():
-        return xr.open_zarr(str(path), consolidated=True)
+        return xr.open_zarr(str(path), consolidated=True, chunks=chunks)
 
 
 @contextmanager

@@ -15,13 +15,19 @@ Positions = Literal["scored", "predicting", "all"]
 
 
 class CovarianceAccumulator:
-    """Streaming mean and covariance of row vectors, exact in float64, memory O(d²).
+    """Streaming mean and covariance of row vectors, merged in float64, memory O(d²).
 
     SPEC §5.1: batches merge with Chan et al.'s pairwise update, so
     ``cov = M2 / (n − 1)`` equals ``numpy.cov(X, rowvar=False, bias=False)`` of all rows seen.
+    Each batch's centred Gram matrix is formed in ``gram_dtype``: float64 is exact to ~1e-14;
+    float32 is about 2× faster on CPU with ~3e-7 relative error at a few thousand rows per batch
+    (growing like √rows), while the cross-batch merge stays float64.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, dim: int, device: torch.device | str = "cpu", *, gram_dtype: torch.dtype = torch.float64
+    ) -> None:
+        self.gram_dtype = gram_dtype
         self.count = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -31,12 +37,13 @@ class CovarianceAccumulator:
         n = rows.shape[0]
         if n == 0:
             return
-        x = rows.to(torch.float64)
-        batch_mean = x.mean(dim=0)
-        centred = x - batch_mean
+        x = rows.to(self.gram_dtype)
+        centred = x - x.mean(dim=0)
+        batch_mean = rows.to(torch.float64).mean(dim=0)
         total = self.count + n
         delta = batch_mean - self.mean
-        self.m2 += centred.T @ centred + torch.outer(delta, delta) * (self.count * n / total)
+        gram = (centred.T @ centred).to(torch.float64)
+        self.m2 += gram + torch.outer(delta, delta) * (self.count * n / total)
         self.mean += delta * (n / total)
         self.count = total
 
@@ -71,6 +78,7 @@ class CovarianceParams:
     sites: list[Site] = field(default_factory=lambda: list(SITES))
     positions: Positions = "scored"
     store_dtype: Literal["float32", "float64"] = "float32"
+    gram_dtype: Literal["float64", "float32"] = "float64"
 
 
 @register
@@ -127,11 +135,22 @@ class Covariance(Analysis):
         device = next(model.parameters()).device
         sites = tuple(self.params.sites)
         layers, d = int(ctx.model_config["num_hidden_layers"]), int(ctx.model_config["hidden_size"])
-        accs = {(s, i): CovarianceAccumulator(d, device) for s in sites for i in range(layers)}
+        gram = getattr(torch, self.params.gram_dtype)
+        accs = {
+            (s, i): CovarianceAccumulator(d, device, gram_dtype=gram) for s in sites for i in range(layers)
+        }
         data = ctx.eval_data
         rows = torch.zeros(0, dtype=torch.bool)
+        outputs: dict[int, torch.Tensor] = {}
+        aliased: set[int] = set()
 
         def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
+            # A layer's input is usually the very tensor the previous layer returned: count it once.
+            if site == "resid_pre" and outputs.get(layer - 1) is acts:
+                aliased.add(layer)
+                return
+            if site == "resid_post":
+                outputs[layer] = acts
             accs[(site, layer)].update(acts[rows])
 
         batch = ctx.job.compute.batch_size
@@ -144,6 +163,11 @@ class Covariance(Analysis):
                     torch.from_numpy(data.score_mask[part]).to(device), attn, self.params.positions
                 )
                 model.base_model(input_ids=ids, attention_mask=attn)
+                outputs.clear()
+        for layer in aliased:
+            if accs[("resid_pre", layer)].count:
+                raise RuntimeError(f"layer {layer} input was the previous output in some batches only")
+            accs[("resid_pre", layer)] = accs[("resid_post", layer - 1)]
         return self._writes(unit.checkpoint, sites, layers, accs)
 
     def _writes(

@@ -94,3 +94,13 @@ def test_stored_covariance_equals_numpy_cov_of_captured_activations(
                     atol=1e-6 * np.abs(x).max(),
                 )
                 assert int(ds.act_count.isel(step=step_index).sel(site=site, layer=layer)) == len(x)
+
+
+def test_float32_gram_option_stays_within_1e6_relative() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(5.0, 1.0, size=(4096, 64)) @ rng.normal(size=(64, 64))
+    acc = CovarianceAccumulator(64, gram_dtype=torch.float32)
+    for part in np.array_split(x, 4):
+        acc.update(torch.from_numpy(part).float())
+    ref = np.cov(x.astype(np.float32).astype(np.float64), rowvar=False)
+    np.testing.assert_allclose(acc.covariance().numpy(), ref, atol=1e-6 * np.abs(ref).max())

@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: a mid-sized random GPTNeoX run on disk, timing medians, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from ckpt_analysis.tasks.addition import build_tokenizer
+
+BENCH_MODEL = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "intermediate_size": 1024,
+}
+
+
+def build_run(root: Path, steps: int, *, vocab: int = 512, max_positions: int = 128) -> Path:
+    """``steps`` checkpoints of a random GPTNeoX (hidden 256, 4 layers) as a local run."""
+    config = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=max_positions, **BENCH_MODEL)
+    tokenizer = build_tokenizer()
+    for step in range(steps):
+        folder = root / f"checkpoint-{step}"
+        if not folder.is_dir():
+            torch.manual_seed(step)
+            GPTNeoXForCausalLM(config).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+    return root
+
+
+def write_ids(path: Path, *, sequences: int, length: int, vocab: int = 512, seed: int = 0) -> Path:
+    """A pre-tokenized jsonl data file of random ids."""
+    import json
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (sequences, length), generator=gen).tolist()
+    path.write_text("\n".join(json.dumps({"ids": row}) for row in ids) + "\n")
+    return path
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def machine() -> str:
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "zarr", "dask"))
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}"
