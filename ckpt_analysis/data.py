@@ -52,6 +52,12 @@ class EvalData:
         seq, pos = np.nonzero(self.score_mask)
         return seq.astype(np.int64), pos.astype(np.int64)
 
+    def head(self, sequences: int) -> EvalData:
+        """The first ``sequences`` sequences (e.g. a Hessian sample)."""
+        part = slice(0, sequences)
+        labels = {k: v[part] for k, v in self.labels.items()}
+        return EvalData(self.input_ids[part], self.attention_mask[part], self.score_mask[part].copy(), labels)
+
     @property
     def num_tokens(self) -> int:
         return int(self.score_mask.sum())

@@ -35,6 +35,10 @@ class Plan:
     analyses: list[Analysis]
     units: list[Unit]
 
+    @property
+    def context(self) -> PlanContext:
+        return PlanContext(self.job, self.checkpoints, self.model_config, self.eval_data.num_tokens)
+
 
 def make_plan(job: JobSpec) -> Plan:
     """Validate everything (analyses, checkpoints and their layout, data) and list the units.
@@ -80,9 +84,8 @@ def _coords(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         "tokens_seen": (("step",), np.array([-1 if c.tokens_seen is None else c.tokens_seen for c in ck])),
         "unit_id": (("unit",), np.array([u.id for u in plan.units], dtype=object)),
     }
-    ctx = PlanContext(plan.job, ck, plan.model_config, plan.eval_data.num_tokens)
     for analysis in plan.analyses:
-        for name, values in analysis.coords(ctx).items():
+        for name, values in analysis.coords(plan.context).items():
             if name in coords and not np.array_equal(coords[name][1], values):
                 raise JobSpecError(f"analyses disagree on the {name!r} coordinate")
             coords[name] = ((name,), values)
@@ -106,14 +109,20 @@ def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     }
     for name, values in data.token_labels().items():
         tables[f"label_{name}"] = (("token",), values)
+    for analysis in plan.analyses:
+        for name, (dims, values) in analysis.tables(plan.context).items():
+            if name in tables and not np.array_equal(tables[name][1], values):
+                raise JobSpecError(
+                    f"analyses disagree on the {name!r} table (e.g. different parameter patterns)"
+                )
+            tables[name] = (dims, values)
     return tables
 
 
 def _variables(plan: Plan) -> list[Variable]:
     from ckpt_analysis.store import DONE
 
-    ctx = PlanContext(plan.job, plan.checkpoints, plan.model_config, plan.eval_data.num_tokens)
-    variables = [v for a in plan.analyses for v in a.variables(ctx)]
+    variables = [v for a in plan.analyses for v in a.variables(plan.context)]
     names = [v.name for v in variables]
     if len(set(names)) != len(names):
         raise JobSpecError(f"analyses declare the same variable twice: {names}")

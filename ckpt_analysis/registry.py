@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -75,7 +75,8 @@ class UnitContext:
     model_config: dict[str, Any]
     eval_data: EvalData
     load_model: Callable[[int], PreTrainedModel]
-    extra: dict[str, Any] = field(default_factory=dict)
+    read: Callable[[str], np.ndarray]
+    """Read a whole stored array, e.g. results of the units this one depends on."""
 
 
 class Analysis(ABC):
@@ -98,6 +99,10 @@ class Analysis(ABC):
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         """Extra index coordinates (e.g. ``site`` names) its variables use."""
+        return {}
+
+    def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        """Static arrays known at plan time (e.g. a parameter layout), written by the planner."""
         return {}
 
     def units(self, ctx: PlanContext) -> list[Unit]:

@@ -84,7 +84,8 @@ def _worker(store: str) -> _Worker:
         for u in meta["units"]
     ]
     models = _ModelCache(CheckpointSource.from_spec(job.checkpoints), ckpts)
-    return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models))
+    read = functools.partial(read_array, store)
+    return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models, read))
 
 
 def _provenance() -> dict[str, Any]:

@@ -41,9 +41,11 @@ def save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def build_local_run(root: Path, steps: list[int], *, name: str = "checkpoint-{step}", seed: int = 0) -> Path:
-    """A run folder of ``save_pretrained`` checkpoints, one per step."""
-    for step, model in zip(steps, trajectory(len(steps), seed=seed), strict=True):
+def build_local_run(
+    root: Path, steps: list[int], *, name: str = "checkpoint-{step}", seed: int = 0, **overrides: Any
+) -> Path:
+    """A run folder of ``save_pretrained`` checkpoints, one per step (model size via ``overrides``)."""
+    for step, model in zip(steps, trajectory(len(steps), seed=seed, **overrides), strict=True):
         save_checkpoint(model, root / name.format(step=step))
     return root
 
@@ -107,3 +109,31 @@ def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
 def write_job(path: Path, run_dir: Path, output: Path, **overrides: Any) -> Path:
     path.write_text(to_toml(job_dict(run_dir, output, **overrides)))
     return path
+
+
+def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -> torch.Tensor:
+    """The dense Hessian of the mean scored-token loss w.r.t. the named parameters (ground truth)."""
+    from torch.func import functional_call
+
+    from ckpt_analysis.attention import differentiable_attention
+    from ckpt_analysis.losses import scored_token_losses
+
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [base[n].shape for n in names]
+    flat = torch.cat([base[n].reshape(-1) for n in names])
+    batch = [torch.from_numpy(a) for a in (sample.input_ids, sample.attention_mask, sample.score_mask)]
+
+    def loss(vector: torch.Tensor) -> torch.Tensor:
+        params, offset = dict(base), 0
+        for name, shape in zip(names, shapes, strict=True):
+            size = int(torch.tensor(shape).prod())
+            params[name] = vector[offset : offset + size].view(shape)
+            offset += size
+
+        def call(**kwargs: Any) -> Any:
+            return functional_call(model, params, args=(), kwargs=kwargs)
+
+        with differentiable_attention(model):
+            return scored_token_losses(call, *batch).mean()  # type: ignore[arg-type]
+
+    return torch.autograd.functional.hessian(loss, flat)  # type: ignore[return-value]

@@ -1,0 +1,18 @@
+"""Per-token losses of scored targets (SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def scored_token_losses(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor
+) -> torch.Tensor:
+    """Next-token cross-entropy of each scored target, in row-major (sequence, position) order.
+
+    SPEC §4: ``score_mask[s, t]`` marks token t, predicted by the logits at position t − 1.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    scored = score_mask[:, 1:].bool()
+    return nn.functional.cross_entropy(logits[:, :-1][scored], input_ids[:, 1:][scored], reduction="none")

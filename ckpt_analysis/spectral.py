@@ -1,0 +1,167 @@
+"""Matrix-free spectral methods for symmetric operators: Lanczos, Hutchinson, Hutch++, SLQ (SPEC §5.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+Which = Literal["largest_algebraic", "largest_magnitude"]
+
+
+@dataclass(frozen=True)
+class Eigenpairs:
+    """Ritz pairs from Lanczos, with explicit residuals ``‖A v − λ v‖``."""
+
+    values: np.ndarray
+    vectors: torch.Tensor
+    residuals: np.ndarray
+    converged: np.ndarray
+    iterations: int
+    matvecs: int
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rademacher(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(like)
+
+
+def _tridiagonal(alpha: list[float], beta: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    m = len(alpha)
+    t = np.diag(alpha) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+    return np.linalg.eigh(t)
+
+
+def _pick(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
+    key = theta if which == "largest_algebraic" else np.abs(theta)
+    return np.argsort(-key, kind="stable")[:k]
+
+
+def _lanczos_steps(
+    op: Matvec,
+    start: torch.Tensor,
+    limit: int,
+    *,
+    stop: Callable[[list[float], list[float], float], bool],
+    project: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> tuple[list[float], list[float], torch.Tensor]:
+    """Up to ``limit`` Lanczos steps with full reorthogonalisation.
+
+    ``stop(alpha, beta, b)`` is asked after each step, ``b`` being the next off-diagonal.
+
+    Returns the tridiagonal's diagonal ``alpha`` and off-diagonal ``beta`` (len(alpha) − 1) and the
+    Lanczos vectors as rows.
+    """
+    basis = torch.zeros(limit + 1, start.numel(), dtype=start.dtype, device=start.device)
+    basis[0] = start / start.norm()
+    alpha: list[float] = []
+    beta: list[float] = []
+    for j in range(limit):
+        w = op(basis[j])
+        alpha.append(float(w @ basis[j]))
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = project(w)
+        b = float(w.norm())
+        scale = max(abs(a) for a in alpha) or 1.0
+        if j + 1 == limit or stop(alpha, beta, b) or b <= 1e3 * np.finfo(np.float64).eps * scale:
+            break
+        beta.append(b)
+        basis[j + 1] = w / b
+    return alpha, beta, basis[: len(alpha)]
+
+
+def lanczos(
+    matvec: Matvec,
+    n: int,
+    k: int,
+    *,
+    like: torch.Tensor,
+    which: Which = "largest_algebraic",
+    tol: float = 1e-6,
+    max_iter: int = 200,
+    seed: int = 0,
+    deflate: torch.Tensor | None = None,
+) -> Eigenpairs:
+    """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    SPEC §5.2. Deterministic for a given ``seed``. With ``deflate`` (rows: an orthonormal B) the
+    operator is Π⊥ A Π⊥ with Π⊥ = I − BᵀB, and the search is restricted to range(Π⊥): the start
+    vector and every Lanczos vector are projected out of span(B), so the zero eigenvalues on
+    span(B) never compete. A pair converges when its residual is ≤ ``tol`` · max|θ|.
+    ``like`` fixes dtype and device.
+    """
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x if deflate is None else x - deflate.T @ (deflate @ x)
+
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return project(matvec(project(x)))
+
+    def converged(alpha: list[float], beta: list[float], b: float) -> bool:
+        theta, s = _tridiagonal(alpha, beta)
+        top = _pick(theta, k, which)
+        return len(top) == k and bool(np.all(b * np.abs(s[-1, top]) <= tol * np.abs(theta).max()))
+
+    limit = min(max_iter, n - (0 if deflate is None else deflate.shape[0]))
+    start = project(torch.randn(n, generator=_generator(seed)).to(like))
+    alpha, beta, basis = _lanczos_steps(op, start, limit, stop=converged, project=project)
+    theta, s = _tridiagonal(alpha, beta)
+    top = _pick(theta, k, which)
+    vectors = torch.from_numpy(s[:, top].T.copy()).to(like) @ basis
+    values = theta[top]
+    residuals = np.array([float((op(v) - lam * v).norm()) for v, lam in zip(vectors, values, strict=True)])
+    scale = float(np.abs(theta).max())
+    return Eigenpairs(values, vectors, residuals, residuals <= tol * scale, len(alpha), len(alpha) + len(top))
+
+
+def hutchinson(
+    matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0
+) -> tuple[float, float]:
+    """Hutchinson's trace estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error."""
+    gen = _generator(seed)
+    samples = np.array([float(z @ matvec(z)) for z in _rademacher((probes, n), gen, like)])
+    return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(probes))
+
+
+def hutchpp(matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """Hutch++ (Meyer et al. 2021) with ``probes`` matvecs in all, and its standard error.
+
+    A third of the budget sketches the top range Q of A exactly (``tr QᵀAQ``); the last third runs
+    Hutchinson on (I − QQᵀ)A(I − QQᵀ), whose sample spread gives the standard error.
+    """
+    third = max(probes // 3, 2)
+    gen = _generator(seed)
+    sketch = torch.stack([matvec(s) for s in _rademacher((third, n), gen, like)], dim=1)
+    q, _ = torch.linalg.qr(sketch)
+    exact = float(sum(q[:, i] @ matvec(q[:, i]) for i in range(q.shape[1])))
+    g = _rademacher((third, n), gen, like)
+    g = g - (g @ q) @ q.T
+    samples = np.array([float(z @ matvec(z)) for z in g])
+    return exact + float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(third))
+
+
+def slq(
+    matvec: Matvec, n: int, probes: int, steps: int, *, like: torch.Tensor, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stochastic Lanczos quadrature: per probe, up to ``steps`` Ritz nodes and their weights.
+
+    The spectral density is ``(1/probes) Σ_probe Σ_i weight_i δ(x − node_i)``; the weights of one
+    probe sum to 1 (squared first components of the tridiagonal's eigenvectors). A probe whose run
+    ends early is padded with weight 0.
+    """
+    nodes = np.zeros((probes, steps))
+    weights = np.zeros((probes, steps))
+    for p in range(probes):
+        start = _rademacher((n,), _generator(seed + p), like)
+        alpha, beta, _ = _lanczos_steps(matvec, start, min(steps, n), stop=lambda a, b, c: False)
+        theta, s = _tridiagonal(alpha, beta)
+        nodes[p, : len(theta)], weights[p, : len(theta)] = theta, s[0] ** 2
+    return nodes, weights

@@ -1,0 +1,129 @@
+"""Hessian analyses end to end, against the dense Hessian of each checkpoint (SPEC §8)."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import build_local_run, dense_hessian, job_dict, write_job
+from scipy.linalg import null_space
+
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import job_from_dict, load_job
+from ckpt_analysis.data import EvalData
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import done_flags, open_results
+
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+SOLVER = {"dtype": "float64", "tol": 1e-10, "max_iter": 400, "sample_sequences": 12}
+ANALYSES = {
+    "hessian": {**SOLVER, "k": 3, "trace_probes": 30, "density": True, "density_steps": 20},
+    "hessian_basis": {**SOLVER, "k": 2, "axis": 5},
+}
+
+
+def _job(run: Path, out: Path, **overrides):  # type: ignore[no-untyped-def]
+    raw = job_dict(run, out, analyses=ANALYSES, data={"num_examples": 24, "seed": 11}, **overrides)
+    return job_from_dict(raw, base=out.parent)
+
+
+@pytest.fixture(scope="module")
+def hessian_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("hess")
+    run = build_local_run(root / "run", [0, 100, 200], seed=4, **SMALL)
+    job = _job(run, root / "h.zarr")
+    assert {o.status for o in run_job(job)} == {"done"}
+    source = CheckpointSource.from_spec(job.checkpoints)
+    ds = open_results(job.output)
+    sample = EvalData(ds.input_ids.values, ds.attention_mask.values, ds.score_mask.values.astype(bool)).head(
+        12
+    )
+    names = tuple(ds.param_name.values.tolist())
+    dense = [dense_hessian(source.load(c).double(), names, sample) for c in source.checkpoints()]
+    return job, ds, dense
+
+
+def test_eigenvalues_and_traces_match_the_dense_hessian(hessian_store) -> None:  # type: ignore[no-untyped-def]
+    _, ds, dense = hessian_store
+    for i, h in enumerate(dense):
+        values = torch.linalg.eigvalsh(h).flip(0)[:3].numpy()
+        np.testing.assert_allclose(ds.hessian_eigval.isel(step=i).values, values, rtol=1e-6)
+        assert (ds.hessian_converged.isel(step=i).values == 1).all()
+        assert ds.hessian_residual.isel(step=i).max() < 1e-8 * abs(values[0])
+        trace = float(h.trace())
+        for method in ("hutchinson", "hutchpp"):
+            est = float(ds.hessian_trace.isel(step=i).sel(trace_method=method))
+            err = float(ds.hessian_trace_stderr.isel(step=i).sel(trace_method=method))
+            assert abs(est - trace) <= 3 * err, method
+        np.testing.assert_allclose(ds.hessian_slq_weight.isel(step=i).sum("node"), 1.0, rtol=1e-9)
+
+
+def test_iterative_basis_equals_top_eigenvectors_of_projected_dense_hessians(hessian_store) -> None:  # type: ignore[no-untyped-def]
+    _, ds, dense = hessian_store
+    basis = ds.basis_vectors.values
+    assert np.abs(basis @ basis.T - np.eye(len(basis))).max() <= 1e-5
+    assert ds.basis_step.values.tolist() == [0, 0, 100, 100, 200, 200]
+    for link, h in enumerate(dense):
+        earlier = basis[: 2 * link]
+        complement = null_space(earlier) if link else np.eye(h.shape[0])  # orthonormal basis of range(Π⊥)
+        values, vectors = np.linalg.eigh(complement.T @ h.numpy() @ complement)
+        top = np.argsort(-values)[:2]
+        rows = slice(2 * link, 2 * link + 2)
+        np.testing.assert_allclose(ds.basis_eigval.values[rows], values[top], rtol=1e-6)
+        cosines = np.abs(np.sum(basis[rows] * (complement @ vectors[:, top]).T, axis=1))
+        assert cosines.min() >= 0.9999
+
+
+def test_random_and_axis_bases(hessian_store) -> None:  # type: ignore[no-untyped-def]
+    job, ds, _ = hessian_store
+    random = ds.basis_random.values
+    assert random.shape == ds.basis_vectors.shape
+    assert np.abs(random @ random.T - np.eye(len(random))).max() <= 1e-10
+    axis, index = ds.basis_axis_vectors.values, ds.basis_axis_param.values
+    source = CheckpointSource.from_spec(job.checkpoints)
+    final = source.load(source.checkpoints()[-1])
+    theta = torch.cat([p.detach().reshape(-1) for p in final.parameters()]).abs().numpy()
+    assert sorted(theta[index]) == sorted(np.sort(theta)[-5:])
+    assert (axis.sum(axis=1) == 1).all() and (axis[np.arange(5), index] == 1).all()
+
+
+def test_same_seed_gives_identical_results(hessian_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job, ds, _ = hessian_store
+    again = _job(Path(job.checkpoints.path), tmp_path / "again.zarr")
+    run_job(again)
+    other = open_results(again.output)
+    for name in ("hessian_eigval", "hessian_trace", "basis_vectors", "basis_random", "hessian_slq_node"):
+        np.testing.assert_array_equal(other[name].values, ds[name].values, err_msg=name)
+
+
+def test_chain_resumes_after_a_kill_between_links(hessian_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job, ds, _ = hessian_store
+    chain = {"hessian_basis": {**ANALYSES["hessian_basis"], "random": False, "axis": 0}}
+    path = write_job(
+        tmp_path / "job.toml",
+        Path(job.checkpoints.path),
+        tmp_path / "k.zarr",
+        analyses=chain,
+        data={"num_examples": 24, "seed": 11},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt_analysis", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, done = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and done < 1:
+        time.sleep(0.02)
+        if (tmp_path / "k.zarr" / "zarr.json").exists():
+            done = int(done_flags(tmp_path / "k.zarr").sum())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= int(done_flags(tmp_path / "k.zarr").sum()) < 3, "the kill must land between links"
+    run_job(load_job(path))
+    np.testing.assert_array_equal(
+        open_results(tmp_path / "k.zarr").basis_vectors.values, ds.basis_vectors.values
+    )

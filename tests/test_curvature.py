@@ -1,0 +1,68 @@
+"""The Hessian operator against a dense autograd Hessian; parameter layouts and selection."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from builders import dense_hessian, tiny_model
+
+from ckpt_analysis.config import DataSpec
+from ckpt_analysis.curvature import HessianOperator, ParamLayout
+from ckpt_analysis.data import load_eval_data
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.tasks import addition
+
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def sample():  # type: ignore[no-untyped-def]
+    return load_eval_data(
+        DataSpec(source="addition", num_examples=12, seed=3),
+        addition.build_tokenizer(),
+        max_positions=32,
+        vocab_size=len(addition.VOCAB),
+    )
+
+
+@pytest.mark.parametrize("patterns", [["*"], ["*attention*"]])
+def test_hvp_equals_dense_hessian_times_vector(sample, patterns: list[str]) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model(seed=2, **SMALL).double().eval()
+    layout = ParamLayout.from_model(model, patterns)
+    op = HessianOperator(model, layout, sample, batch_size=5)
+    dense = dense_hessian(copy.deepcopy(model), layout.names, sample)
+    v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    np.testing.assert_allclose(op(v).numpy(), (dense @ v).numpy(), rtol=1e-9, atol=1e-11)
+    assert op.matvecs == 1 and op.n == dense.shape[0]
+
+
+def test_loss_and_gradient_match_autograd(sample) -> None:  # type: ignore[no-untyped-def]
+    from ckpt_analysis.losses import scored_token_losses
+
+    model = tiny_model(seed=2, **SMALL).double().eval()
+    op = HessianOperator(model, ParamLayout.from_model(model, ["*"]), sample, batch_size=4)
+    losses = scored_token_losses(
+        model, *(torch.from_numpy(a) for a in (sample.input_ids, sample.attention_mask, sample.score_mask))
+    )
+    assert op.loss() == pytest.approx(float(losses.mean().detach()), rel=1e-12)
+    grads = torch.autograd.grad(losses.mean(), list(model.parameters()))
+    np.testing.assert_allclose(
+        op.gradient().numpy(), torch.cat([g.reshape(-1) for g in grads]).numpy(), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_layout_from_config_equals_the_loaded_model_layout() -> None:
+    model = tiny_model(**SMALL)
+    from_model = ParamLayout.from_model(model, ["gpt_neox.layers.*"])
+    from_config = ParamLayout.from_config(model.config.to_dict(), ["gpt_neox.layers.*"])
+    assert from_model == from_config
+    assert from_model.offsets[0] == 0 and from_model.offsets[-1] + from_model.sizes[-1] == from_model.size
+    assert "lm_head.weight" in ParamLayout.from_model(model, ["*"]).names  # in-memory names
+
+
+def test_patterns_matching_nothing_list_real_names() -> None:
+    with pytest.raises(
+        JobSpecError, match=r"match no parameter; names look like: gpt_neox\.embed_in\.weight"
+    ):
+        ParamLayout.from_model(tiny_model(**SMALL), ["transformer.h.*"])
