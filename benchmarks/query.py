@@ -13,7 +13,7 @@ import zarr
 from common import machine, median_time, table
 
 from ckpt_analysis.registry import Variable, Write
-from ckpt_analysis.store import create_store, open_results, write_block
+from ckpt_analysis.store import create_store, open_results, read, write_block
 
 STEPS, LAYERS, D = 100, 4, 256
 
@@ -47,6 +47,9 @@ def main() -> None:
         arr = zarr.open_array(str(store), path="act_cov", mode="r")
         cases = {
             "lone .npy (np.load)": lambda: np.load(tmp / "one.npy"),
+            "ckpt_analysis.read (labelled, chunk file)": lambda: read(
+                store, "act_cov", step=next(it) * 1000, site="resid_post", layer=2
+            ),
             "zarr array, open once": lambda: arr[next(it), 0, 2],
             "open_results once, then .sel": lambda: ds.act_cov.sel(step=next(it) * 1000, layer=2).values,
             "open_results + .sel each time": lambda: (

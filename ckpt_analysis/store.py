@@ -58,6 +58,93 @@ def open_results(path: str | Path, *, chunks: dict[str, int] | None = None) -> x
         return xr.open_zarr(str(path), consolidated=True, chunks=chunks)
 
 
+_NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64"}
+
+
+def read(path: str | Path, name: str, **labels: Any) -> np.ndarray:
+    """Read one labelled block of a variable, fast.
+
+    Example: ``read(path, "act_cov", step=1000, site="resid_post", layer=3)``.
+    Every dimension not named must span whole chunks. Labels are coordinate values where the
+    dimension has a coordinate, else integer positions. Uncompressed chunks are read straight from
+    their files (≈ 10× faster than zarr-python for one small block); other arrays go through zarr.
+    Like :func:`open_results`, safe while a job writes: unwritten blocks read as the fill value.
+    """
+    meta = _array_meta(str(path), name)
+    dims, shape, chunks = meta["dims"], meta["shape"], meta["chunks"]
+    unknown = sorted(set(labels) - set(dims))
+    if unknown:
+        raise StoreError(f"{name} has no dimension(s) {unknown}; its dimensions: {', '.join(dims)}")
+    where = {d: _position(str(path), d, labels[d]) for d in labels}
+    split = [d for d in dims if d not in where and chunks[dims.index(d)] != shape[dims.index(d)]]
+    if split:
+        raise StoreError(f"{name}: also select {split}; they span several chunks")
+    key = [where.get(d, 0) // chunks[i] for i, d in enumerate(dims)]
+    block = _read_chunk(str(path), name, meta, key)
+    inner = tuple(where[d] % chunks[i] if d in where else slice(None) for i, d in enumerate(dims))
+    return block[inner]
+
+
+def _array_meta(path: str, name: str) -> dict[str, Any]:
+    file = Path(path) / name / "zarr.json"
+    if not file.is_file():
+        raise StoreError(f"{path} has no variable {name!r}")
+    return _parse_meta(str(file), file.stat().st_mtime_ns)
+
+
+@cache
+def _parse_meta(file: str, _mtime: int) -> dict[str, Any]:
+    raw = json.loads(Path(file).read_text())
+    codecs = raw["codecs"]
+    encoding = raw["chunk_key_encoding"]
+    direct = (
+        len(codecs) == 1
+        and codecs[0]["name"] == "bytes"
+        and encoding["name"] == "default"
+        and raw["data_type"] in _NUMERIC
+    )
+    endian = codecs[0].get("configuration", {}).get("endian", "little") if direct else "little"
+    return {
+        "dims": tuple(raw["dimension_names"]),
+        "shape": tuple(raw["shape"]),
+        "chunks": tuple(raw["chunk_grid"]["configuration"]["chunk_shape"]),
+        "dtype": np.dtype(raw["data_type"] if direct else "O").newbyteorder(
+            "<" if endian == "little" else ">"
+        ),
+        "fill": raw["fill_value"],
+        "direct": direct,
+        "separator": encoding.get("configuration", {}).get("separator", "/"),
+    }
+
+
+def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> np.ndarray:
+    chunks = meta["chunks"]
+    if not meta["direct"]:
+        import zarr
+
+        region = tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks, strict=True))
+        return np.asarray(zarr.open_array(path, path=name, mode="r")[region])
+    file = Path(path) / name / meta["separator"].join(["c", *map(str, key)])
+    if not file.is_file():
+        fill = np.nan if meta["fill"] == "NaN" else meta["fill"]
+        return np.full(chunks, fill, dtype=meta["dtype"])
+    return np.fromfile(file, dtype=meta["dtype"]).reshape(chunks)
+
+
+def _position(path: str, dim: str, label: Any) -> int:
+    if not (Path(path) / dim / "zarr.json").is_file():
+        return int(label)
+    positions = _coordinate_positions(path, dim, (Path(path) / dim / "zarr.json").stat().st_mtime_ns)
+    if label not in positions:
+        raise StoreError(f"{dim} = {label!r} is not in the store; it has {list(positions)[:8]}")
+    return positions[label]
+
+
+@cache
+def _coordinate_positions(path: str, dim: str, _mtime: int) -> dict[Any, int]:
+    return {v: i for i, v in enumerate(read_array(path, dim).tolist())}
+
+
 @contextmanager
 def _quiet_consolidated() -> Iterator[None]:
     """Silence zarr's note that consolidated metadata is not in the v3 spec (we rely on it)."""

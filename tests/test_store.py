@@ -84,3 +84,28 @@ def test_query_selects_one_step_layer_matrix(planned) -> None:  # type: ignore[n
     run_job(planned)
     cov = open_results(planned.output).act_cov.sel(step=30, layer=0, site="resid_post")
     assert cov.shape == (32, 32) and np.isfinite(cov.values).all()
+
+
+def test_fast_read_returns_the_same_block_as_xarray(planned) -> None:  # type: ignore[no-untyped-def]
+    from ckpt_analysis import read
+
+    run_job(planned, executor="inprocess")
+    ds = open_results(planned.output)
+    got = read(planned.output, "act_cov", step=30, site="mlp_out", layer=1)
+    np.testing.assert_array_equal(got, ds.act_cov.sel(step=30, site="mlp_out", layer=1).values)
+    np.testing.assert_array_equal(
+        read(planned.output, "act_count", step=10), ds.act_count.sel(step=10).values
+    )
+    assert read(planned.output, "token_text")[0] == ds.token_text.values[0]  # non-raw codec: via zarr
+
+
+def test_fast_read_of_an_unwritten_block_is_nan_and_bad_labels_are_named(planned) -> None:  # type: ignore[no-untyped-def]
+    from ckpt_analysis import read
+
+    assert np.isnan(read(planned.output, "act_mean", step=0, site="attn_out", layer=0)).all()
+    with pytest.raises(StoreError, match=r"step = 7 is not in the store"):
+        read(planned.output, "act_cov", step=7, site="mlp_out", layer=1)
+    with pytest.raises(StoreError, match=r"also select \['site', 'layer'\]"):
+        read(planned.output, "act_cov", step=10)
+    with pytest.raises(StoreError, match=r"no dimension\(s\) \['colour'\]"):
+        read(planned.output, "act_cov", colour=1)
