@@ -38,7 +38,7 @@ def power_iteration(
     like: torch.Tensor,
     tol: float,
     scale: float | None,
-    max_iter: int = 2000,
+    max_iter: int = 1000,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """PyHessian's deflated power iteration. ``scale`` set: stop on residual ≤ tol·scale;
@@ -47,21 +47,21 @@ def power_iteration(
     found: list[torch.Tensor] = []
     values, residuals, hvps = [], [], 0
     for _ in range(k):
-        v = torch.randn(n, generator=gen).to(like)
+        w = torch.randn(n, generator=gen).to(like)
         lam_prev = None
         for _ in range(max_iter):
             for u in found:
-                v = v - (v @ u) * u
-            v = v / v.norm()
-            hv = op(v)
+                w = w - (w @ u) * u
+            v = w / w.norm()
+            w = op(v)
             hvps += 1
-            lam = float(v @ hv)
-            residual = float((hv - lam * v).norm())
+            lam = float(v @ w)
+            residual = float((w - lam * v).norm())
             if scale is not None and residual <= tol * scale:
                 break
             if scale is None and lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
                 break
-            lam_prev, v = lam, hv
+            lam_prev = lam
         found.append(v)
         values.append(lam)
         residuals.append(residual)
@@ -95,31 +95,28 @@ def main() -> None:
         scale = float(np.abs(ritz.values).max())
         p_vals, p_res, p_hvps = power_iteration(op, op.n, TOP, like=like, tol=TOL, scale=scale)
         h_vals, h_res, h_hvps = power_iteration(op, op.n, TOP, like=like, tol=1e-3, scale=None)
+
+        def row(name: str, hvps: int, res: np.ndarray, vals: np.ndarray) -> list[str]:
+            ok = int((res <= TOL * scale).sum())
+            return [
+                name,
+                str(hvps),
+                f"{res.max() / scale:.1e}",
+                f"{ok}/{TOP}",
+                f"{vals[0]:.3f} … {vals[-1]:.3f}",
+            ]
+
         rows = [
-            [
-                "Lanczos (full reorth.)",
-                str(ritz.matvecs),
-                f"{ritz.residuals.max() / scale:.1e}",
-                f"{ritz.values[0]:.3f} … {ritz.values[-1]:.3f}",
-            ],
-            [
-                "power iteration + deflation, same residual",
-                str(p_hvps),
-                f"{p_res.max() / scale:.1e}",
-                f"{p_vals[0]:.3f} … {p_vals[-1]:.3f}",
-            ],
-            [
-                "power iteration, PyHessian rule (Δλ/λ < 1e-3)",
-                str(h_hvps),
-                f"{h_res.max() / scale:.1e}",
-                f"{h_vals[0]:.3f} … {h_vals[-1]:.3f}",
-            ],
+            row("Lanczos (full reorth.)", ritz.matvecs, ritz.residuals, ritz.values),
+            row("power iteration + deflation, same residual (≤ 1000 HVPs per pair)", p_hvps, p_res, p_vals),
+            row("power iteration, PyHessian rule (Δλ/λ < 1e-3)", h_hvps, h_res, h_vals),
         ]
         print(f"Top {TOP} eigenpairs (largest magnitude), stopping at residual ≤ {TOL}·|λ₁|\n")
-        print(table(["method", "HVPs", "max residual / |λ₁|", "eigenvalues"], rows))
+        print(table(["method", "HVPs", "max residual / |λ₁|", "pairs at tol", "eigenvalues"], rows))
         print(
-            f"\nLanczos needs {p_hvps / ritz.matvecs:.1f}× fewer HVPs than power iteration at the same "
-            "residual (bar ≥ 3×)\n"
+            f"\nLanczos needs {p_hvps / ritz.matvecs:.1f}× fewer HVPs than power iteration aiming at the "
+            f"same residual (a lower bound where it hit its cap), {h_hvps / ritz.matvecs:.1f}× fewer than "
+            "PyHessian's looser default rule (bar ≥ 3×)\n"
         )
 
         v = torch.randn(op.n, generator=torch.Generator().manual_seed(1)).to(like)

@@ -70,31 +70,32 @@ def read(path: str | Path, name: str, **labels: Any) -> np.ndarray:
     their files (≈ 10× faster than zarr-python for one small block); other arrays go through zarr.
     Like :func:`open_results`, safe while a job writes: unwritten blocks read as the fill value.
     """
-    meta = _array_meta(str(path), name)
+    root = os.fspath(path)
+    try:
+        token = os.stat(os.path.join(root, "zarr.json")).st_mtime_ns  # changes when a store is replaced
+    except FileNotFoundError:
+        raise StoreError(f"{path} is not a results store") from None
+    meta = _array_meta(root, name, token)
     dims, shape, chunks = meta["dims"], meta["shape"], meta["chunks"]
     unknown = sorted(set(labels) - set(dims))
     if unknown:
         raise StoreError(f"{name} has no dimension(s) {unknown}; its dimensions: {', '.join(dims)}")
-    where = {d: _position(str(path), d, labels[d]) for d in labels}
+    where = {d: _position(root, d, labels[d], token) for d in labels}
     split = [d for d in dims if d not in where and chunks[dims.index(d)] != shape[dims.index(d)]]
     if split:
         raise StoreError(f"{name}: also select {split}; they span several chunks")
     key = [where.get(d, 0) // chunks[i] for i, d in enumerate(dims)]
-    block = _read_chunk(str(path), name, meta, key)
+    block = _read_chunk(root, name, meta, key)
     inner = tuple(where[d] % chunks[i] if d in where else slice(None) for i, d in enumerate(dims))
     return block[inner]
 
 
-def _array_meta(path: str, name: str) -> dict[str, Any]:
+@cache
+def _array_meta(path: str, name: str, _token: int) -> dict[str, Any]:
     file = Path(path) / name / "zarr.json"
     if not file.is_file():
         raise StoreError(f"{path} has no variable {name!r}")
-    return _parse_meta(str(file), file.stat().st_mtime_ns)
-
-
-@cache
-def _parse_meta(file: str, _mtime: int) -> dict[str, Any]:
-    raw = json.loads(Path(file).read_text())
+    raw = json.loads(file.read_text())
     codecs = raw["codecs"]
     encoding = raw["chunk_key_encoding"]
     direct = (
@@ -113,6 +114,7 @@ def _parse_meta(file: str, _mtime: int) -> dict[str, Any]:
         ),
         "fill": raw["fill_value"],
         "direct": direct,
+        "prefix": os.path.join(path, name, "c"),
         "separator": encoding.get("configuration", {}).get("separator", "/"),
     }
 
@@ -124,24 +126,27 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
 
         region = tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks, strict=True))
         return np.asarray(zarr.open_array(path, path=name, mode="r")[region])
-    file = Path(path) / name / meta["separator"].join(["c", *map(str, key)])
-    if not file.is_file():
+    file = meta["prefix"] + meta["separator"] + meta["separator"].join(map(str, key))
+    try:
+        return np.fromfile(file, dtype=meta["dtype"]).reshape(chunks)
+    except FileNotFoundError:
         fill = np.nan if meta["fill"] == "NaN" else meta["fill"]
         return np.full(chunks, fill, dtype=meta["dtype"])
-    return np.fromfile(file, dtype=meta["dtype"]).reshape(chunks)
 
 
-def _position(path: str, dim: str, label: Any) -> int:
-    if not (Path(path) / dim / "zarr.json").is_file():
+def _position(path: str, dim: str, label: Any, token: int) -> int:
+    positions = _coordinate_positions(path, dim, token)
+    if positions is None:
         return int(label)
-    positions = _coordinate_positions(path, dim, (Path(path) / dim / "zarr.json").stat().st_mtime_ns)
     if label not in positions:
         raise StoreError(f"{dim} = {label!r} is not in the store; it has {list(positions)[:8]}")
     return positions[label]
 
 
 @cache
-def _coordinate_positions(path: str, dim: str, _mtime: int) -> dict[Any, int]:
+def _coordinate_positions(path: str, dim: str, _token: int) -> dict[Any, int] | None:
+    if not (Path(path) / dim / "zarr.json").is_file():
+        return None
     return {v: i for i, v in enumerate(read_array(path, dim).tolist())}
 
 

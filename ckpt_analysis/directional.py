@@ -1,0 +1,121 @@
+"""Per-token directional derivatives of the loss along parameter directions, by forward mode (SPEC §5.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from ckpt_analysis.attention import differentiable_attention
+from ckpt_analysis.curvature import ParamLayout
+from ckpt_analysis.data import EvalData
+from ckpt_analysis.losses import scored_token_losses
+
+Params = dict[str, torch.Tensor]
+
+
+def _plain_layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in plain ops: torch 2.13's fused kernel has a wrong second-order forward derivative."""
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + module.eps)
+    return y * module.weight + module.bias if module.elementwise_affine else y
+
+
+@contextmanager
+def _plain_layer_norms(model: nn.Module) -> Iterator[None]:
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    for norm in norms:
+        norm.forward = _plain_layer_norm.__get__(norm)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+@dataclass(frozen=True)
+class Directional:
+    """For K directions and N scored tokens: losses (N), first derivatives P (K, N), second c (K, N)."""
+
+    losses: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor | None
+
+
+def directional_derivatives(
+    model: nn.Module,
+    layout: ParamLayout,
+    data: EvalData,
+    directions: torch.Tensor,
+    *,
+    batch_size: int,
+    second: bool = False,
+    params: Params | None = None,
+) -> Directional:
+    """``P[b, x] = ⟨b, ∇θ ℓ(x)⟩`` and optionally ``c[b, x] = bᵀ∇²ℓ(x) b`` for all scored tokens.
+
+    SPEC §5.3: one JVP per direction covers every token at once (forward mode); ``c`` is
+    forward-over-forward. ``params`` overrides the model's values of the layout's parameters
+    (e.g. a midpoint θ_t + ½Δθ_t); other parameters keep the model's values.
+    """
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    primal = params if params is not None else {n: base[n] for n in layout.names}
+    sizes = layout.sizes.tolist()
+    losses, first, curv = [], [], []
+    with ExitStack() as stack:
+        stack.enter_context(differentiable_attention(model))
+        if second:
+            stack.enter_context(_plain_layer_norms(model))
+        for start in range(0, data.input_ids.shape[0], batch_size):
+            batch = tuple(
+                torch.from_numpy(a[start : start + batch_size]).to(directions.device)
+                for a in (data.input_ids, data.attention_mask, data.score_mask)
+            )
+            loss_of = _loss_function(model, base, batch)
+            rows = [_derivatives(loss_of, primal, _as_params(d, layout, sizes), second) for d in directions]
+            losses.append(rows[0][0])
+            first.append(torch.stack([r[1] for r in rows]))
+            if second:
+                curv.append(torch.stack([r[2] for r in rows]))  # type: ignore[misc]
+    return Directional(torch.cat(losses), torch.cat(first, dim=1), torch.cat(curv, dim=1) if second else None)
+
+
+def _as_params(vector: torch.Tensor, layout: ParamLayout, sizes: list[int]) -> Params:
+    return {n: c.view(s) for n, c, s in zip(layout.names, vector.split(sizes), layout.shapes, strict=True)}
+
+
+def _loss_function(
+    model: nn.Module, base: Params, batch: tuple[torch.Tensor, ...]
+) -> Callable[[Params], torch.Tensor]:
+    def loss_of(sub: Params) -> torch.Tensor:
+        merged = {**base, **sub}
+
+        def call(**kwargs: torch.Tensor) -> object:
+            return functional_call(model, merged, args=(), kwargs=kwargs)
+
+        return scored_token_losses(call, *batch)  # type: ignore[arg-type]
+
+    return loss_of
+
+
+def _derivatives(
+    loss_of: Callable[[Params], torch.Tensor], primal: Params, tangent: Params, second: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ℓ, dℓ/dε, d²ℓ/dε²) at ε = 0 along θ + ε·tangent, for every token of the batch."""
+    if not second:
+        out = jvp(loss_of, (primal,), (tangent,))
+        return out[0], out[1], None
+
+    def value_and_slope(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        out = jvp(loss_of, (p,), (tangent,))
+        return out[0], out[1]
+
+    out = jvp(value_and_slope, (primal,), (tangent,))
+    (value, slope), (_, curvature) = out[0], out[1]
+    return value, slope, curvature
