@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,16 @@ class ParamLayout:
     def size(self) -> int:
         return int(self.sizes.sum())
 
+    def flatten(self, model: nn.Module) -> torch.Tensor:
+        """The model's values of these parameters as one vector (detached)."""
+        named = dict(model.named_parameters())
+        return torch.cat([named[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A vector in this layout as ``{name: tensor}`` views."""
+        parts = vector.split(self.sizes.tolist())
+        return {n: c.view(s) for n, c, s in zip(self.names, parts, self.shapes, strict=True)}
+
     def tables(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         """Store columns over the ``param_tensor`` dimension."""
         dims = ("param_tensor",)
@@ -64,6 +75,14 @@ class ParamLayout:
             "param_offset": (dims, self.offsets),
             "param_size": (dims, self.sizes),
         }
+
+
+def as_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` itself if already in ``dtype``, else a converted copy (the cached model stays as is)."""
+    target = getattr(torch, dtype)
+    if next(model.parameters()).dtype == target:
+        return model
+    return copy.deepcopy(model).to(target)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -102,12 +121,7 @@ class HessianOperator:
         return self.layout.size
 
     def flat_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
-    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            c.view(p.shape) for c, p in zip(v.split(self.layout.sizes.tolist()), self.params, strict=True)
-        ]
+        return self.layout.flatten(self.model)
 
     def _batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return scored_token_losses(self.model, *batch).sum() / self.count
@@ -128,7 +142,7 @@ class HessianOperator:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """H v by double backward, summed over the sample's batches."""
-        parts = self._split(v.to(self.dtype))
+        parts = list(self.layout.unflatten(v.to(self.dtype)).values())
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         with differentiable_attention(self.model):
             for batch in self.batches:

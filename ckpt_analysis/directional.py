@@ -66,7 +66,6 @@ def directional_derivatives(
     """
     base = {n: p.detach() for n, p in model.named_parameters()}
     primal = params if params is not None else {n: base[n] for n in layout.names}
-    sizes = layout.sizes.tolist()
     losses, first, curv = [], [], []
     with ExitStack() as stack:
         stack.enter_context(differentiable_attention(model))
@@ -78,16 +77,12 @@ def directional_derivatives(
                 for a in (data.input_ids, data.attention_mask, data.score_mask)
             )
             loss_of = _loss_function(model, base, batch)
-            rows = [_derivatives(loss_of, primal, _as_params(d, layout, sizes), second) for d in directions]
+            rows = [_derivatives(loss_of, primal, layout.unflatten(d), second) for d in directions]
             losses.append(rows[0][0])
             first.append(torch.stack([r[1] for r in rows]))
             if second:
                 curv.append(torch.stack([r[2] for r in rows]))  # type: ignore[misc]
     return Directional(torch.cat(losses), torch.cat(first, dim=1), torch.cat(curv, dim=1) if second else None)
-
-
-def _as_params(vector: torch.Tensor, layout: ParamLayout, sizes: list[int]) -> Params:
-    return {n: c.view(s) for n, c, s in zip(layout.names, vector.split(sizes), layout.shapes, strict=True)}
 
 
 def _loss_function(

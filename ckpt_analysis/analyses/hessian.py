@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
-from ckpt_analysis.curvature import HessianOperator, ParamLayout
+from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
@@ -55,10 +54,7 @@ class BasisParams(CurvatureParams):
 
 def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> HessianOperator:
     """The Hessian of the mean scored-token loss over the first ``sample_sequences`` sequences."""
-    model = ctx.load_model(checkpoint)
-    dtype = getattr(torch, params.dtype)
-    if next(model.parameters()).dtype != dtype:
-        model = copy.deepcopy(model).to(dtype)
+    model = as_dtype(ctx.load_model(checkpoint), params.dtype)
     layout = ParamLayout.from_model(model, params.params)
     sample = ctx.eval_data.head(params.sample_sequences)
     return HessianOperator(model, layout, sample, batch_size=ctx.job.compute.batch_size)
@@ -277,8 +273,7 @@ class HessianBasis(_Curvature):
         """Unit vectors on the ``axis`` parameters of largest |θ| at the final checkpoint (SPEC §5.2)."""
         model = ctx.load_model(checkpoint)
         layout = ParamLayout.from_model(model, self.params.params)
-        named = dict(model.named_parameters())
-        theta = torch.cat([named[name].detach().reshape(-1) for name in layout.names])
+        theta = layout.flatten(model)
         index = torch.argsort(theta.abs(), descending=True, stable=True)[: self.params.axis].cpu().numpy()
         vectors = np.zeros((len(index), layout.size), dtype=self.params.dtype)
         vectors[np.arange(len(index)), index] = 1.0

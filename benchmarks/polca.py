@@ -1,0 +1,156 @@
+"""POLCA costs and the choice of default second-order variant (SPEC §5.3, §8).
+
+1. Projections P for N tokens and K directions: forward mode (one JVP per direction, all tokens)
+   vs per-token reverse mode (one backward per token, then B·g); values must agree.
+2. Cost per checkpoint relative to K plain forward passes: first order, and with exact c.
+3. Conservation on a demo-scale run (addition model, checkpoints every 20 steps, Algorithm-1
+   basis): fraction of the aggregate loss change each variant explains.
+
+Run: ``python benchmarks/polca.py`` (about 5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from common import machine, median_time, table
+
+from ckpt_analysis.attention import differentiable_attention
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import CheckpointsSpec, DataSpec, job_from_dict
+from ckpt_analysis.curvature import ParamLayout
+from ckpt_analysis.data import EvalData, load_eval_data
+from ckpt_analysis.directional import directional_derivatives
+from ckpt_analysis.losses import scored_token_losses
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+from ckpt_analysis.train import TrainConfig, train_addition
+
+PROBLEMS, K, STEPS, EVERY = 250, 16, 320, 20
+
+
+def reverse_mode(model: torch.nn.Module, data: EvalData, directions: torch.Tensor) -> torch.Tensor:
+    """The per-token baseline: one backward pass per scored token."""
+    params = list(model.parameters())
+    batch = [torch.from_numpy(a) for a in (data.input_ids, data.attention_mask, data.score_mask)]
+    with differentiable_attention(model):
+        losses = scored_token_losses(model, *batch)
+        rows = []
+        for i in range(len(losses)):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < len(losses))
+            rows.append(directions @ torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows, dim=1)
+
+
+def plain_forwards(model: torch.nn.Module, data: EvalData, count: int) -> None:
+    ids, mask = torch.from_numpy(data.input_ids), torch.from_numpy(data.attention_mask)
+    with torch.no_grad(), differentiable_attention(model):
+        for _ in range(count):
+            model(input_ids=ids, attention_mask=mask)
+
+
+def costs(run: Path) -> None:
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run), device="cpu"))
+    ckpt = source.checkpoints()[-1]
+    model = source.load(ckpt)
+    data = load_eval_data(
+        DataSpec(source="addition", num_examples=PROBLEMS, seed=99),
+        source.tokenizer(ckpt),
+        max_positions=64,
+        vocab_size=model.config.vocab_size,
+    )
+    layout = ParamLayout.from_model(model, ["*"])
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(layout.size, K, generator=gen))[0].T.contiguous()
+    size = PROBLEMS
+
+    def forward_mode(second: bool = False) -> torch.Tensor:
+        return directional_derivatives(model, layout, data, directions, batch_size=size, second=second).first
+
+    fwd = forward_mode()
+    rev = reverse_mode(model, data, directions)
+    err = float((fwd - rev).abs().max() / rev.abs().max())
+    t_fwd = median_time(forward_mode, 5)
+    t_rev = median_time(lambda: reverse_mode(model, data, directions), 3)
+    t_plain = median_time(lambda: plain_forwards(model, data, K), 5)
+    t_second = median_time(lambda: forward_mode(second=True), 3)
+    print(
+        f"{data.num_tokens} scored tokens ({PROBLEMS} sequences), K = {K} directions, "
+        f"{layout.size} parameters, float32, torch threads 1\n"
+    )
+    print(
+        table(
+            ["computation", "s", "ratio", "bar"],
+            [
+                [
+                    "per-token reverse mode",
+                    f"{t_rev:.2f}",
+                    f"{t_rev / t_fwd:.1f}× slower than forward",
+                    "≥ 20×",
+                ],
+                [
+                    "forward mode, first order (K JVPs)",
+                    f"{t_fwd:.3f}",
+                    f"{t_fwd / t_plain:.2f}× K forwards",
+                    "≤ 3×",
+                ],
+                [
+                    "forward mode with exact c (K forward-over-forward)",
+                    f"{t_second:.3f}",
+                    f"{t_second / t_plain:.2f}× K forwards",
+                    "≤ 6×",
+                ],
+                ["K plain forward passes", f"{t_plain:.3f}", "1×", ""],
+            ],
+        )
+    )
+    print(f"\nmax |forward − reverse| / max |reverse| = {err:.1e} (bar: 1e-5)\n")
+
+
+def variants(run: Path, tmp: Path) -> None:
+    raw = {
+        "name": "polca-variants",
+        "output": str(tmp / "v.zarr"),
+        "checkpoints": {"source": "local", "path": str(run)},
+        "data": {"source": "addition", "num_examples": PROBLEMS, "seed": 99},
+        "analyses": {
+            "hessian_basis": {"k": 1, "every": EVERY, "random": False, "axis": 0, "sample_sequences": 64},
+            "token_loss": {},
+            "polca": {"measure_all_variants": True},
+        },
+        "compute": {"executor": "local", "workers": 2, "batch_size": PROBLEMS},
+    }
+    run_job(job_from_dict(raw, base=tmp))
+    ds = open_results(tmp / "v.zarr")
+    explained = ds.polca_explained.to_series()
+    print(
+        f"Conservation: {ds.sizes['step']} checkpoints every {EVERY} steps, "
+        f"{ds.sizes['basis']} basis vectors "
+        f"(k = 1 per checkpoint), {ds.sizes['token']} tokens; fraction of the aggregate loss change "
+        "(first → last checkpoint) that Σ_t Σ_b POLCA explains\n"
+    )
+    print(table(["variant", "explained"], [[v, f"{x:.3f}"] for v, x in explained.items()]))
+    print(
+        f"\nbest-conserving: {(explained - 1).abs().idxmin()}; Ritz values "
+        f"{ds.basis_eigval.values.min():.1f} … {ds.basis_eigval.values.max():.1f}"
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        accuracy = train_addition(tmp / "run", TrainConfig(steps=STEPS, save_every=EVERY))
+        print(machine(), "\n")
+        print(
+            f"demo model: GPTNeoX hidden 64, 2 layers, trained {STEPS} steps "
+            f"(answer accuracy {accuracy:.2f})\n"
+        )
+        costs(tmp / "run")
+        variants(tmp / "run", tmp)
+
+
+if __name__ == "__main__":
+    main()

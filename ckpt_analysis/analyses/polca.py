@@ -1,0 +1,315 @@
+"""Exact per-token losses and POLCA: loss change allocated along a basis, per token (SPEC §5.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ckpt_analysis.curvature import ParamLayout, as_dtype
+from ckpt_analysis.directional import directional_derivatives
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.losses import scored_token_losses
+from ckpt_analysis.registry import (
+    Analysis,
+    PlanContext,
+    Unit,
+    UnitContext,
+    Variable,
+    Write,
+    get_analysis,
+    register,
+)
+
+SecondOrder = Literal["none", "exact", "paper", "trapezoid", "simpson"]
+VARIANTS: tuple[SecondOrder, ...] = ("none", "exact", "paper", "trapezoid", "simpson")
+BASIS_VARIABLES = {
+    "hessian": ("basis_vectors", "basis"),
+    "random": ("basis_random", "basis"),
+    "axis": ("basis_axis_vectors", "basis_axis"),
+}
+PAPER_GUARD = 1e-12
+
+
+# --- SPEC §5.3 formulas: arrays are P (C, K, N), D (C−1, K), c (C, K, N), Pmid (C−1, K, N). ---
+
+
+def first_order(p: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """SPEC §5.3: POLCA1[t,b,x] = P[t,b,x] · D[t,b], for t = 0 … C−2."""
+    return np.asarray(p[:-1] * d[:, :, None])
+
+
+def second_order_exact(c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """SPEC §5.3 ``exact``: ½ · c[t,b,x] · D[t,b]²."""
+    return np.asarray(0.5 * c[:-1] * (d**2)[:, :, None])
+
+
+def second_order_paper(p: np.ndarray, d: np.ndarray, eigval: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SPEC §5.3 ``paper``: ½ λ_b D² (P[t+1]−P[t]) / (Ḡ[t+1]−Ḡ[t]), Ḡ the token mean of P.
+
+    Where |Ḡ[t+1] − Ḡ[t]| ≤ 1e-12 the term is 0; returns the term and, per b, how many such t.
+    """
+    g = p.mean(axis=2)
+    dg = g[1:] - g[:-1]
+    guarded = np.abs(dg) <= PAPER_GUARD
+    scale = np.where(guarded, 0.0, 0.5 * eigval[None, :] * d**2 / np.where(guarded, 1.0, dg))
+    return np.asarray(scale[:, :, None] * (p[1:] - p[:-1])), guarded.sum(axis=0)
+
+
+def trapezoid_total(p: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """SPEC §5.3 ``trapezoid``: ½ (P[t] + P[t+1]) · D[t] replaces first + second order."""
+    return np.asarray(0.5 * (p[:-1] + p[1:]) * d[:, :, None])
+
+
+def simpson_total(p: np.ndarray, p_mid: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """SPEC §5.3 ``simpson``: (P[t] + 4 P[t+½] + P[t+1]) / 6 · D[t], P[t+½] at θ_t + ½Δθ_t."""
+    return np.asarray((p[:-1] + 4 * p_mid + p[1:]) / 6 * d[:, :, None])
+
+
+def projected_loss(polca: np.ndarray) -> np.ndarray:
+    """SPEC §5.3: L_b(x, t) = Σ_{i<t} POLCA[i,b,x], L_b(x, 0) = 0; shape (C, K, N)."""
+    zero = np.zeros((1, *polca.shape[1:]), dtype=polca.dtype)
+    return np.concatenate([zero, np.cumsum(polca, axis=0)])
+
+
+def conservation_residual(token_loss: np.ndarray, polca: np.ndarray) -> np.ndarray:
+    """SPEC §5.3: r[t,x] = ℓ(x;θ_{t+1}) − ℓ(x;θ_t) − Σ_b POLCA[t,b,x]; shape (C−1, N)."""
+    return np.asarray(np.diff(token_loss, axis=0) - polca.sum(axis=1))
+
+
+def explained_fraction(token_loss: np.ndarray, polca: np.ndarray) -> tuple[np.ndarray, float]:
+    """Fraction of each token's and of the aggregate loss change (first → last) the basis explains."""
+    change = token_loss[-1] - token_loss[0]
+    allocated = polca.sum(axis=(0, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_token = np.where(change != 0, allocated / change, np.nan)
+    return per_token, float(allocated.sum() / change.sum())
+
+
+def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SPEC §5.3: keep b iff mean_x L_b(x, end) < 0; for kept b keep tokens with L_b(x, end) ≤ 0."""
+    end = projected[-1]
+    kept = end.mean(axis=1) < 0
+    return kept, kept[:, None] & (end <= 0)
+
+
+# --- analyses ---
+
+
+@dataclass(frozen=True)
+class TokenLossParams:
+    """``[analyses.token_loss]`` takes no options."""
+
+
+@register
+class TokenLoss(Analysis):
+    """``token_loss (step, token)``: each scored token's next-token cross-entropy (SPEC §4)."""
+
+    name = "token_loss"
+    Params = TokenLossParams
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        s, n = len(ctx.checkpoints), ctx.num_tokens
+        return [
+            Variable("token_loss", ("step", "token"), (s, n), "float32", (1, n), doc="exact per-token loss")
+        ]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        assert unit.checkpoint is not None
+        model, data, size = ctx.load_model(unit.checkpoint), ctx.eval_data, ctx.job.compute.batch_size
+        device = next(model.parameters()).device
+        parts = []
+        with torch.no_grad():
+            for i in range(0, data.input_ids.shape[0], size):
+                batch = (
+                    torch.from_numpy(a[i : i + size]).to(device)
+                    for a in (data.input_ids, data.attention_mask, data.score_mask)
+                )
+                parts.append(scored_token_losses(model, *batch).float().cpu())
+        return [Write("token_loss", (unit.checkpoint,), torch.cat(parts).numpy())]
+
+
+@dataclass(frozen=True)
+class PolcaParams:
+    """``[analyses.polca]`` options."""
+
+    basis: Literal["hessian", "random", "axis"] = "hessian"
+    second_order: SecondOrder = "none"
+    measure_all_variants: bool = False
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+@register
+class Polca(Analysis):
+    """Projections P, c (forward mode) and D per checkpoint, then POLCA terms in a finalize unit.
+
+    Needs ``[analyses.hessian_basis]`` (the basis and its parameter layout) and
+    ``[analyses.token_loss]`` (for the conservation residual) in the same job.
+    """
+
+    name = "polca"
+    Params = PolcaParams
+    params: PolcaParams
+
+    def _needs(self) -> tuple[bool, bool]:
+        """Whether units compute c (exact) and midpoint projections (simpson)."""
+        every = self.params.measure_all_variants
+        return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
+
+    def _basis(self, ctx: PlanContext | UnitContext) -> tuple[str, str, list[str]]:
+        for needed in ("hessian_basis", "token_loss"):
+            if needed not in ctx.job.analyses:
+                raise JobSpecError(f"analyses.polca needs [analyses.{needed}] in the same job")
+        table = ctx.job.analyses["hessian_basis"]
+        if self.params.basis == "random" and not table.get("random", True):
+            raise JobSpecError("analyses.polca.basis = 'random' needs hessian_basis.random = true")
+        if self.params.basis == "axis" and not table.get("axis", 50):
+            raise JobSpecError("analyses.polca.basis = 'axis' needs hessian_basis.axis > 0")
+        if self.params.second_order == "paper" and self.params.basis != "hessian":
+            raise JobSpecError("second_order = 'paper' needs Ritz values: use basis = 'hessian'")
+        variable, dim = BASIS_VARIABLES[self.params.basis]
+        return variable, dim, list(table.get("params", ["*"]))
+
+    def _size(self, ctx: PlanContext) -> int:
+        basis = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
+        dim = self._basis(ctx)[1]
+        return int(basis.coords(ctx)[dim].size)
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        _, dim, _ = self._basis(ctx)
+        s, k, n = len(ctx.checkpoints), self._size(ctx), ctx.num_tokens
+        if s < 2:
+            raise JobSpecError("analyses.polca needs at least two checkpoints")
+        grid = (("step", dim, "token"), (s, k, n), "float32", (1, k, n))
+        curv, mid = self._needs()
+        out = [
+            Variable("proj_grad", *grid, doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
+            Variable(
+                "step_proj", ("step", dim), (s, k), "float64", (1, k), doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"
+            ),
+            Variable("polca_first", *grid, doc="first-order term P·D"),
+            Variable("polca_second", *grid, doc="second-order term of the chosen variant"),
+            Variable("polca", *grid, doc="POLCA[t,b,x] of the chosen variant"),
+            Variable("projected_loss", *grid, doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
+            Variable(
+                "polca_residual",
+                ("step", "token"),
+                (s, n),
+                "float32",
+                (1, n),
+                doc="ℓ(θ_{t+1}) − ℓ(θ_t) − Σ_b POLCA",
+            ),
+            Variable(
+                "polca_explained_token",
+                ("token",),
+                (n,),
+                "float32",
+                (n,),
+                doc="fraction of each token's loss change the basis explains",
+            ),
+            Variable(
+                "polca_explained",
+                ("variant",),
+                (len(VARIANTS),),
+                "float64",
+                (len(VARIANTS),),
+                doc="fraction of the aggregate loss change explained, per variant (NaN: not computed)",
+            ),
+            Variable(
+                "polca_paper_guarded",
+                (dim,),
+                (k,),
+                "int64",
+                (k,),
+                fill=-1,
+                doc="paper variant: step pairs with |ΔḠ| ≤ 1e-12 (term set to 0)",
+            ),
+            Variable("basis_kept", (dim,), (k,), "int8", (k,), fill=-1, doc="mean L_b(x, end) < 0"),
+            Variable("token_kept", (dim, "token"), (k, n), "int8", (1, n), fill=-1, doc="L_b(x, end) ≤ 0"),
+        ]
+        if curv:
+            out.append(Variable("proj_curv", *grid, doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
+        if mid:
+            out.append(Variable("proj_grad_mid", *grid, doc="P at θ_t + ½Δθ_t (last step: unused)"))
+        return out
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        return {"variant": np.array(VARIANTS, dtype=object)}
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        basis = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
+        deps = tuple(u.id for u in basis.units(ctx))
+        steps = super().units(ctx)
+        per_step = [Unit(u.analysis, u.key, u.checkpoint, deps) for u in steps]
+        losses = tuple(u.id for u in get_analysis("token_loss").from_spec({}).units(ctx))
+        return [*per_step, Unit(self.name, "finalize", None, (*(u.id for u in per_step), *losses))]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        if unit.checkpoint is None:
+            return self._finalize(ctx)
+        return self._project(ctx, unit.checkpoint)
+
+    def _project(self, ctx: UnitContext, t: int) -> list[Write]:
+        variable, _, patterns = self._basis(ctx)
+        curv, mid = self._needs()
+        last = t + 1 == len(ctx.checkpoints)
+        following = None if last else as_dtype(ctx.load_model(t + 1), self.params.dtype)
+        layout = ParamLayout.from_model(following or ctx.load_model(t), patterns)
+        theta_next = None if following is None else layout.flatten(following)
+        model = as_dtype(ctx.load_model(t), self.params.dtype)  # the cache now holds θ_t
+        basis = torch.from_numpy(ctx.read(variable)).to(next(model.parameters()))
+        batch = ctx.job.compute.batch_size
+        here = directional_derivatives(model, layout, ctx.eval_data, basis, batch_size=batch, second=curv)
+        writes = [Write("proj_grad", (t,), here.first.cpu().numpy())]
+        if here.second is not None:
+            writes.append(Write("proj_curv", (t,), here.second.cpu().numpy()))
+        if theta_next is not None:
+            theta = layout.flatten(model)
+            step = theta_next - theta
+            writes.append(Write("step_proj", (t,), (basis @ step).cpu().numpy()))
+            if mid:
+                midpoint = layout.unflatten(theta + 0.5 * step)
+                at_mid = directional_derivatives(
+                    model, layout, ctx.eval_data, basis, batch_size=batch, params=midpoint
+                )
+                writes.append(Write("proj_grad_mid", (t,), at_mid.first.cpu().numpy()))
+        return writes
+
+    def _finalize(self, ctx: UnitContext) -> list[Write]:
+        curv, mid = self._needs()
+        p = ctx.read("proj_grad").astype(np.float64)
+        d = ctx.read("step_proj")[:-1]
+        loss = ctx.read("token_loss").astype(np.float64)
+        first = first_order(p, d)
+        totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
+        paper, guarded = second_order_paper(p, d, ctx.read("basis_eigval"))
+        if self.params.basis == "hessian":
+            totals["paper"] = first + paper
+        if curv:
+            totals["exact"] = first + second_order_exact(ctx.read("proj_curv").astype(np.float64), d)
+        if mid:
+            totals["simpson"] = simpson_total(p, ctx.read("proj_grad_mid")[:-1].astype(np.float64), d)
+        chosen = totals[self.params.second_order]
+        projected = projected_loss(chosen)
+        per_token, _ = explained_fraction(loss, chosen)
+        kept, tokens = filters(projected)
+        explained = [explained_fraction(loss, totals[v])[1] if v in totals else np.nan for v in VARIANTS]
+
+        def padded(x: np.ndarray) -> np.ndarray:  # step pairs → steps (last step NaN)
+            return np.concatenate([x, np.full((1, *x.shape[1:]), np.nan)]).astype(np.float32)
+
+        everything = (slice(None),)
+        return [
+            Write("polca_first", everything, padded(first)),
+            Write("polca_second", everything, padded(chosen - first)),
+            Write("polca", everything, padded(chosen)),
+            Write("projected_loss", everything, projected.astype(np.float32)),
+            Write("polca_residual", everything, padded(conservation_residual(loss, chosen))),
+            Write("polca_explained_token", everything, per_token.astype(np.float32)),
+            Write("polca_explained", everything, np.array(explained)),
+            Write("polca_paper_guarded", everything, guarded),
+            Write("basis_kept", everything, kept.astype(np.int8)),
+            Write("token_kept", everything, tokens.astype(np.int8)),
+        ]

@@ -1,0 +1,149 @@
+"""POLCA: formulas on quadratic losses with known answers, filters, and the pipeline end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import build_local_run, job_dict
+
+from ckpt_analysis.analyses.polca import (
+    conservation_residual,
+    explained_fraction,
+    filters,
+    first_order,
+    projected_loss,
+    second_order_exact,
+    second_order_paper,
+    simpson_total,
+    trapezoid_total,
+)
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.curvature import ParamLayout
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+
+
+def _quadratic_case(single_direction: bool):  # type: ignore[no-untyped-def]
+    """Per-token quadratic losses ℓ_x(θ) = ½θᵀA_xθ + g_xᵀθ, a trajectory inside span(B)."""
+    rng = np.random.default_rng(0)
+    dim, k, tokens, steps = 6, 3, 5, 4
+    a = rng.normal(size=(tokens, dim, dim))
+    a = a + a.transpose(0, 2, 1)
+    g = rng.normal(size=(tokens, dim))
+    basis = np.linalg.qr(rng.normal(size=(dim, k)))[0].T  # (k, dim), orthonormal rows
+    moves = rng.normal(size=(steps - 1, k))
+    if single_direction:
+        moves = moves * np.eye(k)[np.arange(steps - 1) % k]
+    theta = np.concatenate([rng.normal(size=(1, dim)) @ basis.T @ basis, moves @ basis]).cumsum(axis=0)
+    loss = np.einsum("ti,xij,tj->tx", theta, a, theta) / 2 + theta @ g.T
+    grad = np.einsum("xij,tj->txi", a, theta) + g[None]
+    p = np.einsum("bi,txi->tbx", basis, grad)
+    c = np.einsum("bi,xij,bj->bx", basis, a, basis)[None].repeat(steps, axis=0)
+    d = np.diff(theta, axis=0) @ basis.T
+    mid = 0.5 * (p[:-1] + p[1:])  # the gradient is linear in θ
+    return loss, p, c, d, mid
+
+
+def test_trapezoid_and_simpson_conserve_loss_exactly_on_quadratics() -> None:
+    loss, p, _, d, mid = _quadratic_case(single_direction=False)
+    for total in (trapezoid_total(p, d), simpson_total(p, mid, d)):
+        np.testing.assert_allclose(conservation_residual(loss, total), 0, atol=1e-10)
+        assert explained_fraction(loss, total)[1] == pytest.approx(1.0)
+    assert np.abs(conservation_residual(loss, first_order(p, d))).max() > 1e-3
+
+
+def test_exact_second_order_conserves_when_each_step_moves_along_one_basis_vector() -> None:
+    loss, p, c, d, _ = _quadratic_case(single_direction=True)
+    total = first_order(p, d) + second_order_exact(c, d)
+    np.testing.assert_allclose(conservation_residual(loss, total), 0, atol=1e-10)
+
+
+def test_projected_loss_starts_at_zero_and_accumulates() -> None:
+    polca = np.arange(12.0).reshape(3, 2, 2)
+    out = projected_loss(polca)
+    assert out.shape == (4, 2, 2) and (out[0] == 0).all()
+    np.testing.assert_array_equal(out[-1], polca.sum(axis=0))
+
+
+def test_filters_drop_oscillating_vectors_and_rising_tokens() -> None:
+    end = np.array([[-1.0, -2.0, 0.5], [1.0, 2.0, -0.5], [-1.0, 0.0, 0.9]])
+    projected = np.stack([np.zeros_like(end), end])
+    kept, tokens = filters(projected)
+    assert kept.tolist() == [True, False, True]  # row means −0.83, 0.83, −0.03: only the mean counts
+    assert tokens.tolist() == [[True, True, False], [False, False, False], [True, True, False]]
+
+
+def test_paper_term_guards_a_flat_mean_gradient() -> None:
+    p = np.zeros((3, 2, 4))
+    p[:, 0] = np.array([[1.0, -1, 2, -2], [3, -3, 1, -1], [0, 0, 5, -5]])  # token mean always 0
+    p[:, 1] = np.arange(12.0).reshape(3, 4)
+    d = np.ones((2, 2))
+    term, guarded = second_order_paper(p, d, np.array([2.0, 3.0]))
+    assert guarded.tolist() == [2, 0]
+    assert (term[:, 0] == 0).all()
+    mean_change = p[1:, 1].mean(axis=1) - p[:-1, 1].mean(axis=1)
+    np.testing.assert_allclose(term[:, 1], 0.5 * 3.0 * (p[1:, 1] - p[:-1, 1]) / mean_change[:, None])
+
+
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("polca")
+    run = build_local_run(root / "run", [0, 10, 20, 30], seed=8, **SMALL)
+    analyses = {
+        "hessian_basis": {"k": 2, "every": 10, "axis": 4, "sample_sequences": 8, "tol": 1e-6},
+        "token_loss": {},
+        "polca": {"second_order": "trapezoid", "measure_all_variants": True},
+    }
+    job = job_from_dict(job_dict(run, root / "p.zarr", analyses=analyses, data={"num_examples": 16}), base=root)
+    outcomes = run_job(job)
+    assert {o.status for o in outcomes} == {"done"}
+    assert outcomes[-1].name == "polca/finalize"
+    return job, open_results(job.output)
+
+
+def test_step_projections_and_terms_follow_the_stored_pieces(polca_store) -> None:  # type: ignore[no-untyped-def]
+    job, ds = polca_store
+    source = CheckpointSource.from_spec(job.checkpoints)
+    models = [source.load(c) for c in source.checkpoints()]
+    layout = ParamLayout.from_model(models[0], ["*"])
+    basis = torch.from_numpy(ds.basis_vectors.values)
+    for t in range(3):
+        step = layout.flatten(models[t + 1]) - layout.flatten(models[t])
+        np.testing.assert_allclose(ds.step_proj.values[t], (basis @ step).numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isnan(ds.step_proj.values[3]).all()
+    p, d = ds.proj_grad.values.astype(np.float64), ds.step_proj.values[:3]
+    np.testing.assert_allclose(ds.polca_first.values[:3], p[:-1] * d[:, :, None], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(ds.polca.values[:3], 0.5 * (p[:-1] + p[1:]) * d[:, :, None], rtol=1e-5, atol=1e-9)
+    assert (ds.projected_loss.values[0] == 0).all()
+    np.testing.assert_allclose(ds.projected_loss.values[1:], np.cumsum(ds.polca.values[:3], axis=0), rtol=1e-5,
+                               atol=1e-7)
+    change = np.diff(ds.token_loss.values.astype(np.float64), axis=0)
+    np.testing.assert_allclose(ds.polca_residual.values[:3], change - ds.polca.values[:3].sum(axis=1),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_token_losses_are_the_exact_cross_entropies(polca_store) -> None:  # type: ignore[no-untyped-def]
+    job, ds = polca_store
+    source = CheckpointSource.from_spec(job.checkpoints)
+    model = source.load(source.checkpoints()[2])
+    ids = torch.from_numpy(ds.input_ids.values)
+    logits = model(input_ids=ids).logits
+    seq, pos = ds.token_sequence.values, ds.token_position.values
+    expected = torch.nn.functional.cross_entropy(logits[seq, pos - 1], ids[seq, pos], reduction="none")
+    np.testing.assert_allclose(ds.token_loss.values[2], expected.detach().numpy(), rtol=1e-5)
+
+
+def test_every_variant_is_measured_and_filters_are_consistent(polca_store) -> None:  # type: ignore[no-untyped-def]
+    _, ds = polca_store
+    explained = ds.polca_explained.to_series()
+    assert list(explained.index) == ["none", "exact", "paper", "trapezoid", "simpson"]
+    assert np.isfinite(explained.values).all()
+    end = ds.projected_loss.values[-1]
+    np.testing.assert_array_equal(ds.basis_kept.values == 1, end.mean(axis=1) < 0)
+    np.testing.assert_array_equal(ds.token_kept.values == 1, (end.mean(axis=1) < 0)[:, None] & (end <= 0))
+    assert ds.proj_curv.shape == ds.proj_grad.shape and np.isfinite(ds.proj_grad_mid.values[:3]).all()
