@@ -93,6 +93,10 @@ class Analysis(ABC):
         """Build from the job's ``[analyses.<name>]`` table (unknown keys rejected)."""
         return cls(parse_dataclass(cls.Params, table, f"analyses.{cls.name}"))
 
+    def requires(self) -> tuple[str, ...]:
+        """Other analyses that must be in the same job (their results are read by this one)."""
+        return ()
+
     @abstractmethod
     def variables(self, ctx: PlanContext) -> list[Variable]:
         """The result arrays this analysis fills."""
@@ -133,5 +137,12 @@ def get_analysis(name: str) -> type[Analysis]:
 
 
 def build_analyses(job: JobSpec) -> list[Analysis]:
-    """Instantiate the job's analyses in the order the job lists them."""
-    return [get_analysis(name).from_spec(table) for name, table in job.analyses.items()]
+    """Instantiate the job's analyses in the order the job lists them; check their prerequisites."""
+    analyses = [get_analysis(name).from_spec(table) for name, table in job.analyses.items()]
+    for analysis in analyses:
+        for needed in analysis.requires():
+            if needed not in job.analyses:
+                raise JobSpecError(f"analyses.{analysis.name} needs [analyses.{needed}] in the same job")
+            if list(job.analyses).index(needed) > list(job.analyses).index(analysis.name):
+                raise JobSpecError(f"[analyses.{needed}] must come before [analyses.{analysis.name}]")
+    return analyses

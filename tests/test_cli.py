@@ -86,7 +86,7 @@ BAD_INPUTS = {
     ),
     "unknown analysis": (
         lambda t, run: {"analyses": {"covariance": {}, "magic": {}}},
-        "unknown analysis 'magic'; valid analyses: covariance",
+        "unknown analysis 'magic'; valid analyses: clusters, covariance, hessian",
     ),
 }
 

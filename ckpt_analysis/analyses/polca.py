@@ -158,10 +158,10 @@ class Polca(Analysis):
         every = self.params.measure_all_variants
         return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
 
+    def requires(self) -> tuple[str, ...]:
+        return ("hessian_basis", "token_loss")
+
     def _basis(self, ctx: PlanContext | UnitContext) -> tuple[str, str, list[str]]:
-        for needed in ("hessian_basis", "token_loss"):
-            if needed not in ctx.job.analyses:
-                raise JobSpecError(f"analyses.polca needs [analyses.{needed}] in the same job")
         table = ctx.job.analyses["hessian_basis"]
         if self.params.basis == "random" and not table.get("random", True):
             raise JobSpecError("analyses.polca.basis = 'random' needs hessian_basis.random = true")

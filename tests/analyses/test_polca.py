@@ -1,7 +1,5 @@
 """POLCA: formulas on quadratic losses with known answers, filters, and the pipeline end to end."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -99,7 +97,9 @@ def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         "token_loss": {},
         "polca": {"second_order": "trapezoid", "measure_all_variants": True},
     }
-    job = job_from_dict(job_dict(run, root / "p.zarr", analyses=analyses, data={"num_examples": 16}), base=root)
+    job = job_from_dict(
+        job_dict(run, root / "p.zarr", analyses=analyses, data={"num_examples": 16}), base=root
+    )
     outcomes = run_job(job)
     assert {o.status for o in outcomes} == {"done"}
     assert outcomes[-1].name == "polca/finalize"
@@ -118,13 +118,17 @@ def test_step_projections_and_terms_follow_the_stored_pieces(polca_store) -> Non
     assert np.isnan(ds.step_proj.values[3]).all()
     p, d = ds.proj_grad.values.astype(np.float64), ds.step_proj.values[:3]
     np.testing.assert_allclose(ds.polca_first.values[:3], p[:-1] * d[:, :, None], rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(ds.polca.values[:3], 0.5 * (p[:-1] + p[1:]) * d[:, :, None], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        ds.polca.values[:3], 0.5 * (p[:-1] + p[1:]) * d[:, :, None], rtol=1e-5, atol=1e-9
+    )
     assert (ds.projected_loss.values[0] == 0).all()
-    np.testing.assert_allclose(ds.projected_loss.values[1:], np.cumsum(ds.polca.values[:3], axis=0), rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        ds.projected_loss.values[1:], np.cumsum(ds.polca.values[:3], axis=0), rtol=1e-5, atol=1e-7
+    )
     change = np.diff(ds.token_loss.values.astype(np.float64), axis=0)
-    np.testing.assert_allclose(ds.polca_residual.values[:3], change - ds.polca.values[:3].sum(axis=1),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        ds.polca_residual.values[:3], change - ds.polca.values[:3].sum(axis=1), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_token_losses_are_the_exact_cross_entropies(polca_store) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,303 @@
+"""Clusters of per-token trajectories, breakthrough steps, hidden breakthroughs, label scores (SPEC §5.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.registry import (
+    Analysis,
+    PlanContext,
+    Unit,
+    UnitContext,
+    Variable,
+    Write,
+    get_analysis,
+    register,
+)
+
+Trajectory = Literal["polca", "exact_loss", "loss_change", "fisher"]
+FILTERED, OUTLIER = -2, -1
+TOP = 3
+
+
+# --- SPEC §5.4 formulas ---
+
+
+def uniform_grid(steps: np.ndarray, curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Curves (…, C) at ``steps`` linearly interpolated onto a uniform grid at the finest spacing."""
+    spacing = int(np.diff(steps).min())
+    grid = np.arange(steps[0], steps[-1] + 1, spacing)
+    flat = curves.reshape(-1, curves.shape[-1])
+    out = np.stack([np.interp(grid, steps, row) for row in flat]) if len(flat) else flat
+    return grid, out.reshape(*curves.shape[:-1], len(grid))
+
+
+def breakthrough_steps(
+    grid: np.ndarray, curves: np.ndarray, lag: int, convention: Literal["acceleration", "paper"]
+) -> np.ndarray:
+    """Breakthrough step of each curve (rows of ``curves`` on the uniform ``grid``), lag Δ in steps.
+
+    SPEC §5.4 ``acceleration``: the onset of the largest acceleration of the fall,
+    argmax_t [(f(t) − f(t+Δ)) − (f(t−Δ) − f(t))]; ``paper``: argmax_t of the plain second
+    difference [f(t+Δ) − f(t)] − [f(t) − f(t−Δ)]; t ∈ [Δ, end − Δ].
+    """
+    spacing = int(grid[1] - grid[0]) if len(grid) > 1 else 1
+    shift = max(1, round(lag / spacing))
+    if len(grid) <= 2 * shift:
+        raise ValueError(f"lag {lag} leaves no step inside a trajectory of {grid[-1] - grid[0]} steps")
+    centre = curves[:, shift:-shift]
+    second = curves[:, 2 * shift :] - 2 * centre + curves[:, : -2 * shift]
+    score = -second if convention == "acceleration" else second
+    return np.asarray(grid[shift:-shift][np.argmax(score, axis=1)])
+
+
+def default_tau(steps: np.ndarray, mean_loss: np.ndarray, fraction: float = 0.9) -> float:
+    """SPEC §5.4: the first step by which the mean exact loss made 90 % of its total decrease."""
+    drop = mean_loss[0] - mean_loss[-1]
+    reached = np.nonzero(mean_loss[0] - mean_loss >= fraction * drop)[0]
+    return float(steps[reached[0]])
+
+
+def hdbscan_labels(
+    curves: np.ndarray, *, min_cluster_fraction: float, min_samples_fraction: float
+) -> np.ndarray:
+    """HDBSCAN labels (−1: outlier) with min_cluster_size = fraction · n, min_samples = fraction · n."""
+    import hdbscan
+
+    n = len(curves)
+    if n < 3:
+        return np.full(n, OUTLIER)
+    size = max(2, round(min_cluster_fraction * n))
+    samples = max(1, round(min_samples_fraction * n))
+    return np.asarray(hdbscan.HDBSCAN(min_cluster_size=size, min_samples=samples).fit_predict(curves))
+
+
+def label_scores(labels: np.ndarray, has_label: np.ndarray, cluster: int) -> tuple[float, float, float]:
+    """SPEC §5.4: homogeneity (share of the cluster with the label), recall (share of the
+    non-outlier labelled tokens inside the cluster) and their F1."""
+    members = labels == cluster
+    labelled = has_label & (labels >= 0)
+    homogeneity = float(has_label[members].mean()) if members.any() else 0.0
+    recall = float((members & has_label).sum() / labelled.sum()) if labelled.any() else 0.0
+    f1 = 2 * homogeneity * recall / (homogeneity + recall) if homogeneity + recall else 0.0
+    return homogeneity, recall, f1
+
+
+def medoid(curves: np.ndarray, members: np.ndarray) -> int:
+    """Index (into ``curves``) of the member with the least total distance to the others."""
+    idx = np.nonzero(members)[0]
+    points = curves[idx]
+    distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).sum(1)
+    return int(idx[np.argmin(distance)])
+
+
+# --- the analysis ---
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """``[analyses.clusters]`` options."""
+
+    trajectories: list[Trajectory] = field(default_factory=lambda: ["polca", "exact_loss"])
+    min_cluster_fraction: float = 0.03
+    min_samples_fraction: float = 1 / 15
+    lag: int | None = None
+    tau: float | None = None
+    label: str | None = None
+    label_value: int = 1
+    max_clusters: int = 20
+
+
+@register
+class Clusters(Analysis):
+    """One global unit per trajectory type: clusters per basis vector (or once for exact losses)."""
+
+    name = "clusters"
+    Params = ClusterParams
+    params: ClusterParams
+
+    def requires(self) -> tuple[str, ...]:
+        return ("token_loss", "polca") if self._projected() else ("token_loss",)
+
+    def _projected(self) -> bool:
+        return bool({"polca", "fisher"} & set(self.params.trajectories))
+
+    def _vectors(self, ctx: PlanContext) -> int:
+        if not self._projected():
+            return 1
+        polca = get_analysis("polca").from_spec(ctx.job.analyses["polca"])
+        return next(v.shape[1] for v in polca.variables(ctx) if v.name == "polca")
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        return {
+            "trajectory": np.array(self.params.trajectories, dtype=object),
+            "cluster": np.arange(self.params.max_clusters),
+            "rank": np.arange(TOP),
+        }
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        if self.params.label and self.params.label not in self._label_names(ctx):
+            raise JobSpecError(
+                f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
+                f"labels: {self._label_names(ctx) or 'none'}"
+            )
+        r, v, n, m = (
+            len(self.params.trajectories),
+            self._vectors(ctx),
+            ctx.num_tokens,
+            self.params.max_clusters,
+        )
+        per_cluster = (("trajectory", "cluster_vector", "cluster"), (r, v, m), "float64", (1, v, m))
+        out = [
+            Variable(
+                "cluster_label",
+                ("trajectory", "cluster_vector", "token"),
+                (r, v, n),
+                "int32",
+                (1, v, n),
+                fill=-3,
+                doc="cluster id; −1 outlier, −2 filtered out, −3 unused vector",
+            ),
+            Variable("cluster_size", *per_cluster[:2], "int64", (1, v, m), fill=-1),
+            Variable("cluster_medoid", *per_cluster[:2], "int64", (1, v, m), fill=-1, doc="token index"),
+            Variable("cluster_breakthrough", *per_cluster, doc="mean breakthrough step (acceleration)"),
+            Variable(
+                "cluster_breakthrough_paper", *per_cluster, doc="mean breakthrough step (paper-literal)"
+            ),
+            Variable("cluster_hidden", *per_cluster[:2], "int8", (1, v, m), fill=-1, doc="breakthrough > τ"),
+            Variable("cluster_tau", ("trajectory",), (r,), "float64", (1,)),
+            Variable("cluster_hidden_fraction", ("trajectory",), (r,), "float64", (1,)),
+        ]
+        if self.params.label:
+            out += [Variable(f"cluster_{s}", *per_cluster) for s in ("homogeneity", "recall", "f1")]
+            out.append(
+                Variable(
+                    "cluster_top_homogeneity",
+                    ("trajectory", "rank"),
+                    (r, TOP),
+                    "float64",
+                    (1, TOP),
+                    doc="best cluster per vector, top 3 across vectors",
+                )
+            )
+        return out
+
+    def _label_names(self, ctx: PlanContext) -> list[str]:
+        return ["place", "carry"] if ctx.job.data.source == "addition" else list(ctx.job.data.label_columns)
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        losses = get_analysis("token_loss").from_spec({}).units(ctx)
+        deps = [u.id for u in losses]
+        if self._projected():
+            deps.append("polca/finalize")
+        return [Unit(self.name, t, None, tuple(deps)) for t in self.params.trajectories]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        steps = np.array([c.step for c in ctx.checkpoints])
+        loss = ctx.read("token_loss").astype(np.float64)  # (C, N)
+        sets, kept = self._trajectories(unit.key, ctx, loss)  # (V, N, C'), (V, N)
+        row = self.params.trajectories.index(unit.key)  # type: ignore[arg-type]
+        tau = self.params.tau if self.params.tau is not None else default_tau(steps, loss.mean(axis=1))
+        curve_steps = steps[1:] if unit.key == "loss_change" else steps
+        lag = self.params.lag or 5 * int(np.diff(steps).min())
+        has_label = self._has_label(ctx)
+        results = [
+            self._cluster(c, k, curve_steps, lag, tau, has_label) for c, k in zip(sets, kept, strict=True)
+        ]
+        vectors = len(ctx.read("basis_kept")) if self._projected() else 1
+        return self._writes(row, results, tau, vectors)
+
+    def _trajectories(self, kind: str, ctx: UnitContext, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if kind == "exact_loss":
+            return loss.T[None], np.ones((1, loss.shape[1]), dtype=bool)
+        if kind == "loss_change":
+            return np.diff(loss, axis=0).T[None], np.ones((1, loss.shape[1]), dtype=bool)
+        if kind == "fisher":
+            fisher = ctx.read("proj_grad").astype(np.float64) ** 2  # SPEC §5.3 baseline: P[t,b,x]²
+            return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
+        projected = ctx.read("projected_loss").astype(np.float64)  # (C, K, N)
+        return projected.transpose(1, 2, 0), ctx.read("token_kept") == 1
+
+    def _has_label(self, ctx: UnitContext) -> np.ndarray | None:
+        if not self.params.label:
+            return None
+        return np.asarray(ctx.read(f"label_{self.params.label}") == self.params.label_value)
+
+    def _cluster(
+        self,
+        curves: np.ndarray,
+        kept: np.ndarray,
+        steps: np.ndarray,
+        lag: int,
+        tau: float,
+        has_label: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        labels = np.full(len(curves), FILTERED)
+        if kept.sum() >= 3:
+            labels[kept] = hdbscan_labels(
+                curves[kept],
+                min_cluster_fraction=self.params.min_cluster_fraction,
+                min_samples_fraction=self.params.min_samples_fraction,
+            )
+        grid, uniform = uniform_grid(steps, curves)
+        onsets = {c: breakthrough_steps(grid, uniform, lag, c) for c in ("acceleration", "paper")}
+        m = self.params.max_clusters
+        out = {
+            "labels": labels,
+            **{
+                k: np.full(m, np.nan)
+                for k in ("breakthrough", "paper", "hidden", "homogeneity", "recall", "f1")
+            },
+            "size": np.full(m, -1),
+            "medoid": np.full(m, -1),
+        }
+        for cluster in range(min(int(labels.max()) + 1, m)):
+            members = labels == cluster
+            out["size"][cluster] = members.sum()
+            out["medoid"][cluster] = medoid(curves, members)
+            out["breakthrough"][cluster] = onsets["acceleration"][members].mean()
+            out["paper"][cluster] = onsets["paper"][members].mean()
+            out["hidden"][cluster] = out["breakthrough"][cluster] > tau
+            if has_label is not None:
+                scores = label_scores(labels, has_label, cluster)
+                out["homogeneity"][cluster], out["recall"][cluster], out["f1"][cluster] = scores
+        return out
+
+    def _writes(
+        self, row: int, results: list[dict[str, np.ndarray]], tau: float, vectors: int
+    ) -> list[Write]:
+        def stack(key: str, fill: float) -> np.ndarray:
+            rows = [r[key] for r in results]
+            pad = [np.full_like(rows[0], fill)] * (vectors - len(rows))
+            return np.stack(rows + pad)
+
+        hidden = stack("hidden", np.nan)
+        writes = [
+            Write("cluster_label", (row,), stack("labels", -3).astype(np.int32)),
+            Write("cluster_size", (row,), stack("size", -1)),
+            Write("cluster_medoid", (row,), stack("medoid", -1)),
+            Write("cluster_breakthrough", (row,), stack("breakthrough", np.nan)),
+            Write("cluster_breakthrough_paper", (row,), stack("paper", np.nan)),
+            Write("cluster_hidden", (row,), np.nan_to_num(hidden, nan=-1).astype(np.int8)),
+            Write("cluster_tau", (row,), np.array(tau)),
+            Write(
+                "cluster_hidden_fraction",
+                (row,),
+                np.array(np.nanmean(hidden) if np.isfinite(hidden).any() else np.nan),
+            ),
+        ]
+        if self.params.label:
+            homogeneity = stack("homogeneity", np.nan)
+            writes += [
+                Write(f"cluster_{s}", (row,), stack(s, np.nan)) for s in ("homogeneity", "recall", "f1")
+            ]
+            best = np.array([np.nanmax(h) if np.isfinite(h).any() else np.nan for h in homogeneity])
+            finite = np.sort(best[np.isfinite(best)])[::-1][:TOP]
+            top = np.full(TOP, np.nan)
+            top[: len(finite)] = finite
+            writes.append(Write("cluster_top_homogeneity", (row,), top))
+        return writes

@@ -1,0 +1,133 @@
+"""Clusters: breakthroughs of planted sigmoid drops, planted groups, exact scores, the pipeline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import build_local_run, job_dict
+
+from ckpt_analysis.analyses.clusters import (
+    breakthrough_steps,
+    default_tau,
+    hdbscan_labels,
+    label_scores,
+    medoid,
+    uniform_grid,
+)
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+
+
+def _drops(onsets: list[float], steps: np.ndarray, width: float = 40.0) -> np.ndarray:
+    """Falling sigmoids 1 − σ((t − onset − 3w)/w): the fall starts accelerating near ``onset``."""
+    return np.stack([1 - 1 / (1 + np.exp(-(steps - o) / width)) for o in onsets])
+
+
+def test_breakthroughs_find_planted_sigmoid_onsets() -> None:
+    steps = np.arange(0, 3001, 10)
+    centres = [600.0, 1500.0, 2400.0]
+    curves = _drops(centres, steps)
+    found = breakthrough_steps(steps, curves, lag=100, convention="acceleration")
+    assert np.all(found < centres) and np.all(np.array(centres) - found <= 100)  # onset: before the midpoint
+    literal = breakthrough_steps(steps, curves, lag=100, convention="paper")
+    assert np.all(literal > centres) and np.all(literal - np.array(centres) <= 100)  # paper: after it
+
+
+def test_uneven_checkpoints_are_interpolated_onto_the_finest_grid() -> None:
+    steps = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128])
+    grid, curves = uniform_grid(steps, np.log1p(steps)[None].astype(float))
+    assert grid.tolist() == list(range(0, 129)) and curves.shape == (1, 129)
+    np.testing.assert_allclose(curves[0, steps], np.log1p(steps))
+
+
+def test_default_tau_is_where_90_percent_of_the_drop_is_done() -> None:
+    steps = np.arange(0, 100, 10)
+    loss = np.array([10, 5, 3, 2, 1.5, 1.2, 1.05, 1.02, 1.01, 1.0])
+    assert default_tau(steps, loss) == 40.0  # 10 − 1.5 = 8.5 ≥ 0.9 · 9
+
+
+def test_hdbscan_recovers_planted_groups_of_trajectories() -> None:
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 1000, 20)
+    groups = np.repeat([0, 1, 2], 60)
+    curves = _drops([200.0, 500.0, 800.0], steps)[groups] + rng.normal(0, 0.01, (180, len(steps)))
+    labels = hdbscan_labels(curves, min_cluster_fraction=0.03, min_samples_fraction=1 / 15)
+    found = labels[labels >= 0]
+    assert (labels >= 0).mean() > 0.9
+    for g in range(3):  # each planted group maps to one cluster, and no cluster mixes groups
+        assert len(set(labels[(groups == g) & (labels >= 0)])) == 1
+    assert len(set(found)) == 3
+
+
+def test_scores_on_a_hand_labelled_clustering_are_exact() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, -1, -1])
+    carry = np.array([1, 1, 1, 0, 1, 0, 1, 1], dtype=bool)
+    assert label_scores(labels, carry, 0) == pytest.approx((0.75, 0.75, 0.75))  # 3 of 4 labelled non-outliers
+    assert label_scores(labels, carry, 1) == pytest.approx((0.5, 0.25, 1 / 3))
+
+
+def test_medoid_is_the_most_central_member() -> None:
+    curves = np.array([[0.0], [1.0], [2.0], [10.0], [3.0]])
+    assert medoid(curves, np.array([True, True, True, False, True])) in (1, 2)
+    assert medoid(curves, np.array([True, True, True, False, False])) == 1
+
+
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+
+
+def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", list(range(0, 200, 20)), seed=3, **SMALL)
+    analyses = {
+        "hessian_basis": {"k": 1, "every": 60, "random": False, "axis": 0, "sample_sequences": 8},
+        "token_loss": {},
+        "polca": {"second_order": "trapezoid"},
+        "clusters": {
+            "trajectories": ["polca", "exact_loss", "loss_change", "fisher"],
+            "label": "carry",
+            "lag": 40,
+        },
+    }
+    job = job_from_dict(
+        job_dict(run, tmp_path / "c.zarr", analyses=analyses, data={"num_examples": 80}), base=tmp_path
+    )
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    labels = ds.cluster_label.sel(trajectory="exact_loss").values
+    assert (labels[1:] == -3).all() and (labels[0] >= -1).all()  # exact loss: one clustering of all tokens
+    polca = ds.cluster_label.sel(trajectory="polca").values
+    dropped = ds.token_kept.values == 0
+    assert (polca[dropped] == -2).all()
+    sizes = ds.cluster_size.sel(trajectory="exact_loss").values[0]
+    assert sizes[sizes > 0].sum() == (labels[0] >= 0).sum()
+    assert float(ds.cluster_tau.sel(trajectory="polca")) == float(ds.cluster_tau.sel(trajectory="exact_loss"))
+    homogeneity = ds.cluster_homogeneity.sel(trajectory="exact_loss").values[0]
+    top = ds.cluster_top_homogeneity.sel(trajectory="exact_loss").values
+    assert (
+        top[0] == pytest.approx(np.nanmax(homogeneity))
+        if np.isfinite(homogeneity).any()
+        else np.isnan(top[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("analyses", "message"),
+    [
+        ({"clusters": {"trajectories": ["exact_loss"]}}, r"clusters needs \[analyses\.token_loss\]"),
+        ({"token_loss": {}, "clusters": {}}, r"clusters needs \[analyses\.polca\]"),
+        ({"token_loss": {}, "polca": {}}, r"polca needs \[analyses\.hessian_basis\]"),
+        (
+            {"clusters": {"trajectories": ["exact_loss"]}, "token_loss": {}},
+            r"must come before \[analyses\.clusters",
+        ),
+    ],
+)
+def test_missing_or_misordered_prerequisites_are_named(tmp_path: Path, analyses: dict, message: str) -> None:  # type: ignore[type-arg]
+    from ckpt_analysis.registry import build_analyses
+
+    raw = job_dict(tmp_path, tmp_path / "c.zarr")
+    raw["analyses"] = analyses  # job_dict would merge in its default covariance table
+    job = job_from_dict(raw, base=tmp_path)
+    with pytest.raises(JobSpecError, match=message):
+        build_analyses(job)
