@@ -1,4 +1,4 @@
-"""The built-in offline demo: train the tiny addition model, sweep covariances, summarise."""
+"""The built-in offline demo: train the tiny addition model, sweep covariances, run POLCA and baselines."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import numpy as np
 from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.config import load_job
 from ckpt_analysis.execute import Outcome
+from ckpt_analysis.report import TrajectoryScores, cluster_table, plot_clusters
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
-from ckpt_analysis.train import TrainConfig, train_addition
+from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
 
 log = logging.getLogger(__name__)
 
-JOB_TOML = """\
+COVARIANCE_JOB = """\
 # Written by `ckpt-analysis demo`; run it again with `ckpt-analysis run {job}`.
 name = "demo-addition-covariance"
-output = "results.zarr"
+output = "covariance.zarr"
 
 [checkpoints]
 source = "local"
 path = "run"
+select = "every={coarse}"
 
 [data]
 source = "addition"
@@ -34,52 +36,104 @@ num_examples = 256
 sites = ["resid_pre", "attn_out", "mlp_out", "resid_post"]
 
 [compute]
-executor = "local"
 workers = 2
+"""
+
+POLCA_JOB = """\
+# Written by `ckpt-analysis demo`: the POLCA arithmetic experiment, scaled to 2 CPU cores.
+name = "demo-addition-polca"
+output = "polca.zarr"
+
+[checkpoints]
+source = "local"
+path = "run"
+
+[data]
+source = "addition"
+num_examples = 250          # 1000 scored answer digits
+seed = 4321
+
+[analyses.hessian_basis]
+k = 1                       # one vector per basis checkpoint (paper: k = 1)
+every = {basis_every}       # basis checkpoints
+sample_sequences = 128
+random = false
+axis = 0
+
+[analyses.token_loss]
+
+[analyses.polca]
+second_order = "none"       # best-conserving on this demo (docs/polca.md)
+
+[analyses.clusters]
+trajectories = ["polca", "exact_loss", "loss_change", "fisher"]
+label = "carry"
+lag = {lag}
+
+[compute]
+workers = 2
+batch_size = 250
 """
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo made: paths, the model's accuracy, and per-step covariance summaries."""
+    """What the demo made: stores, the model's accuracy, covariance summaries and cluster scores."""
 
-    store: Path
+    covariance_store: Path
+    polca_store: Path
     accuracy: float
     outcomes: list[Outcome]
     steps: np.ndarray
     total_variance: np.ndarray
     participation: np.ndarray
     """``(step, layer)`` at ``resid_post``: trace of the covariance and its participation ratio."""
+    scores: list[TrajectoryScores]
+    explained: float
+    plots: list[Path]
+
+
+def _train_or_reuse(run_dir: Path, train: TrainConfig, force: bool) -> float:
+    last = run_dir / f"checkpoint-{train.steps - train.steps % train.save_every}"
+    if force or not last.is_dir():
+        log.info("training the tiny addition model into %s", run_dir)
+        return train_addition(run_dir, train)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from ckpt_analysis.tasks.addition import build_tokenizer
+
+    hf_logging.disable_progress_bar()
+    return answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
 
 
 def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = False) -> DemoResult:
-    """Train (unless a run exists), write ``demo.toml``, run it, and summarise the store."""
+    """Train (unless the run exists), write and run both demo jobs, and summarise their stores."""
     train = train or TrainConfig()
-    run_dir = workdir / "run"
-    if force or not (run_dir / f"checkpoint-{train.steps - train.steps % train.save_every}").is_dir():
-        log.info("training the tiny addition model into %s", run_dir)
-        accuracy = train_addition(run_dir, train)
-    else:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        from ckpt_analysis.tasks.addition import build_tokenizer
-        from ckpt_analysis.train import answer_accuracy
-
-        hf_logging.disable_progress_bar()
-        last = max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        accuracy = answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
-    job_path = workdir / "demo.toml"
-    job_path.write_text(JOB_TOML.format(job=job_path))
-    job = load_job(job_path)
-    outcomes = run_job(job, force=force)
-    ds = open_results(job.output)
-    cov = ds.act_cov.sel(site="resid_post").values.astype(np.float64)
+    accuracy = _train_or_reuse(workdir / "run", train, force)
+    spacing = train.save_every
+    coarse = spacing * max(1, 100 // spacing)
+    basis_every = spacing * max(1, train.steps // (16 * spacing))  # ≈ 16 basis vectors
+    lag = spacing * max(1, min(100, train.steps // 8) // spacing)
+    (workdir / "covariance.toml").write_text(
+        COVARIANCE_JOB.format(job=workdir / "covariance.toml", coarse=coarse)
+    )
+    (workdir / "polca.toml").write_text(POLCA_JOB.format(basis_every=basis_every, lag=lag))
+    outcomes = []
+    for name in ("covariance", "polca"):
+        outcomes += run_job(load_job(workdir / f"{name}.toml"), force=force)
+    cov_ds = open_results(workdir / "covariance.zarr")
+    cov = cov_ds.act_cov.sel(site="resid_post").values.astype(np.float64)
+    polca_ds = open_results(workdir / "polca.zarr")
     return DemoResult(
-        store=Path(job.output),
+        covariance_store=workdir / "covariance.zarr",
+        polca_store=workdir / "polca.zarr",
         accuracy=accuracy,
         outcomes=outcomes,
-        steps=ds.step.values,
+        steps=cov_ds.step.values,
         total_variance=np.trace(cov, axis1=-2, axis2=-1),
         participation=participation_ratio(cov),
+        scores=cluster_table(polca_ds),
+        explained=float(polca_ds.polca_explained.sel(variant="none")),
+        plots=plot_clusters(polca_ds, workdir / "plots"),
     )

@@ -75,6 +75,9 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
 
     Returns the final answer-digit accuracy on held-out problems.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint is noise
     tokenizer = addition.build_tokenizer()
     model = tiny_gpt_neox(
         len(addition.VOCAB),

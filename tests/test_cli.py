@@ -154,12 +154,19 @@ def test_prefetch_offline_reports_missing_revisions(hub_cache: Path, tmp_path: P
 
 
 def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
-    result = cli("demo", "--workdir", tmp_path, "--steps", "20", "--save-every", "10")
+    result = cli("demo", "--workdir", tmp_path, "--steps", "40", "--save-every", "10")
     assert result.returncode == 0, result.stderr
-    assert "participation ratio" in result.stdout and "final answer-digit accuracy" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "checkpoint-0",
-        "checkpoint-10",
-        "checkpoint-20",
-    ]
-    assert cli("status", tmp_path / "results.zarr").stdout.endswith("3 done, 0 failed, 0 running, 0 missing")
+    for text in (
+        "participation ratio",
+        "clusters vs the carry label",
+        "exact_loss",
+        "fisher",
+        "final answer-digit accuracy",
+    ):
+        assert text in result.stdout
+    runs = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert runs == [f"checkpoint-{s}" for s in (0, 10, 20, 30, 40)]
+    for store in ("covariance.zarr", "polca.zarr"):
+        status = cli("status", tmp_path / store).stdout
+        assert status.endswith("0 failed, 0 running, 0 missing"), status
+    assert all(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())

@@ -139,7 +139,23 @@ class Clusters(Analysis):
             "rank": np.arange(TOP),
         }
 
+    def _lag(self, steps: np.ndarray) -> int:
+        """Δ in steps: the option, else 5 × the finest checkpoint spacing."""
+        return self.params.lag or 5 * int(np.diff(steps).min())
+
+    def _check_lag(self, steps: np.ndarray) -> None:
+        for kind in self.params.trajectories:
+            curve = steps[1:] if kind == "loss_change" else steps
+            spacing = int(np.diff(steps).min())
+            points = (curve[-1] - curve[0]) // spacing + 1 if len(curve) > 1 else 1
+            if points <= 2 * max(1, round(self._lag(steps) / spacing)):
+                raise JobSpecError(
+                    f"analyses.clusters.lag = {self._lag(steps)} steps needs {kind} trajectories longer than "
+                    f"2·lag; they span {curve[-1] - curve[0]} steps"
+                )
+
     def variables(self, ctx: PlanContext) -> list[Variable]:
+        self._check_lag(np.array([c.step for c in ctx.checkpoints]))
         if self.params.label and self.params.label not in self._label_names(ctx):
             raise JobSpecError(
                 f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
@@ -203,7 +219,7 @@ class Clusters(Analysis):
         row = self.params.trajectories.index(unit.key)  # type: ignore[arg-type]
         tau = self.params.tau if self.params.tau is not None else default_tau(steps, loss.mean(axis=1))
         curve_steps = steps[1:] if unit.key == "loss_change" else steps
-        lag = self.params.lag or 5 * int(np.diff(steps).min())
+        lag = self._lag(steps)
         has_label = self._has_label(ctx)
         results = [
             self._cluster(c, k, curve_steps, lag, tau, has_label) for c, k in zip(sets, kept, strict=True)

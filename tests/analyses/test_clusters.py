@@ -131,3 +131,16 @@ def test_missing_or_misordered_prerequisites_are_named(tmp_path: Path, analyses:
     job = job_from_dict(raw, base=tmp_path)
     with pytest.raises(JobSpecError, match=message):
         build_analyses(job)
+
+
+def test_a_lag_longer_than_the_trajectories_is_a_plan_time_error(tmp_path: Path) -> None:
+    from ckpt_analysis.plan import prepare_store
+
+    run = build_local_run(tmp_path / "run", [0, 10, 20], **SMALL)
+    raw = job_dict(run, tmp_path / "c.zarr")
+    raw["analyses"] = {"token_loss": {}, "clusters": {"trajectories": ["loss_change"], "lag": 10}}
+    with pytest.raises(
+        JobSpecError, match=r"lag = 10 steps needs loss_change trajectories longer than 2·lag"
+    ):
+        prepare_store(job_from_dict(raw, base=tmp_path), force=False)
+    assert not (tmp_path / "c.zarr").exists()

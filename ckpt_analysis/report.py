@@ -1,0 +1,83 @@
+"""Summaries and plots of cluster results: the carry-score table and projected-loss figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+
+@dataclass(frozen=True)
+class TrajectoryScores:
+    """One row of the demo table: how well a trajectory type's clusters isolate a label."""
+
+    trajectory: str
+    clusters: int
+    top_homogeneity: tuple[float, ...]
+    recall: float
+    f1: float
+    hidden_fraction: float
+
+
+def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
+    """Per trajectory type: top-3 homogeneity, recall and F1 of the most homogeneous cluster, hidden share."""
+    rows = []
+    for trajectory in ds.trajectory.values.tolist():
+        part = ds.sel(trajectory=trajectory)
+        homogeneity = part.cluster_homogeneity.values
+        found = np.isfinite(homogeneity)
+        best = np.unravel_index(np.nanargmax(np.where(found, homogeneity, -1)), homogeneity.shape)
+        rows.append(
+            TrajectoryScores(
+                trajectory=str(trajectory),
+                clusters=int(found.sum()),
+                top_homogeneity=tuple(float(x) for x in part.cluster_top_homogeneity.values),
+                recall=float(part.cluster_recall.values[best]) if found.any() else float("nan"),
+                f1=float(part.cluster_f1.values[best]) if found.any() else float("nan"),
+                hidden_fraction=float(part.cluster_hidden_fraction),
+            )
+        )
+    return rows
+
+
+def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
+    """PNG per basis vector (the ``vectors`` with the most homogeneous clusters): the projected loss
+    of each cluster beside the exact loss of the same tokens, as in the paper's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    part = ds.sel(trajectory="polca")
+    labels = part.cluster_label.values
+    best = np.nanmax(
+        np.where(np.isfinite(part.cluster_homogeneity.values), part.cluster_homogeneity.values, -1), 1
+    )
+    order = [int(b) for b in np.argsort(-best) if best[b] >= 0][:vectors]
+    steps, loss, projected = ds.step.values, ds.token_loss.values, ds.projected_loss.values
+    paths = []
+    for b in order:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+        for c in range(int(labels[b].max()) + 1):
+            members = labels[b] == c
+            share = float(part.cluster_homogeneity.values[b, c])
+            name = f"cluster {c} (n={members.sum()}, carry {share:.2f})"
+            left.plot(steps, projected[:, b, members].mean(axis=1), label=name)
+            right.plot(steps, loss[:, members].mean(axis=1), label=name)
+        for axis, title in (
+            (left, f"projected loss L_b, basis vector {b}"),
+            (right, "exact loss, same tokens"),
+        ):
+            axis.set_title(title)
+            axis.set_xlabel("training step")
+            axis.axvline(float(part.cluster_tau), color="grey", linestyle=":", linewidth=1)
+        left.legend(fontsize=7, loc="center right")
+        fig.tight_layout()
+        path = out / f"polca_basis_{b}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
