@@ -106,13 +106,7 @@ class HessianOperator:
         self.params = [named[n] for n in layout.names]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.batches = [
-            tuple(
-                torch.from_numpy(a[i : i + batch_size]).to(self.device)
-                for a in (sample.input_ids, sample.attention_mask, sample.score_mask)
-            )
-            for i in range(0, sample.input_ids.shape[0], batch_size)
-        ]
+        self.batches = list(sample.batches(batch_size, self.device))
         self.count = int(sample.score_mask.sum())
         self.matvecs = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from ckpt_analysis.errors import DataError
 from ckpt_analysis.tasks import addition
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
@@ -51,6 +53,17 @@ class EvalData:
         """(sequence, position) of every analysed (scored) token, in row-major order."""
         seq, pos = np.nonzero(self.score_mask)
         return seq.astype(np.int64), pos.astype(np.int64)
+
+    def batches(self, size: int, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(input_ids, attention_mask, score_mask)`` tensors, ``size`` sequences at a time."""
+        import torch
+
+        for start in range(0, self.input_ids.shape[0], size):
+            part = slice(start, start + size)
+            yield tuple(
+                torch.from_numpy(a[part]).to(device)
+                for a in (self.input_ids, self.attention_mask, self.score_mask)
+            )
 
     def head(self, sequences: int) -> EvalData:
         """The first ``sequences`` sequences (e.g. a Hessian sample)."""

@@ -71,11 +71,7 @@ def directional_derivatives(
         stack.enter_context(differentiable_attention(model))
         if second:
             stack.enter_context(_plain_layer_norms(model))
-        for start in range(0, data.input_ids.shape[0], batch_size):
-            batch = tuple(
-                torch.from_numpy(a[start : start + batch_size]).to(directions.device)
-                for a in (data.input_ids, data.attention_mask, data.score_mask)
-            )
+        for batch in data.batches(batch_size, directions.device):
             loss_of = _loss_function(model, base, batch)
             rows = [_derivatives(loss_of, primal, layout.unflatten(d), second) for d in directions]
             losses.append(rows[0][0])

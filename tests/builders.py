@@ -137,3 +137,30 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
             return scored_token_losses(call, *batch).mean()  # type: ignore[arg-type]
 
     return torch.autograd.functional.hessian(loss, flat)  # type: ignore[return-value]
+
+
+def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float = 120.0) -> int:
+    """Run ``ckpt-analysis run`` in a subprocess, SIGKILL it once ``after_done`` units are done.
+
+    Returns how many units were done when it died.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ckpt_analysis.store import done_flags
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt_analysis", "run", str(job_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, done = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and done < after_done:
+        time.sleep(0.02)
+        if (store / "zarr.json").exists():
+            done = int(done_flags(store).sum())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int(done_flags(store).sum())

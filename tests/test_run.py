@@ -1,16 +1,14 @@
 """Execution: Dask and in-process runs agree, failures are isolated, reruns resume, kills recover."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import build_local_run, job_dict, save_checkpoint, tiny_model, write_job
+from builders import build_local_run, job_dict, run_and_kill, save_checkpoint, tiny_model, write_job
 
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.execute import InProcessExecutor, Outcome, Task
@@ -95,18 +93,7 @@ def test_sigkill_mid_sweep_then_rerun_equals_an_uninterrupted_run(tmp_path: Path
     ref_job = job_from_dict(job_dict(run, tmp_path / "ref.zarr", data=data), base=tmp_path)
     run_job(ref_job)
     job_path = write_job(tmp_path / "job.toml", run, tmp_path / "k.zarr", data=data)
-    proc = subprocess.Popen(
-        [*CLI, "run", str(job_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    done = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and done < 3:
-        time.sleep(0.05)
-        if (tmp_path / "k.zarr" / "zarr.json").exists():
-            done = int(done_flags(tmp_path / "k.zarr").sum())
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_at_kill = int(done_flags(tmp_path / "k.zarr").sum())
+    done_at_kill = run_and_kill(job_path, tmp_path / "k.zarr", after_done=3)
     assert 3 <= done_at_kill < len(steps), "the kill must land mid-sweep"
     outcomes = run_job(load_job(job_path))
     assert sum(o.status == "skipped" for o in outcomes) == done_at_kill

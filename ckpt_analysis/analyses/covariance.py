@@ -155,13 +155,8 @@ class Covariance(Analysis):
 
         batch = ctx.job.compute.batch_size
         with torch.inference_mode(), capture(model, sites, collect):
-            for start in range(0, data.input_ids.shape[0], batch):
-                part = slice(start, start + batch)
-                ids = torch.from_numpy(data.input_ids[part]).to(device)
-                attn = torch.from_numpy(data.attention_mask[part]).to(device)
-                rows = position_mask(
-                    torch.from_numpy(data.score_mask[part]).to(device), attn, self.params.positions
-                )
+            for ids, attn, score in data.batches(batch, device):
+                rows = position_mask(score, attn, self.params.positions)
                 model.base_model(input_ids=ids, attention_mask=attn)
                 outputs.clear()
         for layer in aliased:

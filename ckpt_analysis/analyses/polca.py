@@ -122,11 +122,7 @@ class TokenLoss(Analysis):
         device = next(model.parameters()).device
         parts = []
         with torch.no_grad():
-            for i in range(0, data.input_ids.shape[0], size):
-                batch = (
-                    torch.from_numpy(a[i : i + size]).to(device)
-                    for a in (data.input_ids, data.attention_mask, data.score_mask)
-                )
+            for batch in data.batches(size, device):
                 parts.append(scored_token_losses(model, *batch).float().cpu())
         return [Write("token_loss", (unit.checkpoint,), torch.cat(parts).numpy())]
 

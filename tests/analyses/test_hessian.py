@@ -1,22 +1,18 @@
 """Hessian analyses end to end, against the dense Hessian of each checkpoint (SPEC §8)."""
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import build_local_run, dense_hessian, job_dict, write_job
+from builders import build_local_run, dense_hessian, job_dict, run_and_kill, write_job
 from scipy.linalg import null_space
 
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import done_flags, open_results
+from ckpt_analysis.store import open_results
 
 SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 SOLVER = {"dtype": "float64", "tol": 1e-10, "max_iter": 400, "sample_sequences": 12}
@@ -110,19 +106,7 @@ def test_chain_resumes_after_a_kill_between_links(hessian_store, tmp_path: Path)
         analyses=chain,
         data={"num_examples": 24, "seed": 11},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckpt_analysis", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline, done = time.monotonic() + 120, 0
-    while time.monotonic() < deadline and done < 1:
-        time.sleep(0.02)
-        if (tmp_path / "k.zarr" / "zarr.json").exists():
-            done = int(done_flags(tmp_path / "k.zarr").sum())
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 1 <= int(done_flags(tmp_path / "k.zarr").sum()) < 3, "the kill must land between links"
+    assert 1 <= run_and_kill(path, tmp_path / "k.zarr", after_done=1) < 3, "the kill must land between links"
     run_job(load_job(path))
     np.testing.assert_array_equal(
         open_results(tmp_path / "k.zarr").basis_vectors.values, ds.basis_vectors.values
