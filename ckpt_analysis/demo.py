@@ -57,17 +57,20 @@ seed = 4321
 k = 1                       # one vector per basis checkpoint (paper: k = 1)
 every = {basis_every}       # basis checkpoints
 sample_sequences = 128
-random = false
-axis = 0
+random = true               # ablation: a random orthonormal basis of the same size
+axis = 50                   # LCA: unit vectors on the 50 largest |θ| at the final checkpoint
 
 [analyses.token_loss]
 
 [analyses.polca]
+bases = ["hessian", "random", "axis"]
 second_order = "none"       # best-conserving on this demo (docs/polca.md)
 
 [analyses.clusters]
-trajectories = ["polca", "exact_loss", "loss_change", "fisher"]
+trajectories = ["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"]
 label = "carry"
+restrict = "place"          # the paper's carry score: > 85 % of a cluster's carry tokens
+restrict_values = [1, 2]    # in the 10s or 100s place (the 1000s-place carry is trivial)
 lag = {lag}
 
 [compute]

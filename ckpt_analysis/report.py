@@ -16,6 +16,7 @@ class TrajectoryScores:
     trajectory: str
     clusters: int
     top_homogeneity: tuple[float, ...]
+    unrestricted: float
     recall: float
     f1: float
     hidden_fraction: float
@@ -26,14 +27,16 @@ def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
     rows = []
     for trajectory in ds.trajectory.values.tolist():
         part = ds.sel(trajectory=trajectory)
-        homogeneity = part.cluster_homogeneity.values
+        raw = part.cluster_homogeneity.values
+        homogeneity = np.where(part.cluster_scored.values == 1, raw, np.nan)
         found = np.isfinite(homogeneity)
         best = np.unravel_index(np.nanargmax(np.where(found, homogeneity, -1)), homogeneity.shape)
         rows.append(
             TrajectoryScores(
                 trajectory=str(trajectory),
-                clusters=int(found.sum()),
+                clusters=int(np.isfinite(raw).sum()),
                 top_homogeneity=tuple(float(x) for x in part.cluster_top_homogeneity.values),
+                unrestricted=float(np.nanmax(raw)) if np.isfinite(raw).any() else float("nan"),
                 recall=float(part.cluster_recall.values[best]) if found.any() else float("nan"),
                 f1=float(part.cluster_f1.values[best]) if found.any() else float("nan"),
                 hidden_fraction=float(part.cluster_hidden_fraction),

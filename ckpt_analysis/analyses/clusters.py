@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 
+from ckpt_analysis.analyses.polca import Polca, suffix
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import (
     Analysis,
@@ -19,7 +20,9 @@ from ckpt_analysis.registry import (
     register,
 )
 
-Trajectory = Literal["polca", "exact_loss", "loss_change", "fisher"]
+Trajectory = Literal["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"]
+PROJECTED = {"polca": "hessian", "polca_random": "random", "polca_axis": "axis", "fisher": "hessian"}
+"""Trajectory types read from POLCA outputs, and the basis each needs (``polca_axis`` is LCA)."""
 FILTERED, OUTLIER = -2, -1
 TOP = 3
 
@@ -87,6 +90,15 @@ def label_scores(labels: np.ndarray, has_label: np.ndarray, cluster: int) -> tup
     return homogeneity, recall, f1
 
 
+def passes_restriction(
+    members: np.ndarray, has_label: np.ndarray, allowed: np.ndarray, fraction: float
+) -> bool:
+    """SPEC §5.4 (paper protocol): a cluster is scored only if more than ``fraction`` of its labelled
+    tokens are ``allowed`` (for carry: in the 10s or 100s place; the 1000s carry is trivial)."""
+    labelled = members & has_label
+    return bool(labelled.any() and allowed[labelled].mean() > fraction)
+
+
 def medoid(curves: np.ndarray, members: np.ndarray) -> int:
     """Index (into ``curves``) of the member with the least total distance to the others."""
     idx = np.nonzero(members)[0]
@@ -109,6 +121,9 @@ class ClusterParams:
     tau: float | None = None
     label: str | None = None
     label_value: int = 1
+    restrict: str | None = None
+    restrict_values: list[int] = field(default_factory=lambda: [1, 2])
+    restrict_fraction: float = 0.85
     max_clusters: int = 20
 
 
@@ -124,13 +139,20 @@ class Clusters(Analysis):
         return ("token_loss", "polca") if self._projected() else ("token_loss",)
 
     def _projected(self) -> bool:
-        return bool({"polca", "fisher"} & set(self.params.trajectories))
+        return bool(set(PROJECTED) & set(self.params.trajectories))
 
     def _vectors(self, ctx: PlanContext) -> int:
+        """Size of the ``cluster_vector`` dimension: the largest basis clustered (1 without POLCA)."""
         if not self._projected():
             return 1
         polca = get_analysis("polca").from_spec(ctx.job.analyses["polca"])
-        return next(v.shape[1] for v in polca.variables(ctx) if v.name == "polca")
+        assert isinstance(polca, Polca)
+        sizes = polca.sizes(ctx)
+        needed = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
+        absent = sorted(needed - set(sizes))
+        if absent:
+            raise JobSpecError(f"analyses.clusters needs analyses.polca.bases to include {absent}")
+        return max(sizes[b][1] for b in needed)
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         return {
@@ -192,12 +214,22 @@ class Clusters(Analysis):
             out += [Variable(f"cluster_{s}", *per_cluster) for s in ("homogeneity", "recall", "f1")]
             out.append(
                 Variable(
+                    "cluster_scored",
+                    *per_cluster[:2],
+                    "int8",
+                    (1, v, m),
+                    fill=-1,
+                    doc="1 if the cluster passes the restriction (always 1 without one)",
+                )
+            )
+            out.append(
+                Variable(
                     "cluster_top_homogeneity",
                     ("trajectory", "rank"),
                     (r, TOP),
                     "float64",
                     (1, TOP),
-                    doc="best cluster per vector, top 3 across vectors",
+                    doc="best scored cluster per vector, top 3 across vectors",
                 )
             )
         return out
@@ -221,10 +253,15 @@ class Clusters(Analysis):
         curve_steps = steps[1:] if unit.key == "loss_change" else steps
         lag = self._lag(steps)
         has_label = self._has_label(ctx)
+        allowed = None
+        if self.params.restrict:
+            allowed = np.isin(ctx.read(f"label_{self.params.restrict}"), self.params.restrict_values)
         results = [
-            self._cluster(c, k, curve_steps, lag, tau, has_label) for c, k in zip(sets, kept, strict=True)
+            self._cluster(c, k, curve_steps, lag, tau, has_label, allowed)
+            for c, k in zip(sets, kept, strict=True)
         ]
-        vectors = len(ctx.read("basis_kept")) if self._projected() else 1
+        used = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
+        vectors = max((len(ctx.read(f"basis_kept{suffix(b)}")) for b in used), default=1)
         return self._writes(row, results, tau, vectors)
 
     def _trajectories(self, kind: str, ctx: UnitContext, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +272,9 @@ class Clusters(Analysis):
         if kind == "fisher":
             fisher = ctx.read("proj_grad").astype(np.float64) ** 2  # SPEC §5.3 baseline: P[t,b,x]²
             return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
-        projected = ctx.read("projected_loss").astype(np.float64)  # (C, K, N)
-        return projected.transpose(1, 2, 0), ctx.read("token_kept") == 1
+        x = suffix(PROJECTED[kind])
+        projected = ctx.read(f"projected_loss{x}").astype(np.float64)  # (C, K, N)
+        return projected.transpose(1, 2, 0), ctx.read(f"token_kept{x}") == 1
 
     def _has_label(self, ctx: UnitContext) -> np.ndarray | None:
         if not self.params.label:
@@ -251,6 +289,7 @@ class Clusters(Analysis):
         lag: int,
         tau: float,
         has_label: np.ndarray | None,
+        allowed: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         labels = np.full(len(curves), FILTERED)
         if kept.sum() >= 3:
@@ -266,7 +305,7 @@ class Clusters(Analysis):
             "labels": labels,
             **{
                 k: np.full(m, np.nan)
-                for k in ("breakthrough", "paper", "hidden", "homogeneity", "recall", "f1")
+                for k in ("breakthrough", "paper", "hidden", "homogeneity", "recall", "f1", "scored")
             },
             "size": np.full(m, -1),
             "medoid": np.full(m, -1),
@@ -281,6 +320,9 @@ class Clusters(Analysis):
             if has_label is not None:
                 scores = label_scores(labels, has_label, cluster)
                 out["homogeneity"][cluster], out["recall"][cluster], out["f1"][cluster] = scores
+                out["scored"][cluster] = allowed is None or passes_restriction(
+                    members, has_label, allowed, self.params.restrict_fraction
+                )
         return out
 
     def _writes(
@@ -307,10 +349,12 @@ class Clusters(Analysis):
             ),
         ]
         if self.params.label:
-            homogeneity = stack("homogeneity", np.nan)
+            scored = stack("scored", np.nan)
+            homogeneity = np.where(scored == 1, stack("homogeneity", np.nan), np.nan)
             writes += [
                 Write(f"cluster_{s}", (row,), stack(s, np.nan)) for s in ("homogeneity", "recall", "f1")
             ]
+            writes.append(Write("cluster_scored", (row,), np.nan_to_num(scored, nan=-1).astype(np.int8)))
             best = np.array([np.nanmax(h) if np.isfinite(h).any() else np.nan for h in homogeneity])
             finite = np.sort(best[np.isfinite(best)])[::-1][:TOP]
             top = np.full(TOP, np.nan)

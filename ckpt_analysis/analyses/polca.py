@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -127,11 +127,19 @@ class TokenLoss(Analysis):
         return [Write("token_loss", (unit.checkpoint,), torch.cat(parts).numpy())]
 
 
+Basis = Literal["hessian", "random", "axis"]
+
+
+def suffix(basis: str) -> str:
+    """Variable-name suffix of a basis: ``""`` for the Hessian basis, ``"_random"``, ``"_axis"``."""
+    return "" if basis == "hessian" else f"_{basis}"
+
+
 @dataclass(frozen=True)
 class PolcaParams:
     """``[analyses.polca]`` options."""
 
-    basis: Literal["hessian", "random", "axis"] = "hessian"
+    bases: list[Basis] = field(default_factory=lambda: ["hessian"])
     second_order: SecondOrder = "none"
     measure_all_variants: bool = False
     dtype: Literal["float32", "float64"] = "float32"
@@ -141,56 +149,64 @@ class PolcaParams:
 class Polca(Analysis):
     """Projections P, c (forward mode) and D per checkpoint, then POLCA terms in a finalize unit.
 
-    Needs ``[analyses.hessian_basis]`` (the basis and its parameter layout) and
-    ``[analyses.token_loss]`` (for the conservation residual) in the same job.
+    Every basis in ``bases`` goes through the same pipeline; its variables carry its suffix
+    (``projected_loss``, ``projected_loss_random``, ``projected_loss_axis`` — the last is LCA when
+    ``second_order = "none"``). Needs ``[analyses.hessian_basis]`` (the bases and the parameter
+    layout) and ``[analyses.token_loss]`` (for the conservation residual).
     """
 
     name = "polca"
     Params = PolcaParams
     params: PolcaParams
 
+    def requires(self) -> tuple[str, ...]:
+        return ("hessian_basis", "token_loss")
+
     def _needs(self) -> tuple[bool, bool]:
         """Whether units compute c (exact) and midpoint projections (simpson)."""
         every = self.params.measure_all_variants
         return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
 
-    def requires(self) -> tuple[str, ...]:
-        return ("hessian_basis", "token_loss")
-
-    def _basis(self, ctx: PlanContext | UnitContext) -> tuple[str, str, list[str]]:
+    def _check(self, ctx: PlanContext | UnitContext) -> list[str]:
+        """Validate the bases against hessian_basis; return its parameter patterns."""
         table = ctx.job.analyses["hessian_basis"]
-        if self.params.basis == "random" and not table.get("random", True):
-            raise JobSpecError("analyses.polca.basis = 'random' needs hessian_basis.random = true")
-        if self.params.basis == "axis" and not table.get("axis", 50):
-            raise JobSpecError("analyses.polca.basis = 'axis' needs hessian_basis.axis > 0")
-        if self.params.second_order == "paper" and self.params.basis != "hessian":
-            raise JobSpecError("second_order = 'paper' needs Ritz values: use basis = 'hessian'")
-        variable, dim = BASIS_VARIABLES[self.params.basis]
-        return variable, dim, list(table.get("params", ["*"]))
+        if not self.params.bases or len(set(self.params.bases)) != len(self.params.bases):
+            raise JobSpecError("analyses.polca.bases must list distinct bases: 'hessian', 'random', 'axis'")
+        if "random" in self.params.bases and not table.get("random", True):
+            raise JobSpecError("analyses.polca.bases has 'random' but hessian_basis.random = false")
+        if "axis" in self.params.bases and not table.get("axis", 50):
+            raise JobSpecError("analyses.polca.bases has 'axis' but hessian_basis.axis = 0")
+        if self.params.second_order == "paper" and self.params.bases != ["hessian"]:
+            raise JobSpecError("second_order = 'paper' needs Ritz values: use bases = ['hessian']")
+        return list(table.get("params", ["*"]))
 
-    def _size(self, ctx: PlanContext) -> int:
-        basis = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
-        dim = self._basis(ctx)[1]
-        return int(basis.coords(ctx)[dim].size)
+    def sizes(self, ctx: PlanContext) -> dict[str, tuple[str, int]]:
+        """Per basis: its dimension name and number of vectors."""
+        coords = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"]).coords(ctx)
+        dims = {b: BASIS_VARIABLES[b][1] for b in self.params.bases}
+        return {b: (dim, int(coords[dim].size)) for b, dim in dims.items()}
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        _, dim, _ = self._basis(ctx)
-        s, k, n = len(ctx.checkpoints), self._size(ctx), ctx.num_tokens
-        if s < 2:
+        self._check(ctx)
+        if len(ctx.checkpoints) < 2:
             raise JobSpecError("analyses.polca needs at least two checkpoints")
+        return [v for b, (dim, k) in self.sizes(ctx).items() for v in self._basis_variables(ctx, b, dim, k)]
+
+    def _basis_variables(self, ctx: PlanContext, basis: str, dim: str, k: int) -> list[Variable]:
+        s, n, x = len(ctx.checkpoints), ctx.num_tokens, suffix(basis)
         grid = (("step", dim, "token"), (s, k, n), "float32", (1, k, n))
         curv, mid = self._needs()
         out = [
-            Variable("proj_grad", *grid, doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
+            Variable(f"proj_grad{x}", *grid, doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
             Variable(
-                "step_proj", ("step", dim), (s, k), "float64", (1, k), doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"
+                f"step_proj{x}", ("step", dim), (s, k), "float64", (1, k), doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"
             ),
-            Variable("polca_first", *grid, doc="first-order term P·D"),
-            Variable("polca_second", *grid, doc="second-order term of the chosen variant"),
-            Variable("polca", *grid, doc="POLCA[t,b,x] of the chosen variant"),
-            Variable("projected_loss", *grid, doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
+            Variable(f"polca_first{x}", *grid, doc="first-order term P·D"),
+            Variable(f"polca_second{x}", *grid, doc="second-order term of the chosen variant"),
+            Variable(f"polca{x}", *grid, doc="POLCA[t,b,x] of the chosen variant"),
+            Variable(f"projected_loss{x}", *grid, doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
             Variable(
-                "polca_residual",
+                f"polca_residual{x}",
                 ("step", "token"),
                 (s, n),
                 "float32",
@@ -198,7 +214,7 @@ class Polca(Analysis):
                 doc="ℓ(θ_{t+1}) − ℓ(θ_t) − Σ_b POLCA",
             ),
             Variable(
-                "polca_explained_token",
+                f"polca_explained_token{x}",
                 ("token",),
                 (n,),
                 "float32",
@@ -206,7 +222,7 @@ class Polca(Analysis):
                 doc="fraction of each token's loss change the basis explains",
             ),
             Variable(
-                "polca_explained",
+                f"polca_explained{x}",
                 ("variant",),
                 (len(VARIANTS),),
                 "float64",
@@ -214,7 +230,7 @@ class Polca(Analysis):
                 doc="fraction of the aggregate loss change explained, per variant (NaN: not computed)",
             ),
             Variable(
-                "polca_paper_guarded",
+                f"polca_paper_guarded{x}",
                 (dim,),
                 (k,),
                 "int64",
@@ -222,13 +238,15 @@ class Polca(Analysis):
                 fill=-1,
                 doc="paper variant: step pairs with |ΔḠ| ≤ 1e-12 (term set to 0)",
             ),
-            Variable("basis_kept", (dim,), (k,), "int8", (k,), fill=-1, doc="mean L_b(x, end) < 0"),
-            Variable("token_kept", (dim, "token"), (k, n), "int8", (1, n), fill=-1, doc="L_b(x, end) ≤ 0"),
+            Variable(f"basis_kept{x}", (dim,), (k,), "int8", (k,), fill=-1, doc="mean L_b(x, end) < 0"),
+            Variable(
+                f"token_kept{x}", (dim, "token"), (k, n), "int8", (1, n), fill=-1, doc="L_b(x, end) ≤ 0"
+            ),
         ]
         if curv:
-            out.append(Variable("proj_curv", *grid, doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
+            out.append(Variable(f"proj_curv{x}", *grid, doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
         if mid:
-            out.append(Variable("proj_grad_mid", *grid, doc="P at θ_t + ½Δθ_t (last step: unused)"))
+            out.append(Variable(f"proj_grad_mid{x}", *grid, doc="P at θ_t + ½Δθ_t (last step: unused)"))
         return out
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
@@ -237,75 +255,84 @@ class Polca(Analysis):
     def units(self, ctx: PlanContext) -> list[Unit]:
         basis = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
         deps = tuple(u.id for u in basis.units(ctx))
-        steps = super().units(ctx)
-        per_step = [Unit(u.analysis, u.key, u.checkpoint, deps) for u in steps]
+        per_step = [Unit(u.analysis, u.key, u.checkpoint, deps) for u in super().units(ctx)]
         losses = tuple(u.id for u in get_analysis("token_loss").from_spec({}).units(ctx))
         return [*per_step, Unit(self.name, "finalize", None, (*(u.id for u in per_step), *losses))]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         if unit.checkpoint is None:
-            return self._finalize(ctx)
+            return [w for b in self.params.bases for w in self._finalize(ctx, b)]
         return self._project(ctx, unit.checkpoint)
 
     def _project(self, ctx: UnitContext, t: int) -> list[Write]:
-        variable, _, patterns = self._basis(ctx)
+        patterns = self._check(ctx)
         curv, mid = self._needs()
         last = t + 1 == len(ctx.checkpoints)
         following = None if last else as_dtype(ctx.load_model(t + 1), self.params.dtype)
         layout = ParamLayout.from_model(following or ctx.load_model(t), patterns)
         theta_next = None if following is None else layout.flatten(following)
         model = as_dtype(ctx.load_model(t), self.params.dtype)  # the cache now holds θ_t
-        basis = torch.from_numpy(ctx.read(variable)).to(next(model.parameters()))
+        theta = layout.flatten(model)
         batch = ctx.job.compute.batch_size
-        here = directional_derivatives(model, layout, ctx.eval_data, basis, batch_size=batch, second=curv)
-        writes = [Write("proj_grad", (t,), here.first.cpu().numpy())]
-        if here.second is not None:
-            writes.append(Write("proj_curv", (t,), here.second.cpu().numpy()))
-        if theta_next is not None:
-            theta = layout.flatten(model)
+        writes = []
+        for name in self.params.bases:
+            x = suffix(name)
+            basis = torch.from_numpy(ctx.read(BASIS_VARIABLES[name][0])).to(theta)
+            here = directional_derivatives(model, layout, ctx.eval_data, basis, batch_size=batch, second=curv)
+            writes.append(Write(f"proj_grad{x}", (t,), here.first.cpu().numpy()))
+            if here.second is not None:
+                writes.append(Write(f"proj_curv{x}", (t,), here.second.cpu().numpy()))
+            if theta_next is None:
+                continue
             step = theta_next - theta
-            writes.append(Write("step_proj", (t,), (basis @ step).cpu().numpy()))
+            writes.append(Write(f"step_proj{x}", (t,), (basis @ step).cpu().numpy()))
             if mid:
-                midpoint = layout.unflatten(theta + 0.5 * step)
                 at_mid = directional_derivatives(
-                    model, layout, ctx.eval_data, basis, batch_size=batch, params=midpoint
+                    model,
+                    layout,
+                    ctx.eval_data,
+                    basis,
+                    batch_size=batch,
+                    params=layout.unflatten(theta + 0.5 * step),
                 )
-                writes.append(Write("proj_grad_mid", (t,), at_mid.first.cpu().numpy()))
+                writes.append(Write(f"proj_grad_mid{x}", (t,), at_mid.first.cpu().numpy()))
         return writes
 
-    def _finalize(self, ctx: UnitContext) -> list[Write]:
+    def _finalize(self, ctx: UnitContext, basis: str) -> list[Write]:
         curv, mid = self._needs()
-        p = ctx.read("proj_grad").astype(np.float64)
-        d = ctx.read("step_proj")[:-1]
+        x = suffix(basis)
+        p = ctx.read(f"proj_grad{x}").astype(np.float64)
+        d = ctx.read(f"step_proj{x}")[:-1]
         loss = ctx.read("token_loss").astype(np.float64)
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
-        paper, guarded = second_order_paper(p, d, ctx.read("basis_eigval"))
-        if self.params.basis == "hessian":
+        guarded = np.zeros(p.shape[1], dtype=np.int64)
+        if basis == "hessian":
+            paper, guarded = second_order_paper(p, d, ctx.read("basis_eigval"))
             totals["paper"] = first + paper
         if curv:
-            totals["exact"] = first + second_order_exact(ctx.read("proj_curv").astype(np.float64), d)
+            totals["exact"] = first + second_order_exact(ctx.read(f"proj_curv{x}").astype(np.float64), d)
         if mid:
-            totals["simpson"] = simpson_total(p, ctx.read("proj_grad_mid")[:-1].astype(np.float64), d)
+            totals["simpson"] = simpson_total(p, ctx.read(f"proj_grad_mid{x}")[:-1].astype(np.float64), d)
         chosen = totals[self.params.second_order]
         projected = projected_loss(chosen)
         per_token, _ = explained_fraction(loss, chosen)
         kept, tokens = filters(projected)
         explained = [explained_fraction(loss, totals[v])[1] if v in totals else np.nan for v in VARIANTS]
 
-        def padded(x: np.ndarray) -> np.ndarray:  # step pairs → steps (last step NaN)
-            return np.concatenate([x, np.full((1, *x.shape[1:]), np.nan)]).astype(np.float32)
+        def padded(values: np.ndarray) -> np.ndarray:  # step pairs → steps (last step NaN)
+            return np.concatenate([values, np.full((1, *values.shape[1:]), np.nan)]).astype(np.float32)
 
         everything = (slice(None),)
         return [
-            Write("polca_first", everything, padded(first)),
-            Write("polca_second", everything, padded(chosen - first)),
-            Write("polca", everything, padded(chosen)),
-            Write("projected_loss", everything, projected.astype(np.float32)),
-            Write("polca_residual", everything, padded(conservation_residual(loss, chosen))),
-            Write("polca_explained_token", everything, per_token.astype(np.float32)),
-            Write("polca_explained", everything, np.array(explained)),
-            Write("polca_paper_guarded", everything, guarded),
-            Write("basis_kept", everything, kept.astype(np.int8)),
-            Write("token_kept", everything, tokens.astype(np.int8)),
+            Write(f"polca_first{x}", everything, padded(first)),
+            Write(f"polca_second{x}", everything, padded(chosen - first)),
+            Write(f"polca{x}", everything, padded(chosen)),
+            Write(f"projected_loss{x}", everything, projected.astype(np.float32)),
+            Write(f"polca_residual{x}", everything, padded(conservation_residual(loss, chosen))),
+            Write(f"polca_explained_token{x}", everything, per_token.astype(np.float32)),
+            Write(f"polca_explained{x}", everything, np.array(explained)),
+            Write(f"polca_paper_guarded{x}", everything, guarded),
+            Write(f"basis_kept{x}", everything, kept.astype(np.int8)),
+            Write(f"token_kept{x}", everything, tokens.astype(np.int8)),
         ]

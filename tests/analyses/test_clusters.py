@@ -80,11 +80,11 @@ SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
     run = build_local_run(tmp_path / "run", list(range(0, 200, 20)), seed=3, **SMALL)
     analyses = {
-        "hessian_basis": {"k": 1, "every": 60, "random": False, "axis": 0, "sample_sequences": 8},
+        "hessian_basis": {"k": 1, "every": 60, "axis": 6, "sample_sequences": 8},
         "token_loss": {},
-        "polca": {"second_order": "trapezoid"},
+        "polca": {"bases": ["hessian", "random", "axis"], "second_order": "trapezoid"},
         "clusters": {
-            "trajectories": ["polca", "exact_loss", "loss_change", "fisher"],
+            "trajectories": ["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"],
             "label": "carry",
             "lag": 40,
         },
@@ -98,7 +98,9 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
     assert (labels[1:] == -3).all() and (labels[0] >= -1).all()  # exact loss: one clustering of all tokens
     polca = ds.cluster_label.sel(trajectory="polca").values
     dropped = ds.token_kept.values == 0
-    assert (polca[dropped] == -2).all()
+    assert (polca[: len(dropped)][dropped] == -2).all()
+    lca = ds.cluster_label.sel(trajectory="polca_axis").values
+    assert lca.shape[0] == 6 and (lca[ds.token_kept_axis.values == 0] == -2).all()  # 6 axis vectors
     sizes = ds.cluster_size.sel(trajectory="exact_loss").values[0]
     assert sizes[sizes > 0].sum() == (labels[0] >= 0).sum()
     assert float(ds.cluster_tau.sel(trajectory="polca")) == float(ds.cluster_tau.sel(trajectory="exact_loss"))
@@ -144,3 +146,13 @@ def test_a_lag_longer_than_the_trajectories_is_a_plan_time_error(tmp_path: Path)
     ):
         prepare_store(job_from_dict(raw, base=tmp_path), force=False)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_the_paper_restriction_scores_only_clusters_of_non_trivial_carries() -> None:
+    from ckpt_analysis.analyses.clusters import passes_restriction
+
+    carry = np.array([1, 1, 1, 1, 0, 1], dtype=bool)
+    tens_or_hundreds = np.array([True, True, True, True, True, False])  # token 5: a 1000s carry
+    assert passes_restriction(np.array([1, 1, 1, 1, 1, 0], dtype=bool), carry, tens_or_hundreds, 0.85)
+    assert not passes_restriction(np.array([1, 1, 0, 0, 1, 1], dtype=bool), carry, tens_or_hundreds, 0.85)
+    assert not passes_restriction(np.array([0, 0, 0, 0, 1, 0], dtype=bool), carry, tens_or_hundreds, 0.85)

@@ -95,7 +95,11 @@ def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     analyses = {
         "hessian_basis": {"k": 2, "every": 10, "axis": 4, "sample_sequences": 8, "tol": 1e-6},
         "token_loss": {},
-        "polca": {"second_order": "trapezoid", "measure_all_variants": True},
+        "polca": {
+            "bases": ["hessian", "random", "axis"],
+            "second_order": "trapezoid",
+            "measure_all_variants": True,
+        },
     }
     job = job_from_dict(
         job_dict(run, root / "p.zarr", analyses=analyses, data={"num_examples": 16}), base=root
@@ -151,3 +155,23 @@ def test_every_variant_is_measured_and_filters_are_consistent(polca_store) -> No
     np.testing.assert_array_equal(ds.basis_kept.values == 1, end.mean(axis=1) < 0)
     np.testing.assert_array_equal(ds.token_kept.values == 1, (end.mean(axis=1) < 0)[:, None] & (end <= 0))
     assert ds.proj_curv.shape == ds.proj_grad.shape and np.isfinite(ds.proj_grad_mid.values[:3]).all()
+
+
+def test_random_and_axis_bases_run_through_the_same_pipeline(polca_store) -> None:  # type: ignore[no-untyped-def]
+    job, ds = polca_store
+    source = CheckpointSource.from_spec(job.checkpoints)
+    models = [source.load(c) for c in source.checkpoints()]
+    layout = ParamLayout.from_model(models[0], ["*"])
+    index = ds.basis_axis_param.values
+    for t in range(3):
+        step = (layout.flatten(models[t + 1]) - layout.flatten(models[t])).numpy()
+        np.testing.assert_allclose(
+            ds.step_proj_axis.values[t], step[index], rtol=1e-5, atol=1e-8
+        )  # LCA: Δθ_i
+    assert ds.projected_loss_axis.dims == ("step", "basis_axis", "token")
+    assert ds.projected_loss_random.shape == ds.projected_loss.shape
+    explained = ds.polca_explained_random.to_series()
+    assert (
+        np.isnan(explained["paper"])
+        and np.isfinite(explained[["none", "exact", "trapezoid", "simpson"]]).all()
+    )
