@@ -27,7 +27,11 @@ def plain_causal_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q kᵀ · scaling + mask) v`` with a causal mask, in the dtype of ``query``."""
+    """``softmax(q kᵀ · scaling + mask) v`` with a causal mask, in the dtype of ``query``.
+
+    ``dropout`` belongs to transformers' attention-function signature and is ignored: every
+    analysis runs its model in eval mode.
+    """
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     q_len, k_len = scores.shape[-2:]

@@ -125,14 +125,14 @@ def lanczos(
 def hutchinson(
     matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0
 ) -> tuple[float, float]:
-    """Hutchinson's trace estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error."""
+    """Hutchinson's trace estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error (SPEC §5.2)."""
     gen = _generator(seed)
     samples = np.array([float(z @ matvec(z)) for z in _rademacher((probes, n), gen, like)])
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(probes))
 
 
 def hutchpp(matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """Hutch++ (Meyer et al. 2021) with ``probes`` matvecs in all, and its standard error.
+    """Hutch++ (Meyer et al. 2021) with ``probes`` matvecs in all, and its standard error (SPEC §5.2).
 
     A third of the budget sketches the top range Q of A exactly (``tr QᵀAQ``); the last third runs
     Hutchinson on (I − QQᵀ)A(I − QQᵀ), whose sample spread gives the standard error.
@@ -151,7 +151,7 @@ def hutchpp(matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: in
 def slq(
     matvec: Matvec, n: int, probes: int, steps: int, *, like: torch.Tensor, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stochastic Lanczos quadrature: per probe, up to ``steps`` Ritz nodes and their weights.
+    """Stochastic Lanczos quadrature (SPEC §5.2): per probe, up to ``steps`` Ritz nodes and weights.
 
     The spectral density is ``(1/probes) Σ_probe Σ_i weight_i δ(x − node_i)``; the weights of one
     probe sum to 1 (squared first components of the tridiagonal's eigenvectors). A probe whose run
