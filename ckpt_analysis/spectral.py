@@ -125,7 +125,7 @@ def lanczos(
 def hutchinson(
     matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0
 ) -> tuple[float, float]:
-    """Hutchinson's trace estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error (SPEC §5.2)."""
+    """Hutchinson's estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error (SPEC §5.2)."""
     gen = _generator(seed)
     samples = np.array([float(z @ matvec(z)) for z in _rademacher((probes, n), gen, like)])
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(probes))
