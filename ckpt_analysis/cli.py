@@ -160,6 +160,37 @@ def show(store: StoreArg) -> None:
 
 
 @app.command()
+def clusters(
+    store: StoreArg,
+    trajectory: Annotated[
+        str, typer.Option(help="polca, polca_random, polca_axis, exact_loss, loss_change, fisher")
+    ] = "polca",
+    vector: Annotated[int | None, typer.Option(help="Basis vector (default: the best-scoring one).")] = None,
+    nearest: Annotated[int, typer.Option(help="Tokens shown per cluster, nearest its medoid first.")] = 5,
+) -> None:
+    """Read a vector's clusters: size, breakthrough step, hidden flag, label homogeneity, and the
+    tokens nearest each cluster's medoid in context (``context⟨token⟩``)."""
+    from ckpt_analysis.report import cluster_examples
+    from ckpt_analysis.store import open_results
+
+    try:
+        ds = open_results(store)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    if "cluster_label" not in ds or trajectory not in ds.trajectory.values.tolist():
+        found = ds.trajectory.values.tolist() if "trajectory" in ds else []
+        raise _fail(CkptAnalysisError(f"{store} has no {trajectory!r} clusters; it has: {found or 'none'}"))
+    for c in cluster_examples(ds, trajectory, vector=vector, nearest=nearest):
+        hidden = " [hidden breakthrough]" if c.hidden else ""
+        out.print(
+            f"[bold]vector {c.vector} cluster {c.cluster}[/]: {c.size} tokens, breakthrough at step "
+            f"{c.breakthrough:.0f}{hidden}, label homogeneity {c.homogeneity:.2f}"
+        )
+        for example in c.examples:
+            out.print(f"    {escape(example)}", highlight=False)
+
+
+@app.command()
 def prefetch(job: JobArg) -> None:
     """Download a job's Hub revisions into its cache_dir for a later offline run.
 

@@ -84,3 +84,52 @@ def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class ClusterExample:
+    """One cluster, for reading: its numbers and the tokens nearest its medoid, in context."""
+
+    vector: int
+    cluster: int
+    size: int
+    breakthrough: float
+    hidden: bool
+    homogeneity: float
+    examples: list[str]
+
+
+def cluster_examples(
+    ds: xr.Dataset, trajectory: str, *, vector: int | None = None, nearest: int = 5
+) -> list[ClusterExample]:
+    """Each cluster of one vector (default: the one with the most homogeneous scored cluster, else
+    the one with most clusters) with the ``nearest`` tokens to its medoid as ``context⟨token⟩``."""
+    from ckpt_analysis.analyses.clusters import nearest_to_medoid, trajectory_curves
+
+    part = ds.sel(trajectory=trajectory)
+    labels = part.cluster_label.values
+    if vector is None:
+        score = part.cluster_homogeneity.values if "cluster_homogeneity" in part else None
+        if score is not None and np.isfinite(score).any():
+            vector = int(np.nanargmax(np.nanmax(np.where(np.isfinite(score), score, -1), axis=1)))
+        else:
+            vector = int(np.argmax(labels.max(axis=1)))
+    curves, _ = trajectory_curves(trajectory, lambda name: ds[name].values)
+    context, text = ds.token_context.values, ds.token_text.values
+    homogeneity = part.cluster_homogeneity.values[vector] if "cluster_homogeneity" in part else None
+    out = []
+    for c in range(int(labels[vector].max()) + 1):
+        members = labels[vector] == c
+        tokens = nearest_to_medoid(curves[vector], members, nearest)
+        out.append(
+            ClusterExample(
+                vector=vector,
+                cluster=c,
+                size=int(members.sum()),
+                breakthrough=float(part.cluster_breakthrough.values[vector, c]),
+                hidden=bool(part.cluster_hidden.values[vector, c] == 1),
+                homogeneity=float("nan") if homogeneity is None else float(homogeneity[c]),
+                examples=[f"{context[i]}⟨{text[i]}⟩" for i in tokens],
+            )
+        )
+    return out

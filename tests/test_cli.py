@@ -122,7 +122,7 @@ def test_output_of_another_job_is_refused(run_dir: Path, tmp_path: Path) -> None
 
 def test_help_teaches_every_command() -> None:
     result = cli("--help")
-    for command in ("run", "plan", "status", "show", "prefetch", "demo"):
+    for command in ("run", "plan", "status", "show", "clusters", "prefetch", "demo"):
         assert command in result.stdout
     assert "--shard" in cli("run", "--help").stdout
 
@@ -170,3 +170,7 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
         status = cli("status", tmp_path / store).stdout
         assert status.endswith("0 failed, 0 running, 0 missing"), status
     assert all(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
+    shown = cli("clusters", tmp_path / "polca.zarr", "--trajectory", "exact_loss", "--nearest", "2")
+    assert shown.returncode == 0 and "vector 0 cluster 0" in shown.stdout and "⟨" in shown.stdout
+    missing = cli("clusters", tmp_path / "covariance.zarr")
+    assert missing.returncode == 2 and "has no 'polca' clusters" in missing.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,6 +106,28 @@ def medoid(curves: np.ndarray, members: np.ndarray) -> int:
     points = curves[idx]
     distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).sum(1)
     return int(idx[np.argmin(distance)])
+
+
+def trajectory_curves(kind: str, read: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The curves (vector, token, step) a trajectory type clusters, and which tokens are kept."""
+    loss = read("token_loss").astype(np.float64)
+    if kind == "exact_loss":
+        return loss.T[None], np.ones((1, loss.shape[1]), dtype=bool)
+    if kind == "loss_change":
+        return np.diff(loss, axis=0).T[None], np.ones((1, loss.shape[1]), dtype=bool)
+    if kind == "fisher":
+        fisher = read("proj_grad").astype(np.float64) ** 2  # SPEC §5.3 baseline: P[t,b,x]²
+        return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
+    x = suffix(PROJECTED[kind])
+    projected = read(f"projected_loss{x}").astype(np.float64)  # (C, K, N)
+    return projected.transpose(1, 2, 0), read(f"token_kept{x}") == 1
+
+
+def nearest_to_medoid(curves: np.ndarray, members: np.ndarray, count: int) -> np.ndarray:
+    """Token indices of the ``count`` members closest to the cluster medoid, medoid first."""
+    centre = curves[medoid(curves, members)]
+    idx = np.nonzero(members)[0]
+    return np.asarray(idx[np.argsort(np.sqrt(((curves[idx] - centre) ** 2).sum(-1)), kind="stable")[:count]])
 
 
 # --- the analysis ---
@@ -247,7 +270,7 @@ class Clusters(Analysis):
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         steps = np.array([c.step for c in ctx.checkpoints])
         loss = ctx.read("token_loss").astype(np.float64)  # (C, N)
-        sets, kept = self._trajectories(unit.key, ctx, loss)  # (V, N, C'), (V, N)
+        sets, kept = trajectory_curves(unit.key, ctx.read)  # (V, N, C'), (V, N)
         row = self.params.trajectories.index(unit.key)  # type: ignore[arg-type]
         tau = self.params.tau if self.params.tau is not None else default_tau(steps, loss.mean(axis=1))
         curve_steps = steps[1:] if unit.key == "loss_change" else steps
@@ -263,18 +286,6 @@ class Clusters(Analysis):
         used = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
         vectors = max((len(ctx.read(f"basis_kept{suffix(b)}")) for b in used), default=1)
         return self._writes(row, results, tau, vectors)
-
-    def _trajectories(self, kind: str, ctx: UnitContext, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if kind == "exact_loss":
-            return loss.T[None], np.ones((1, loss.shape[1]), dtype=bool)
-        if kind == "loss_change":
-            return np.diff(loss, axis=0).T[None], np.ones((1, loss.shape[1]), dtype=bool)
-        if kind == "fisher":
-            fisher = ctx.read("proj_grad").astype(np.float64) ** 2  # SPEC §5.3 baseline: P[t,b,x]²
-            return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
-        x = suffix(PROJECTED[kind])
-        projected = ctx.read(f"projected_loss{x}").astype(np.float64)  # (C, K, N)
-        return projected.transpose(1, 2, 0), ctx.read(f"token_kept{x}") == 1
 
     def _has_label(self, ctx: UnitContext) -> np.ndarray | None:
         if not self.params.label:

@@ -105,6 +105,14 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
     assert sizes[sizes > 0].sum() == (labels[0] >= 0).sum()
     assert float(ds.cluster_tau.sel(trajectory="polca")) == float(ds.cluster_tau.sel(trajectory="exact_loss"))
     homogeneity = ds.cluster_homogeneity.sel(trajectory="exact_loss").values[0]
+    from ckpt_analysis.report import cluster_examples
+
+    examples = cluster_examples(ds, "exact_loss", nearest=3)
+    medoids = ds.cluster_medoid.sel(trajectory="exact_loss").values[0]
+    for example in examples:
+        assert example.size == sizes[example.cluster] and 1 <= len(example.examples) <= 3
+        first = int(medoids[example.cluster])
+        assert example.examples[0] == f"{ds.token_context.values[first]}⟨{ds.token_text.values[first]}⟩"
     top = ds.cluster_top_homogeneity.sel(trajectory="exact_loss").values
     assert (
         top[0] == pytest.approx(np.nanmax(homogeneity))
@@ -156,3 +164,11 @@ def test_the_paper_restriction_scores_only_clusters_of_non_trivial_carries() -> 
     assert passes_restriction(np.array([1, 1, 1, 1, 1, 0], dtype=bool), carry, tens_or_hundreds, 0.85)
     assert not passes_restriction(np.array([1, 1, 0, 0, 1, 1], dtype=bool), carry, tens_or_hundreds, 0.85)
     assert not passes_restriction(np.array([0, 0, 0, 0, 1, 0], dtype=bool), carry, tens_or_hundreds, 0.85)
+
+
+def test_nearest_to_medoid_orders_members_by_distance_from_it() -> None:
+    from ckpt_analysis.analyses.clusters import nearest_to_medoid
+
+    curves = np.array([[0.0], [1.0], [1.1], [5.0], [0.9], [9.0]])
+    members = np.array([True, True, True, True, True, False])
+    assert nearest_to_medoid(curves, members, 3).tolist() == [1, 4, 2]
