@@ -66,6 +66,18 @@ def default_tau(steps: np.ndarray, mean_loss: np.ndarray, fraction: float = 0.9)
     return float(steps[reached[0]])
 
 
+def normalise(curves: np.ndarray, mode: Literal["none", "zscore", "range"]) -> np.ndarray:
+    """Per-curve normalisation before clustering (beyond the paper, which clusters raw curves):
+    ``zscore`` compares shapes whatever their scale; ``range`` maps each curve onto [0, 1]."""
+    if mode == "none":
+        return curves
+    low = curves.mean(axis=-1, keepdims=True) if mode == "zscore" else curves.min(axis=-1, keepdims=True)
+    spread = (
+        curves.std(axis=-1, keepdims=True) if mode == "zscore" else np.ptp(curves, axis=-1, keepdims=True)
+    )
+    return np.asarray((curves - low) / np.where(spread > 0, spread, 1.0))
+
+
 def hdbscan_labels(
     curves: np.ndarray, *, min_cluster_fraction: float, min_samples_fraction: float
 ) -> np.ndarray:
@@ -140,6 +152,7 @@ class ClusterParams:
     trajectories: list[Trajectory] = field(default_factory=lambda: ["polca", "exact_loss"])
     min_cluster_fraction: float = 0.03
     min_samples_fraction: float = 1 / 15
+    normalize: Literal["none", "zscore", "range"] = "none"
     lag: int | None = None
     tau: float | None = None
     label: str | None = None
@@ -305,7 +318,7 @@ class Clusters(Analysis):
         labels = np.full(len(curves), FILTERED)
         if kept.sum() >= 3:
             labels[kept] = hdbscan_labels(
-                curves[kept],
+                normalise(curves[kept], self.params.normalize),
                 min_cluster_fraction=self.params.min_cluster_fraction,
                 min_samples_fraction=self.params.min_samples_fraction,
             )

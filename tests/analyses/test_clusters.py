@@ -172,3 +172,15 @@ def test_nearest_to_medoid_orders_members_by_distance_from_it() -> None:
     curves = np.array([[0.0], [1.0], [1.1], [5.0], [0.9], [9.0]])
     members = np.array([True, True, True, True, True, False])
     assert nearest_to_medoid(curves, members, 3).tolist() == [1, 4, 2]
+
+
+def test_normalisation_compares_shapes_not_scales() -> None:
+    from ckpt_analysis.analyses.clusters import normalise
+
+    curves = np.array([[0.0, 1.0, 2.0], [0.0, 10.0, 20.0], [5.0, 5.0, 5.0]])
+    z = normalise(curves, "zscore")
+    np.testing.assert_allclose(z[0], z[1])
+    np.testing.assert_allclose(z[2], 0.0)
+    r = normalise(curves, "range")
+    np.testing.assert_allclose(r[:2], [[0.0, 0.5, 1.0]] * 2)
+    assert normalise(curves, "none") is curves
