@@ -15,7 +15,7 @@ from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
-from ckpt_analysis.store import check_output, create_store
+from ckpt_analysis.store import DONE, check_output, create_store
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,6 @@ def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
 
 
 def _variables(plan: Plan) -> list[Variable]:
-    from ckpt_analysis.store import DONE
-
     variables = [v for a in plan.analyses for v in a.variables(plan.context)]
     names = [v.name for v in variables]
     if len(set(names)) != len(names):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -282,8 +283,9 @@ class Clusters(Analysis):
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         steps = np.array([c.step for c in ctx.checkpoints])
-        loss = ctx.read("token_loss").astype(np.float64)  # (C, N)
-        sets, kept = trajectory_curves(unit.key, ctx.read)  # (V, N, C'), (V, N)
+        read = functools.cache(ctx.read)  # token_loss serves both τ and the curves
+        loss = read("token_loss").astype(np.float64)  # (C, N)
+        sets, kept = trajectory_curves(unit.key, read)  # (V, N, C'), (V, N)
         row = self.params.trajectories.index(unit.key)  # type: ignore[arg-type]
         tau = self.params.tau if self.params.tau is not None else default_tau(steps, loss.mean(axis=1))
         curve_steps = steps[1:] if unit.key == "loss_change" else steps

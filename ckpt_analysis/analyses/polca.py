@@ -80,7 +80,7 @@ def conservation_residual(token_loss: np.ndarray, polca: np.ndarray) -> np.ndarr
 
 
 def explained_fraction(token_loss: np.ndarray, polca: np.ndarray) -> tuple[np.ndarray, float]:
-    """Fraction of each token's and of the aggregate loss change (first → last) the basis explains."""
+    """SPEC §5.3: fraction of each token's and of the aggregate loss change (first → last) explained."""
     change = token_loss[-1] - token_loss[0]
     allocated = polca.sum(axis=(0, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -261,7 +261,8 @@ class Polca(Analysis):
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         if unit.checkpoint is None:
-            return [w for b in self.params.bases for w in self._finalize(ctx, b)]
+            loss = ctx.read("token_loss").astype(np.float64)
+            return [w for b in self.params.bases for w in self._finalize(ctx, b, loss)]
         return self._project(ctx, unit.checkpoint)
 
     def _project(self, ctx: UnitContext, t: int) -> list[Write]:
@@ -298,12 +299,11 @@ class Polca(Analysis):
                 writes.append(Write(f"proj_grad_mid{x}", (t,), at_mid.first.cpu().numpy()))
         return writes
 
-    def _finalize(self, ctx: UnitContext, basis: str) -> list[Write]:
+    def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
         curv, mid = self._needs()
         x = suffix(basis)
         p = ctx.read(f"proj_grad{x}").astype(np.float64)
         d = ctx.read(f"step_proj{x}")[:-1]
-        loss = ctx.read("token_loss").astype(np.float64)
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
         guarded = np.zeros(p.shape[1], dtype=np.int64)
