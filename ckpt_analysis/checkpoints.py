@@ -89,6 +89,9 @@ class CheckpointSource(ABC):
         import torch
         from transformers.utils import logging as hf_logging
 
+        from ckpt_analysis.onehot import register
+
+        register()  # the built-in one-hot model type loads like any other
         hf_logging.disable_progress_bar()  # one bar per load is noise inside a sweep
         dtype = getattr(torch, self.spec.dtype)
         try:

@@ -1,4 +1,4 @@
-"""The ``ckpt-analysis`` command line: run, plan, status, show, prefetch and demo."""
+"""The ``ckpt-analysis`` command line: run, plan, status, show, read results, train toy models, demo."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt_analysis.errors import CkptAnalysisError
+from ckpt_analysis.config import JobSpec
+from ckpt_analysis.errors import CkptAnalysisError, JobSpecError
 
 app = typer.Typer(
     help=(
@@ -191,6 +192,70 @@ def clusters(
 
 
 @app.command()
+def alignment(
+    store: StoreArg,
+    plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,
+) -> None:
+    """Read leading-term alignment (``lt_score``, SPEC §5.5): per comparison and layer, the score at
+    step 0 (the null), its range over later steps, the final score, and the final score against
+    statistics of the token-shuffled corpus (the other null)."""
+    from ckpt_analysis.report import alignment_table, plot_alignment
+    from ckpt_analysis.store import open_results
+
+    try:
+        ds = open_results(store)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    if "lt_score" not in ds:
+        raise _fail(CkptAnalysisError(f"{store} has no lt_score; run a job with [analyses.lt_alignment]"))
+    table = Table("comparison", "layer", "step 0", "lowest", "highest", "final", "final, shuffled")
+    for r in alignment_table(ds):
+        values = (r.step0, r.lowest, r.highest, r.final, r.shuffled_final)
+        table.add_row(r.comparison, str(r.layer), *(f"{v:.4f}" for v in values))
+    out.print(table)
+    if plot is not None:
+        out.print(f"plot: {plot_alignment({store.stem: ds}, plot)}", highlight=False)
+
+
+@app.command("train-onehot")
+def train_onehot(
+    job: JobArg,
+    lr: Annotated[float, typer.Option(help="Step size η of full-batch gradient descent.")] = 0.1,
+    steps: Annotated[int, typer.Option(help="Gradient steps from zero initialisation.")] = 100,
+    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 5,
+    layers: Annotated[int, typer.Option(help="Attention layers.")] = 1,
+) -> None:
+    """Train the leading-term paper's attention-only one-hot model (its Def. 3.1) on a job's
+    ``topics`` corpus, writing ``checkpoint-<step>`` folders into the job's checkpoints.path.
+
+    The vocabulary is the job's ``[analyses.corpus_stats] vocab_size``. Small η keeps the weights
+    on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then ``ckpt-analysis run``."""
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.onehot import GDConfig
+    from ckpt_analysis.onehot import train_onehot as train
+
+    try:
+        spec = load_job(job)
+        ids, vocab = _onehot_corpus(spec)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    config = GDConfig(lr=lr, steps=steps, save_every=save_every, num_layers=layers)
+    train(ids, vocab, Path(str(spec.checkpoints.path)), config)
+    out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
+
+
+def _onehot_corpus(spec: JobSpec) -> tuple[np.ndarray, int]:
+    from ckpt_analysis.tasks.topics import corpus
+
+    if spec.data.source != "topics" or spec.checkpoints.source != "local":
+        raise JobSpecError("train-onehot needs data.source = 'topics' and checkpoints.source = 'local'")
+    if "corpus_stats" not in spec.analyses:
+        raise JobSpecError("train-onehot takes the vocabulary size from [analyses.corpus_stats]")
+    vocab = int(spec.analyses["corpus_stats"].get("vocab_size", 1000))
+    return corpus(spec.data.num_examples, spec.data.seq_len, vocab, spec.data.seed), vocab
+
+
+@app.command()
 def prefetch(job: JobArg) -> None:
     """Download a job's Hub revisions into its cache_dir for a later offline run.
 
@@ -220,7 +285,9 @@ def demo(
     force: ForceOpt = False,
 ) -> None:
     """Offline demo: train a tiny GPTNeoX on 3-digit addition, sweep activation covariances, then run
-    POLCA (Hessian basis, projections, HDBSCAN clusters) and its baselines, printing carry scores."""
+    POLCA (Hessian basis, projections, HDBSCAN clusters) and its baselines, printing carry scores;
+    last, train the leading-term paper's one-hot model at two step sizes and show how its weights
+    align with the corpus-statistics predictions."""
     from ckpt_analysis.demo import run_demo
     from ckpt_analysis.train import TrainConfig
 
@@ -265,6 +332,16 @@ def demo(
         f"final answer-digit accuracy {result.accuracy:.3f}; POLCA (first order) explains "
         f"{result.explained:.2f} of the loss change"
     )
+    lt = Table(
+        "comparison",
+        *(f"η = {lr}: best → step 100 (shuffled)" for lr in result.alignment),
+        title="one-hot attention model (the leading-term paper's Def. 3.1) under full-batch GD: "
+        "uncentred cosine with the leading-term predictions; shuffled-corpus null in brackets",
+    )
+    for i, comparison in enumerate(r.comparison for r in next(iter(result.alignment.values()))):
+        cells = [result.alignment[lr][i] for lr in result.alignment]
+        lt.add_row(comparison, *(f"{c.highest:.3f} → {c.final:.3f} ({c.shuffled_final:.3f})" for c in cells))
+    out.print(lt)
     out.print(
         f"stores: {result.covariance_store}, {result.polca_store}; plots: "
         f"{', '.join(str(p) for p in result.plots) or 'none (no clusters found)'}",

@@ -45,9 +45,13 @@ class CheckpointsSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The analysed token set (SPEC §4): the built-in addition task or a ``datasets`` source."""
+    """The analysed token set (SPEC §4): a built-in task (``addition``, ``topics``) or ``datasets``.
 
-    source: Literal["addition", "dataset"]
+    ``token_text = false`` skips decoding every scored token and its context into the store's
+    ``token_text``/``token_context`` tables; use it for large corpora (e.g. corpus statistics).
+    """
+
+    source: Literal["addition", "dataset", "topics"]
     num_examples: int = 256
     seed: int = 1234
     path: str | None = None
@@ -60,6 +64,7 @@ class DataSpec:
     seq_len: int = 128
     num_sequences: int | None = None
     add_bos: bool = False
+    token_text: bool = True
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.errors import DataError
-from ckpt_analysis.tasks import addition
+from ckpt_analysis.tasks import addition, topics
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,12 @@ def load_eval_data(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None, vocab_size: int
 ) -> EvalData:
     """Build the token set named by ``spec``, checking it fits the model's context and vocabulary."""
-    data = _addition(spec, tokenizer) if spec.source == "addition" else _from_dataset(spec, tokenizer)
+    if spec.source == "addition":
+        data = _addition(spec, tokenizer)
+    elif spec.source == "topics":
+        data = _topics(spec, vocab_size)
+    else:
+        data = _from_dataset(spec, tokenizer)
     length = data.input_ids.shape[1]
     if max_positions is not None and length > max_positions:
         raise DataError(f"sequence length {length} exceeds the model context of {max_positions} positions")
@@ -110,6 +115,13 @@ def _addition(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
     except ValueError as exc:
         raise DataError(f"data.source = 'addition' needs the addition tokenizer: {exc}") from exc
     return EvalData(ids, np.ones_like(ids, dtype=np.int8), addition.score_mask(len(a)), addition.labels(a, b))
+
+
+def _topics(spec: DataSpec, vocab_size: int) -> EvalData:
+    """``num_examples`` sequences of ``seq_len`` tokens of the synthetic topic corpus, all scored."""
+    ids = topics.corpus(spec.num_examples, spec.seq_len, vocab_size, spec.seed)
+    ones = np.ones_like(ids, dtype=np.int8)
+    return EvalData(ids, ones, ones.astype(bool))
 
 
 def _load_dataset(spec: DataSpec) -> Dataset:

@@ -1,4 +1,4 @@
-"""The built-in offline demo: train the tiny addition model, sweep covariances, run POLCA and baselines."""
+"""The built-in offline demo: covariances and POLCA on a tiny addition model, then leading-term alignment."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.config import load_job
 from ckpt_analysis.execute import Outcome
-from ckpt_analysis.report import TrajectoryScores, cluster_table, plot_clusters
+from ckpt_analysis.onehot import GDConfig, train_onehot
+from ckpt_analysis.report import (
+    AlignmentRow,
+    TrajectoryScores,
+    alignment_table,
+    cluster_table,
+    plot_alignment,
+    plot_clusters,
+)
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.tasks import topics
 from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,33 @@ batch_size = 250
 """
 
 
+LEADING_TERMS_JOB = """\
+# Written by `ckpt-analysis demo`: the leading-term paper's one-hot model, GD at η = {lr}.
+name = "demo-leading-terms-lr{lr}"
+output = "leading_terms_lr{lr}.zarr"
+
+[checkpoints]
+source = "local"
+path = "onehot_lr{lr}"
+
+[data]
+source = "topics"
+num_examples = 256
+seq_len = 17
+seed = 0
+
+[analyses.corpus_stats]
+vocab_size = 16
+
+[analyses.lt_alignment]
+
+[compute]
+executor = "inprocess"
+"""
+LEADING_TERMS_RATES = (0.1, 1.0)
+"""Small η keeps the weights on their leading terms; large η shows the drift."""
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """What the demo made: stores, the model's accuracy, covariance summaries and cluster scores."""
@@ -94,6 +131,8 @@ class DemoResult:
     scores: list[TrajectoryScores]
     explained: float
     plots: list[Path]
+    alignment: dict[float, list[AlignmentRow]]
+    """Leading-term alignment of the one-hot model per step size η."""
 
 
 def _train_or_reuse(run_dir: Path, train: TrainConfig, force: bool) -> float:
@@ -128,6 +167,10 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
     cov_ds = open_results(workdir / "covariance.zarr")
     cov = cov_ds.act_cov.sel(site="resid_post").values.astype(np.float64)
     polca_ds = open_results(workdir / "polca.zarr")
+    lt_runs = {lr: _leading_terms(workdir, lr, force, outcomes) for lr in LEADING_TERMS_RATES}
+    lt_plot = plot_alignment(
+        {f"η = {lr}": ds for lr, ds in lt_runs.items()}, workdir / "plots" / "leading_terms.png"
+    )
     return DemoResult(
         covariance_store=workdir / "covariance.zarr",
         polca_store=workdir / "polca.zarr",
@@ -138,5 +181,19 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
         participation=participation_ratio(cov),
         scores=cluster_table(polca_ds),
         explained=float(polca_ds.polca_explained.sel(variant="none")),
-        plots=plot_clusters(polca_ds, workdir / "plots"),
+        plots=[*plot_clusters(polca_ds, workdir / "plots"), lt_plot],
+        alignment={lr: alignment_table(ds) for lr, ds in lt_runs.items()},
     )
+
+
+def _leading_terms(workdir: Path, lr: float, force: bool, outcomes: list[Outcome]) -> xr.Dataset:
+    """Train the one-hot model at step size ``lr`` (unless done) and run its alignment job."""
+    job_path = workdir / f"leading_terms_lr{lr}.toml"
+    job_path.write_text(LEADING_TERMS_JOB.format(lr=lr))
+    job = load_job(job_path)
+    run_dir = Path(str(job.checkpoints.path))
+    if force or not (run_dir / "checkpoint-100").is_dir():
+        ids = topics.corpus(job.data.num_examples, job.data.seq_len, 16, job.data.seed)
+        train_onehot(ids, 16, run_dir, GDConfig(lr=lr, steps=100, save_every=5))
+    outcomes += run_job(job, force=force)
+    return open_results(job.output)

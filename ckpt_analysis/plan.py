@@ -6,7 +6,7 @@ import logging
 import platform
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
 from ckpt_analysis.store import DONE, check_output, create_store
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,15 @@ class Plan:
     checkpoints: list[Checkpoint]
     model_config: dict[str, Any]
     eval_data: EvalData
-    token_text: list[str]
-    token_context: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    token_text: list[str] | None
+    token_context: list[str] | None
     analyses: list[Analysis]
     units: list[Unit]
 
     @property
     def context(self) -> PlanContext:
-        return PlanContext(self.job, self.checkpoints, self.model_config, self.eval_data.num_tokens)
+        return PlanContext(self.job, self.checkpoints, self.model_config, self.eval_data, self.tokenizer)
 
 
 def make_plan(job: JobSpec) -> Plan:
@@ -57,10 +61,10 @@ def make_plan(job: JobSpec) -> Plan:
         max_positions=config.get("max_position_embeddings"),
         vocab_size=config["vocab_size"],
     )
-    text, context = data.token_strings(tokenizer)
-    ctx = PlanContext(job, ckpts, config, data.num_tokens)
+    text, context = data.token_strings(tokenizer) if job.data.token_text else (None, None)
+    ctx = PlanContext(job, ckpts, config, data, tokenizer)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
-    return Plan(job, ckpts, config, data, text, context, analyses, units)
+    return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units)
 
 
 def _ordered_units(units: list[Unit]) -> list[Unit]:
@@ -104,9 +108,10 @@ def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         "token_sequence": (("token",), seq),
         "token_position": (("token",), pos),
         "token_id": (("token",), data.input_ids[seq, pos]),
-        "token_text": (("token",), np.array(plan.token_text, dtype=object)),
-        "token_context": (("token",), np.array(plan.token_context, dtype=object)),
     }
+    if plan.token_text is not None and plan.token_context is not None:
+        tables["token_text"] = (("token",), np.array(plan.token_text, dtype=object))
+        tables["token_context"] = (("token",), np.array(plan.token_context, dtype=object))
     for name, values in data.token_labels().items():
         tables[f"label_{name}"] = (("token",), values)
     for analysis in plan.analyses:

@@ -13,7 +13,7 @@ from ckpt_analysis.config import parse_dataclass
 from ckpt_analysis.errors import JobSpecError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ckpt_analysis.checkpoints import Checkpoint
     from ckpt_analysis.config import JobSpec
@@ -63,7 +63,12 @@ class PlanContext:
     job: JobSpec
     checkpoints: list[Checkpoint]
     model_config: dict[str, Any]
-    num_tokens: int
+    eval_data: EvalData
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def num_tokens(self) -> int:
+        return self.eval_data.num_tokens
 
 
 @dataclass

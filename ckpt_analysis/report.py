@@ -1,4 +1,4 @@
-"""Summaries and plots of cluster results: the carry-score table and projected-loss figures."""
+"""Summaries and plots: cluster carry scores, projected-loss figures and leading-term alignment."""
 
 from __future__ import annotations
 
@@ -133,3 +133,70 @@ def cluster_examples(
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class AlignmentRow:
+    """One comparison in one layer: its score at step 0 (the null), its range after, and at the end."""
+
+    comparison: str
+    layer: int
+    step0: float
+    lowest: float
+    highest: float
+    final: float
+    shuffled_final: float
+
+
+def alignment_table(ds: xr.Dataset) -> list[AlignmentRow]:
+    """Summarise ``lt_score`` (SPEC §5.5) per comparison and layer, real corpus vs shuffled null."""
+    rows = []
+    for comparison in ds.comparison.values.tolist():
+        for layer in ds.layer.values.tolist():
+            score = ds.lt_score.sel(comparison=comparison, layer=layer)
+            real = score.sel(corpus="real").values
+            later = real[1:] if real.size > 1 else real
+            rows.append(
+                AlignmentRow(
+                    comparison=str(comparison),
+                    layer=int(layer),
+                    step0=float(real[0]),
+                    lowest=float(np.nanmin(later)) if np.isfinite(later).any() else float("nan"),
+                    highest=float(np.nanmax(later)) if np.isfinite(later).any() else float("nan"),
+                    final=float(real[-1]),
+                    shuffled_final=float(score.sel(corpus="shuffled").values[-1]),
+                )
+            )
+    return rows
+
+
+def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
+    """One panel per comparison: score against step for each run and layer; dotted = shuffled null."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = next(iter(runs.values())).comparison.values.tolist()
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons), 3.2), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons, strict=True):
+        for (label, ds), colour in zip(
+            runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
+        ):
+            for layer in ds.layer.values.tolist():
+                score = ds.lt_score.sel(comparison=comparison, layer=layer)
+                name = f"{label}, layer {layer}" if ds.sizes["layer"] > 1 else label
+                ax.plot(ds.step, score.sel(corpus="real"), color=colour, label=name, alpha=1.0 - 0.25 * layer)
+                ax.plot(ds.step, score.sel(corpus="shuffled"), color=colour, linestyle=":", alpha=0.6)
+        ax.set_title(comparison)
+        ax.set_xlabel("step")
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+    axes[0][0].set_ylabel("uncentred cosine")
+    axes[0][-1].legend(fontsize="small")
+    fig.suptitle("alignment with the leading-term predictions (dotted: token-shuffled corpus)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

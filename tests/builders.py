@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ckpt_analysis.tasks.addition import VOCAB, build_tokenizer
@@ -164,3 +165,65 @@ def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return int(done_flags(store).sum())
+
+
+def dense_corpus_statistics(index: np.ndarray, mask: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """SPEC §5.5 by dense one-hot products (O(N·T·K²)): the ground truth for the scatter-adds.
+
+    ``index`` holds vocabulary ranks (−1 outside the vocabulary) of ``(N, T + 1)`` sequences.
+    """
+    onehot = np.zeros((*index.shape, k))
+    n, pos = np.nonzero(index >= 0)
+    onehot[n, pos, index[n, pos]] = 1.0
+    x, y = onehot[:, :-1], onehot[:, 1:]
+    ok = (mask[:, 1:] > 0).astype(float)[..., None]
+    nt = ok.sum()
+    centred_y = (y - 1.0 / k) * ok
+    t = np.arange(1, x.shape[1] + 1)[None, :, None]
+    xbar = np.cumsum(x, axis=1) / t
+    bigram = np.einsum("nti,ntj->ij", x * ok, y - 1.0 / k, optimize=True) / nt
+    context = np.einsum("nti,ntj->ij", centred_y, xbar, optimize=True) / nt
+    interchange = bigram.T @ bigram
+    value = context.T @ bigram.T
+    g = context.T @ interchange
+    scores = np.einsum("nki,ij,ntj->ntk", x, g, y - 1.0 / k, optimize=True)
+    causal = np.tril(np.ones((x.shape[1], x.shape[1])))[None]
+    scores = scores * causal
+    q = (scores - scores.sum(-1, keepdims=True) / t) * causal / t * ok
+    qk = np.einsum("nti,ntk,nkj->ij", x, q, x, optimize=True) / nt
+    delta = np.array([np.trace(q.sum(0), offset=-m) for m in range(x.shape[1])]) / nt
+    return {
+        "bigram": bigram,
+        "context": context,
+        "interchange": interchange,
+        "value": value,
+        "g": g,
+        "qk": qk,
+        "delta": delta,
+    }
+
+
+def independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Activations from HF's hidden_states and a plain re-computation of each block (no hooks)."""
+    x = torch.from_numpy(ids)
+    with torch.no_grad():
+        hidden = model(input_ids=x, output_hidden_states=True).hidden_states
+        out: dict[str, list[np.ndarray]] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "resid_post": []}
+        pos = torch.arange(ids.shape[1])[None]
+        rotary = model.gpt_neox.rotary_emb(hidden[0], pos)
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf"), dtype=hidden[0].dtype).triu(1)[None, None]
+        for i, layer in enumerate(model.gpt_neox.layers):
+            h = hidden[i]
+            attn = layer.attention(
+                layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary
+            )[0]
+            mlp = layer.mlp(layer.post_attention_layernorm(h))  # GPT-NeoX parallel residual
+            for site, value in (
+                ("resid_pre", h),
+                ("attn_out", attn),
+                ("mlp_out", mlp),
+                ("resid_post", h + attn + mlp),
+            ):
+                out[site].append(value.double().numpy())
+    return {k: np.stack(v) for k, v in out.items()}

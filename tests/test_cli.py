@@ -86,7 +86,7 @@ BAD_INPUTS = {
     ),
     "unknown analysis": (
         lambda t, run: {"analyses": {"covariance": {}, "magic": {}}},
-        "unknown analysis 'magic'; valid analyses: clusters, covariance, hessian",
+        "unknown analysis 'magic'; valid analyses: clusters, corpus_stats, covariance",
     ),
 }
 
@@ -122,7 +122,17 @@ def test_output_of_another_job_is_refused(run_dir: Path, tmp_path: Path) -> None
 
 def test_help_teaches_every_command() -> None:
     result = cli("--help")
-    for command in ("run", "plan", "status", "show", "clusters", "prefetch", "demo"):
+    for command in (
+        "run",
+        "plan",
+        "status",
+        "show",
+        "clusters",
+        "alignment",
+        "train-onehot",
+        "prefetch",
+        "demo",
+    ):
         assert command in result.stdout
     assert "--shard" in cli("run", "--help").stdout
 
@@ -162,11 +172,13 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
         "exact_loss",
         "fisher",
         "final answer-digit accuracy",
+        "one-hot attention model",
+        "W_qk_T",
     ):
         assert text in result.stdout
     runs = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert runs == [f"checkpoint-{s}" for s in (0, 10, 20, 30, 40)]
-    for store in ("covariance.zarr", "polca.zarr"):
+    for store in ("covariance.zarr", "polca.zarr", "leading_terms_lr0.1.zarr", "leading_terms_lr1.0.zarr"):
         status = cli("status", tmp_path / store).stdout
         assert status.endswith("0 failed, 0 running, 0 missing"), status
     assert all(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
@@ -174,3 +186,24 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
     assert shown.returncode == 0 and "vector 0 cluster 0" in shown.stdout and "⟨" in shown.stdout
     missing = cli("clusters", tmp_path / "covariance.zarr")
     assert missing.returncode == 2 and "has no 'polca' clusters" in missing.stderr
+
+
+def test_the_toy_leading_terms_job_trains_runs_and_reads_back(tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / "jobs" / "leading_terms_toy.toml").read_text()
+    job = tmp_path / "toy.toml"
+    job.write_text(example.replace("../runs/", "runs/"))
+    trained = cli("train-onehot", job, "--steps", "4", "--save-every", "2", "--layers", "2")
+    assert trained.returncode == 0, trained.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "onehot_toy").iterdir()) == [
+        f"checkpoint-{s}" for s in (0, 2, 4)
+    ]
+    assert cli("run", job).returncode == 0
+    shown = cli("alignment", tmp_path / "runs" / "leading_terms_toy.zarr", "--plot", tmp_path / "a.png")
+    assert shown.returncode == 0 and "P_delta" in shown.stdout and (tmp_path / "a.png").is_file()
+    assert shown.stdout.count("WO_bigram") == 2  # one row per layer
+
+
+def test_train_onehot_needs_a_topics_job(run_dir: Path, tmp_path: Path) -> None:
+    job = write_job(tmp_path / "job.toml", run_dir, tmp_path / "out.zarr")
+    result = cli("train-onehot", job)
+    assert result.returncode == 2 and "data.source = 'topics'" in result.stderr

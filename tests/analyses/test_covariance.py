@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import job_dict
+from builders import independent_activations, job_dict
 
 from ckpt_analysis.analyses.covariance import CovarianceAccumulator, participation_ratio
 from ckpt_analysis.checkpoints import CheckpointSource
@@ -32,32 +32,6 @@ def test_participation_ratio_is_one_for_rank_one_and_d_for_isotropic() -> None:
     assert participation_ratio(np.eye(7) * 3) == pytest.approx(7.0)
 
 
-def _independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Activations from HF's hidden_states and a plain re-computation of each block (no hooks)."""
-    x = torch.from_numpy(ids)
-    with torch.no_grad():
-        hidden = model(input_ids=x, output_hidden_states=True).hidden_states
-        out: dict[str, list[np.ndarray]] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "resid_post": []}
-        pos = torch.arange(ids.shape[1])[None]
-        rotary = model.gpt_neox.rotary_emb(hidden[0], pos)
-        n = ids.shape[1]
-        causal = torch.full((n, n), float("-inf"), dtype=hidden[0].dtype).triu(1)[None, None]
-        for i, layer in enumerate(model.gpt_neox.layers):
-            h = hidden[i]
-            attn = layer.attention(
-                layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary
-            )[0]
-            mlp = layer.mlp(layer.post_attention_layernorm(h))  # GPT-NeoX parallel residual
-            for site, value in (
-                ("resid_pre", h),
-                ("attn_out", attn),
-                ("mlp_out", mlp),
-                ("resid_post", h + attn + mlp),
-            ):
-                out[site].append(value.double().numpy())
-    return {k: np.stack(v) for k, v in out.items()}
-
-
 @pytest.mark.parametrize("positions", ["scored", "predicting", "all"])
 def test_stored_covariance_equals_numpy_cov_of_captured_activations(
     run_dir: Path, tmp_path: Path, positions: str
@@ -80,7 +54,7 @@ def test_stored_covariance_equals_numpy_cov_of_captured_activations(
     }[positions]
     source = CheckpointSource.from_spec(job.checkpoints)
     for step_index, ckpt in enumerate(source.checkpoints()):
-        acts = _independent_activations(source.load(ckpt, attn="eager"), ids)
+        acts = independent_activations(source.load(ckpt, attn="eager"), ids)
         for site in ds.site.values:
             for layer in ds.layer.values:
                 x = acts[str(site)][layer][rows]

@@ -1,0 +1,389 @@
+"""Leading-term basis functions: corpus statistics, token-indexed covariances and alignment (SPEC §5.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ckpt_analysis.checkpoints import resolve_device
+from ckpt_analysis.corpus import (
+    check_right_padded,
+    corpus_statistics,
+    shuffle_tokens,
+    top_vocabulary,
+    vocab_index,
+)
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.onehot import MODEL_TYPE
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.sites import capture, decoder_layers
+
+TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
+TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")
+"""Layer input, after attention (input + attention output), after the layer (SPEC §5.5)."""
+CORPORA = ("real", "shuffled")
+STATS = ("bigram", "context", "interchange", "value", "g", "qk")
+ACTIVATION_COMPARISONS = ("value_resid_pre", "value_resid_mid", "value_resid_post", "qk", "qk_T")
+WEIGHT_COMPARISONS = ("WO_bigram", "V_value", "W_qk", "W_qk_T", "P_delta")
+_TOKEN_BATCH = 1024
+
+
+# --- SPEC §5.5 formulas ---
+
+
+def rowcov(e: torch.Tensor) -> torch.Tensor:
+    """SPEC §5.1 token-indexed covariance: rows are variables, columns observations (``numpy.cov(E)``)."""
+    centred = e.to(torch.float64) - e.to(torch.float64).mean(dim=1, keepdim=True)
+    return centred @ centred.T / (e.shape[1] - 1)
+
+
+def rownorm(m: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit Euclidean norm; all-zero rows stay zero (SPEC §5.5)."""
+    norm = m.norm(dim=1, keepdim=True)
+    return m / torch.where(norm > 0, norm, 1.0)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """SPEC §5.5 metric: uncentred cosine of the flattened matrices, ``tr(AᵀB) / (‖A‖_F ‖B‖_F)``."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def query_key_matrix(layer: Any, *, fold_ln: bool) -> torch.Tensor:
+    """Head-mean ``W_Q W_Kᵀ`` (d × d) of a GPT-NeoX layer, LayerNorm gain folded in if asked.
+
+    GPT-NeoX's fused ``query_key_value`` holds, per head, q, k and v rows in that order.
+    """
+    attn = layer.attention
+    heads = int(attn.config.num_attention_heads)
+    weight = attn.query_key_value.weight.detach().to(torch.float64)
+    q, k, _ = weight.view(heads, 3, -1, weight.shape[1]).unbind(dim=1)  # (heads, d_head, d)
+    if fold_ln:
+        gain = layer.input_layernorm.weight.detach().to(torch.float64)
+        q, k = q * gain, k * gain
+    return torch.einsum("hai,haj->ij", q, k) / heads
+
+
+def layer_norm_input(x: torch.Tensor, layer: Any) -> torch.Tensor:
+    """``(x − mean) / sqrt(var + eps)``: the attention LayerNorm without gain and bias."""
+    eps = float(layer.input_layernorm.eps)
+    x = x.to(torch.float64)
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def token_activations(
+    model: Any, token_ids: np.ndarray, *, bos: int | None
+) -> dict[TokenSite, list[torch.Tensor]]:
+    """Per site and layer, the ``(K, d)`` activations of each token fed alone (SPEC §5.1).
+
+    Each token is a length-1 sequence (or ``<bos> token`` when ``bos`` is given; the last
+    position is kept). ``resid_mid`` is the layer input plus the attention output: what the
+    residual stream holds after attention, for sequential and GPT-NeoX parallel blocks alike.
+    """
+    device = next(model.parameters()).device
+    layers = len(decoder_layers(model))
+    parts: dict[str, list[list[torch.Tensor]]] = {
+        s: [[] for _ in range(layers)] for s in ("pre", "attn", "post")
+    }
+    names = {"resid_pre": "pre", "attn_out": "attn", "resid_post": "post"}
+
+    def keep(site: str, layer: int, acts: torch.Tensor) -> None:
+        parts[names[site]][layer].append(acts[:, -1])
+
+    ids = torch.as_tensor(token_ids, device=device)[:, None]
+    if bos is not None:
+        ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
+    with torch.inference_mode(), capture(model, ("resid_pre", "attn_out", "resid_post"), keep):
+        for start in range(0, ids.shape[0], _TOKEN_BATCH):
+            model.base_model(input_ids=ids[start : start + _TOKEN_BATCH])
+    pre, attn, post = ([torch.cat(chunks) for chunks in parts[s]] for s in ("pre", "attn", "post"))
+    return {
+        "resid_pre": pre,
+        "resid_mid": [p + a for p, a in zip(pre, attn, strict=True)],
+        "resid_post": post,
+    }
+
+
+def _k_by_k(name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: str, doc: str) -> Variable:
+    """A variable ending in two vocab axes, chunked in row blocks of about 16 MB."""
+    k = shape[-1]
+    rows = max(1, min(k, 2**22 // k))
+    return Variable(name, dims, shape, dtype, (*(1,) * (len(shape) - 2), rows, k), doc=doc)
+
+
+@dataclass(frozen=True)
+class CorpusStatsParams:
+    """``[analyses.corpus_stats]`` options."""
+
+    vocab_size: int = 1000
+    shuffle_seed: int = 0
+    chunk_sequences: int = 64
+    store_dtype: Literal["float32", "float64"] = "float32"
+
+
+@register
+class CorpusStatsAnalysis(Analysis):
+    """B̄, Φ̄, Σ_B̄, V*, G, Q̄ and Δ of the job's token set and of its token-shuffled twin: one unit."""
+
+    name = "corpus_stats"
+    Params = CorpusStatsParams
+    params: CorpusStatsParams
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        length = ctx.eval_data.input_ids.shape[1] - 1
+        return {
+            "vocab": np.arange(self.params.vocab_size),
+            "corpus": np.array(CORPORA, dtype=object),
+            "distance": np.arange(length),
+        }
+
+    def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        data = ctx.eval_data
+        check_right_padded(data.attention_mask)
+        ids, counts = top_vocabulary(data.input_ids, data.attention_mask, self.params.vocab_size)
+        text = np.array([ctx.tokenizer.decode([int(i)]) for i in ids], dtype=object)
+        return {
+            "vocab_id": (("vocab",), ids),
+            "vocab_text": (("vocab",), text),
+            "vocab_count": (("vocab",), counts),
+        }
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        k, dtype = self.params.vocab_size, self.params.store_dtype
+        dims = ("corpus", "vocab", "vocab_b")
+        docs = {
+            "bigram": "B̄: rows current token, columns next token",
+            "context": "Φ̄: rows target token, columns prefix token",
+            "interchange": "Σ_B̄ = B̄ᵀB̄",
+            "value": "V* = Φ̄ᵀB̄ᵀ, the value-matrix prediction",
+            "g": "G = Φ̄ᵀΣ_B̄",
+            "qk": "Q̄: rows query token, columns key token",
+        }
+        length = ctx.eval_data.input_ids.shape[1] - 1
+        return [
+            *(_k_by_k(f"lt_{s}", dims, (2, k, k), dtype, docs[s]) for s in STATS),
+            Variable("lt_delta", ("corpus", "distance"), (2, length), "float64", (1, length), doc="Δ_m"),
+            Variable("lt_pairs", ("corpus",), (2,), "int64", (1,), fill=-1, doc="NT, positions averaged"),
+        ]
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        return [Unit(self.name, "corpus")]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        data = ctx.eval_data
+        vocab = ctx.read("vocab_id")
+        device = resolve_device(ctx.job.checkpoints.device)
+        corpora = (
+            data.input_ids,
+            shuffle_tokens(data.input_ids, data.attention_mask, self.params.shuffle_seed),
+        )
+        writes: list[Write] = []
+        for row, ids in enumerate(corpora):
+            stats = corpus_statistics(
+                vocab_index(ids, vocab),
+                data.attention_mask,
+                self.params.vocab_size,
+                chunk=self.params.chunk_sequences,
+                device=device,
+            )
+            writes += [Write(f"lt_{s}", (row,), getattr(stats, s).cpu().numpy()) for s in STATS]
+            writes.append(Write("lt_delta", (row,), stats.delta.cpu().numpy()))
+            writes.append(Write("lt_pairs", (row,), np.array(stats.pairs)))
+        return writes
+
+
+def _check_token_model(ctx: PlanContext, analysis: str) -> None:
+    if ctx.model_config.get("model_type") != "gpt_neox":
+        raise JobSpecError(
+            f"analyses.{analysis} reads GPT-NeoX attention weights; model_type "
+            f"{ctx.model_config.get('model_type')!r} is not supported (supported: 'gpt_neox'"
+            + (
+                f"; for {MODEL_TYPE!r} use lt_alignment mode = 'weights')"
+                if analysis == "lt_alignment"
+                else ")"
+            )
+        )
+
+
+@dataclass(frozen=True)
+class TokenCovParams:
+    """``[analyses.token_cov]`` options."""
+
+    sites: list[TokenSite] = field(default_factory=lambda: list(TOKEN_SITES))
+    bos: bool = False
+    store_dtype: Literal["float32", "float64"] = "float32"
+
+
+@register
+class TokenCov(Analysis):
+    """``token_cov`` (step, layer, token_site, vocab, vocab_b): rowcov of token-indexed activations."""
+
+    name = "token_cov"
+    Params = TokenCovParams
+    params: TokenCovParams
+
+    def requires(self) -> tuple[str, ...]:
+        return ("corpus_stats",)
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        return {"token_site": np.array(self.params.sites, dtype=object)}
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        k = int(ctx.job.analyses["corpus_stats"].get("vocab_size", CorpusStatsParams.vocab_size))
+        shape = (
+            len(ctx.checkpoints),
+            int(ctx.model_config["num_hidden_layers"]),
+            len(self.params.sites),
+            k,
+            k,
+        )
+        dims = ("step", "layer", "token_site", "vocab", "vocab_b")
+        return [
+            _k_by_k("token_cov", dims, shape, self.params.store_dtype, "numpy.cov(E), tokens as variables")
+        ]
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        _check_token_model(ctx, self.name)
+        return super().units(ctx)
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        assert unit.checkpoint is not None
+        model = ctx.load_model(unit.checkpoint)
+        acts = token_activations(model, ctx.read("vocab_id"), bos=_bos(model, self.params.bos))
+        cov = [
+            [rowcov(acts[s][layer]).cpu().numpy() for s in self.params.sites]
+            for layer in range(len(acts["resid_pre"]))
+        ]
+        return [Write("token_cov", (unit.checkpoint,), np.array(cov))]
+
+
+def _bos(model: nn.Module, wanted: bool) -> int | None:
+    if not wanted:
+        return None
+    bos = getattr(model.config, "bos_token_id", None)
+    if bos is None:
+        raise JobSpecError("bos = true but the model config has no bos_token_id")
+    return int(bos)
+
+
+@dataclass(frozen=True)
+class AlignmentParams:
+    """``[analyses.lt_alignment]`` options."""
+
+    mode: Literal["auto", "activations", "weights"] = "auto"
+    fold_ln: bool = True
+    bos: bool = False
+
+
+@register
+class LeadingTermAlignment(Analysis):
+    """``lt_score`` (step, layer, comparison, corpus): uncentred cosines with the predicted terms."""
+
+    name = "lt_alignment"
+    Params = AlignmentParams
+    params: AlignmentParams
+
+    def requires(self) -> tuple[str, ...]:
+        return ("corpus_stats",)
+
+    def mode(self, model_config: dict[str, object]) -> Literal["activations", "weights"]:
+        if self.params.mode != "auto":
+            return self.params.mode
+        return "weights" if model_config.get("model_type") == MODEL_TYPE else "activations"
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        names = WEIGHT_COMPARISONS if self.mode(ctx.model_config) == "weights" else ACTIVATION_COMPARISONS
+        return {"comparison": np.array(names, dtype=object)}
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        shape = (len(ctx.checkpoints), int(ctx.model_config["num_hidden_layers"]), 5, 2)
+        doc = "uncentred cosine with the leading-term prediction (SPEC §5.5)"
+        return [
+            Variable(
+                "lt_score",
+                ("step", "layer", "comparison", "corpus"),
+                shape,
+                "float64",
+                (1, *shape[1:]),
+                doc=doc,
+            )
+        ]
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        mode = self.mode(ctx.model_config)
+        if mode == "weights" and ctx.model_config.get("model_type") != MODEL_TYPE:
+            raise JobSpecError(
+                f"lt_alignment mode = 'weights' needs the {MODEL_TYPE!r} model (the paper's Def. 3.1)"
+            )
+        if mode == "activations":
+            _check_token_model(ctx, self.name)
+            if ctx.checkpoints[0].step != 0:
+                raise JobSpecError(
+                    "lt_alignment reports step 0 as its null baseline; "
+                    "include step 0 in the checkpoint selection"
+                )
+        deps = ("corpus_stats/corpus",)
+        return [Unit(self.name, f"step={c.step}", i, deps) for i, c in enumerate(ctx.checkpoints)]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        assert unit.checkpoint is not None
+        model = ctx.load_model(unit.checkpoint)
+        vocab = ctx.read("vocab_id")
+        if self.mode(ctx.model_config) == "weights":
+            scores = self._weights(model, vocab, ctx)
+        else:
+            scores = self._activations(model, vocab, ctx)
+        return [Write("lt_score", (unit.checkpoint,), scores)]
+
+    def _activations(self, model: nn.Module, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
+        """(layer, comparison, corpus) scores against rowcov(rownorm(·)) of V*, Q̄ and Q̄ᵀ."""
+        value, qk = ctx.read("lt_value"), ctx.read("lt_qk")
+        targets = [
+            [rowcov(rownorm(torch.from_numpy(m).to(torch.float64))) for m in (value[r], qk[r], qk[r].T)]
+            for r in range(len(CORPORA))
+        ]
+        acts = token_activations(model, vocab, bos=_bos(model, self.params.bos))
+        out = []
+        for index, layer in enumerate(decoder_layers(model)):
+            pre = acts["resid_pre"][index]
+            pre = layer_norm_input(pre, layer) if self.params.fold_ln else pre.to(torch.float64)
+            m = query_key_matrix(layer, fold_ln=self.params.fold_ln).to(pre.device)
+            attn = rowcov(pre @ m @ pre.T).cpu()  # A_tok = E_pre M E_preᵀ (SPEC §5.5)
+            covs = [rowcov(acts[s][index]).cpu() for s in TOKEN_SITES]
+            out.append(
+                [[*(cosine(c, t[0]) for c in covs), cosine(attn, t[1]), cosine(attn, t[2])] for t in targets]
+            )
+        return np.array(out).transpose(0, 2, 1)
+
+    def _weights(self, model: Any, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
+        """(layer, comparison, corpus) scores of the one-hot model's weights (SPEC §5.5)."""
+        return np.stack([self._weight_scores(model, vocab, ctx, r) for r in range(len(CORPORA))], axis=-1)
+
+    def _weight_scores(self, model: Any, vocab: np.ndarray, ctx: UnitContext, row: int) -> np.ndarray:
+        ids = torch.from_numpy(vocab)
+
+        def sub(m: torch.Tensor) -> torch.Tensor:
+            return m.detach().cpu()[ids][:, ids]
+
+        stat = {s: torch.from_numpy(ctx.read(f"lt_{s}")[row]) for s in ("bigram", "value", "qk")}
+        delta = torch.from_numpy(ctx.read("lt_delta")[row])
+        output = cosine(sub(model.output), stat["bigram"])
+        out = []
+        for layer in model.layers:
+            position = layer.position.detach().cpu()
+            n = min(position.numel(), delta.numel())
+            out.append(
+                [
+                    output,
+                    cosine(sub(layer.value), stat["value"]),
+                    cosine(sub(layer.qk), stat["qk"]),
+                    cosine(sub(layer.qk), stat["qk"].T),
+                    cosine(position[:n], delta[:n]),
+                ]
+            )
+        return np.array(out)
