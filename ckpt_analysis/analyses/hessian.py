@@ -50,6 +50,7 @@ class BasisParams(CurvatureParams):
     steps: list[int] = field(default_factory=list)
     random: bool = True
     axis: int = 50
+    rayleigh: bool = False
 
 
 def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> HessianOperator:
@@ -213,6 +214,11 @@ class HessianBasis(_Curvature):
                 ),
                 Variable("basis_axis_param", ("basis_axis",), (p.axis,), "int64", (1,), fill=-1),
             ]
+        doc = "Rayleigh quotient bᵀHb at the last basis checkpoint"
+        if p.rayleigh and p.random:
+            out.append(Variable("basis_random_eigval", *per_vector, doc=doc))
+        if p.rayleigh and p.axis:
+            out.append(Variable("basis_axis_eigval", ("basis_axis",), (p.axis,), "float64", (1,), doc=doc))
         return out
 
     def units(self, ctx: PlanContext) -> list[Unit]:
@@ -267,7 +273,8 @@ class HessianBasis(_Curvature):
         n = ParamLayout.from_config(ctx.model_config, self.params.params).size
         gen = torch.Generator().manual_seed(self.params.seed)
         q, _ = torch.linalg.qr(torch.randn(n, self._size(ctx), generator=gen, dtype=torch.float64))
-        return [Write("basis_random", (slice(None),), q.T.numpy().astype(self.params.dtype))]
+        vectors = q.T.numpy().astype(self.params.dtype)
+        return [Write("basis_random", (slice(None),), vectors), *self._rayleigh(ctx, "random", vectors)]
 
     def _axis(self, ctx: UnitContext, checkpoint: int) -> list[Write]:
         """Unit vectors on the ``axis`` parameters of largest |θ| at the final checkpoint (SPEC §5.2)."""
@@ -280,4 +287,14 @@ class HessianBasis(_Curvature):
         return [
             Write("basis_axis_vectors", (slice(None),), vectors),
             Write("basis_axis_param", (slice(None),), index),
+            *self._rayleigh(ctx, "axis", vectors),
         ]
+
+    def _rayleigh(self, ctx: UnitContext, basis: str, vectors: np.ndarray) -> list[Write]:
+        """SPEC §5.3 ``paper`` λ_b for a non-eigen basis: bᵀHb at the last basis checkpoint, one HVP each."""
+        if not self.params.rayleigh:
+            return []
+        op = _operator(self.params, ctx, self._links(ctx)[-1])
+        like = op.flat_params()
+        values = [float(v @ op(v)) for v in torch.from_numpy(vectors).to(like)]
+        return [Write(f"basis_{basis}_eigval", (slice(None),), np.array(values))]

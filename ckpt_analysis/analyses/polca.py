@@ -30,6 +30,8 @@ BASIS_VARIABLES = {
     "random": ("basis_random", "basis"),
     "axis": ("basis_axis_vectors", "basis_axis"),
 }
+EIGVAL_VARIABLES = {"hessian": "basis_eigval", "random": "basis_random_eigval", "axis": "basis_axis_eigval"}
+"""λ_b of the ``paper`` variant: Ritz values, or Rayleigh quotients for the other bases (SPEC §5.3)."""
 PAPER_GUARD = 1e-12
 
 
@@ -176,8 +178,15 @@ class Polca(Analysis):
             raise JobSpecError("analyses.polca.bases has 'random' but hessian_basis.random = false")
         if "axis" in self.params.bases and not table.get("axis", 50):
             raise JobSpecError("analyses.polca.bases has 'axis' but hessian_basis.axis = 0")
-        if self.params.second_order == "paper" and self.params.bases != ["hessian"]:
-            raise JobSpecError("second_order = 'paper' needs Ritz values: use bases = ['hessian']")
+        if (
+            self.params.second_order == "paper"
+            and self.params.bases != ["hessian"]
+            and not table.get("rayleigh")
+        ):
+            raise JobSpecError(
+                "second_order = 'paper' on the random or axis basis needs their λ_b: "
+                "set hessian_basis.rayleigh = true (one HVP per vector)"
+            )
         return list(table.get("params", ["*"]))
 
     def sizes(self, ctx: PlanContext) -> dict[str, tuple[str, int]]:
@@ -307,8 +316,8 @@ class Polca(Analysis):
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
         guarded = np.zeros(p.shape[1], dtype=np.int64)
-        if basis == "hessian":
-            paper, guarded = second_order_paper(p, d, ctx.read("basis_eigval"))
+        if basis == "hessian" or ctx.job.analyses["hessian_basis"].get("rayleigh"):
+            paper, guarded = second_order_paper(p, d, ctx.read(EIGVAL_VARIABLES[basis]))
             totals["paper"] = first + paper
         if curv:
             totals["exact"] = first + second_order_exact(ctx.read(f"proj_curv{x}").astype(np.float64), d)

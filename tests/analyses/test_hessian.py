@@ -18,7 +18,7 @@ SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 SOLVER = {"dtype": "float64", "tol": 1e-10, "max_iter": 400, "sample_sequences": 12}
 ANALYSES = {
     "hessian": {**SOLVER, "k": 3, "trace_probes": 30, "density": True, "density_steps": 20},
-    "hessian_basis": {**SOLVER, "k": 2, "axis": 5},
+    "hessian_basis": {**SOLVER, "k": 2, "axis": 5, "rayleigh": True},
 }
 
 
@@ -85,6 +85,17 @@ def test_random_and_axis_bases(hessian_store) -> None:  # type: ignore[no-untype
     theta = torch.cat([p.detach().reshape(-1) for p in final.parameters()]).abs().numpy()
     assert sorted(theta[index]) == sorted(np.sort(theta)[-5:])
     assert (axis.sum(axis=1) == 1).all() and (axis[np.arange(5), index] == 1).all()
+
+
+def test_rayleigh_quotients_of_random_and_axis_bases_equal_dense_quadratic_forms(hessian_store) -> None:  # type: ignore[no-untyped-def]
+    _, ds, dense = hessian_store
+    last = dense[-1].numpy()  # the last basis checkpoint (every checkpoint is a link here)
+    random = ds.basis_random.values
+    np.testing.assert_allclose(
+        ds.basis_random_eigval.values, np.einsum("bi,ij,bj->b", random, last, random), rtol=1e-8
+    )
+    index = ds.basis_axis_param.values
+    np.testing.assert_allclose(ds.basis_axis_eigval.values, last[index, index], rtol=1e-8)
 
 
 def test_same_seed_gives_identical_results(hessian_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

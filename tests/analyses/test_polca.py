@@ -1,5 +1,7 @@
 """POLCA: formulas on quadratic losses with known answers, filters, and the pipeline end to end."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,8 @@ from ckpt_analysis.analyses.polca import (
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.curvature import ParamLayout
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.plan import prepare_store
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 
@@ -93,7 +97,14 @@ def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     root = tmp_path_factory.mktemp("polca")
     run = build_local_run(root / "run", [0, 10, 20, 30], seed=8, **SMALL)
     analyses = {
-        "hessian_basis": {"k": 2, "every": 10, "axis": 4, "sample_sequences": 8, "tol": 1e-6},
+        "hessian_basis": {
+            "k": 2,
+            "every": 10,
+            "axis": 4,
+            "sample_sequences": 8,
+            "tol": 1e-6,
+            "rayleigh": True,
+        },
         "token_loss": {},
         "polca": {
             "bases": ["hessian", "random", "axis"],
@@ -170,8 +181,19 @@ def test_random_and_axis_bases_run_through_the_same_pipeline(polca_store) -> Non
         )  # LCA: Δθ_i
     assert ds.projected_loss_axis.dims == ("step", "basis_axis", "token")
     assert ds.projected_loss_random.shape == ds.projected_loss.shape
-    explained = ds.polca_explained_random.to_series()
-    assert (
-        np.isnan(explained["paper"])
-        and np.isfinite(explained[["none", "exact", "trapezoid", "simpson"]]).all()
-    )
+    for x in ("random", "axis"):
+        assert np.isfinite(ds[f"polca_explained_{x}"].to_series()).all(), x  # paper via Rayleigh λ_b
+        assert np.isfinite(ds[f"basis_{x}_eigval"].values).all(), x
+
+
+def test_paper_variant_on_other_bases_needs_their_rayleigh_quotients(polca_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job, _ = polca_store
+    analyses = {
+        "hessian_basis": {"k": 1, "axis": 4},
+        "token_loss": {},
+        "polca": {"bases": ["axis"], "second_order": "paper"},
+    }
+    raw = job_dict(Path(str(job.checkpoints.path)), tmp_path / "x.zarr", analyses=analyses)
+    with pytest.raises(JobSpecError, match=r"set hessian_basis\.rayleigh = true"):
+        prepare_store(job_from_dict(raw, base=tmp_path), force=False)
+    assert not (tmp_path / "x.zarr").exists()
