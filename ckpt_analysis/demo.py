@@ -155,7 +155,7 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
     accuracy = _train_or_reuse(workdir / "run", train, force)
     spacing = train.save_every
     coarse = spacing * max(1, 100 // spacing)
-    basis_every = spacing * max(1, train.steps // (16 * spacing))  # ≈ 16 basis vectors
+    basis_every = spacing * max(1, train.steps // (16 * spacing))  # 31 vectors at the defaults
     lag = spacing * max(1, min(100, train.steps // 8) // spacing)
     (workdir / "covariance.toml").write_text(
         COVARIANCE_JOB.format(job=workdir / "covariance.toml", coarse=coarse)
