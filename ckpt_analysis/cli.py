@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt_analysis.config import JobSpec
-from ckpt_analysis.errors import CkptAnalysisError, JobSpecError
+from ckpt_analysis.errors import CkptAnalysisError
 
 app = typer.Typer(
     help=(
@@ -231,28 +230,17 @@ def train_onehot(
     The vocabulary is the job's ``[analyses.corpus_stats] vocab_size``. Small η keeps the weights
     on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then ``ckpt-analysis run``."""
     from ckpt_analysis.config import load_job
-    from ckpt_analysis.onehot import GDConfig
+    from ckpt_analysis.onehot import GDConfig, training_corpus
     from ckpt_analysis.onehot import train_onehot as train
 
     try:
         spec = load_job(job)
-        ids, vocab = _onehot_corpus(spec)
+        ids, vocab = training_corpus(spec)
     except CkptAnalysisError as exc:
         raise _fail(exc) from exc
     config = GDConfig(lr=lr, steps=steps, save_every=save_every, num_layers=layers)
     train(ids, vocab, Path(str(spec.checkpoints.path)), config)
     out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
-
-
-def _onehot_corpus(spec: JobSpec) -> tuple[np.ndarray, int]:
-    from ckpt_analysis.tasks.topics import corpus
-
-    if spec.data.source != "topics" or spec.checkpoints.source != "local":
-        raise JobSpecError("train-onehot needs data.source = 'topics' and checkpoints.source = 'local'")
-    if "corpus_stats" not in spec.analyses:
-        raise JobSpecError("train-onehot takes the vocabulary size from [analyses.corpus_stats]")
-    vocab = int(spec.analyses["corpus_stats"].get("vocab_size", 1000))
-    return corpus(spec.data.num_examples, spec.data.seq_len, vocab, spec.data.seed), vocab
 
 
 @app.command()

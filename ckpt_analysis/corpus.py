@@ -135,13 +135,13 @@ class _FirstPass:
         both = seen & (tgt != OOV)
         self.joint.index_add_(0, (inp * k + tgt)[both], torch.ones_like(inp[both], dtype=torch.float64))
         tri, inv_t = _causal(inp.shape[1], x.device)
-        weight = inv_t[:, None].expand_as(tri)
         pairs = ok[:, :, None] & tri & (inp[:, None, :] != OOV)  # (n, t, m ≤ t)
+        weight = inv_t[None, :, None].expand(pairs.shape)  # 1/t for every (t, m) pair
         m_tok = inp[:, None, :].expand(pairs.shape)
-        self.prefix_mass.index_add_(0, m_tok[pairs], weight.expand(pairs.shape)[pairs])
+        self.prefix_mass.index_add_(0, m_tok[pairs], weight[pairs])
         with_target = pairs & (tgt[:, :, None] != OOV)
         flat = tgt[:, :, None] * k + inp[:, None, :]
-        self.prefix.index_add_(0, flat[with_target], weight.expand(pairs.shape)[with_target])
+        self.prefix.index_add_(0, flat[with_target], weight[with_target])
         self.pairs += int(ok.sum())
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +165,7 @@ class _QueryKeyPass:
         self.g[:k, :k] = g
         self.row_mean = self.g.sum(dim=1) / k  # rowsum(G)[x_k] / |V|
         self.qk = torch.zeros(k * k, dtype=torch.float64, device=g.device)
-        self.delta = torch.zeros(length, dtype=torch.float64, device=g.device)
+        self.q_sum = torch.zeros(length, length, dtype=torch.float64, device=g.device)  # Σ_n q[t, j]
 
     def add(self, x: torch.Tensor, ok: torch.Tensor) -> None:
         k = self.k
@@ -180,13 +180,13 @@ class _QueryKeyPass:
         keep = ok[:, :, None] & tri & (inp[:, :, None] != OOV) & (inp[:, None, :] != OOV)
         flat = inp[:, :, None] * k + inp[:, None, :]
         self.qk.index_add_(0, flat[keep], q[keep])
-        summed = q.sum(dim=0)
-        for m in range(self.delta.numel()):
-            self.delta[m] += summed.diagonal(-m).sum()
+        self.q_sum += q.sum(dim=0)
 
     def result(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q̄ (K×K) and Δ (T)."""
-        return self.qk.view(self.k, self.k) / pairs, self.delta / pairs
+        """Q̄ (K×K) and Δ (T): Δ_m is the m-th sub-diagonal sum of the averaged q."""
+        length = self.q_sum.shape[0]
+        delta = torch.stack([self.q_sum.diagonal(-m).sum() for m in range(length)])
+        return self.qk.view(self.k, self.k) / pairs, delta / pairs
 
 
 def query_key_scores(scores: torch.Tensor, tri: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:

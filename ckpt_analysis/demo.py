@@ -12,7 +12,7 @@ import xarray as xr
 from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.config import load_job
 from ckpt_analysis.execute import Outcome
-from ckpt_analysis.onehot import GDConfig, train_onehot
+from ckpt_analysis.onehot import GDConfig, train_onehot, training_corpus
 from ckpt_analysis.report import (
     AlignmentRow,
     TrajectoryScores,
@@ -23,7 +23,6 @@ from ckpt_analysis.report import (
 )
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
-from ckpt_analysis.tasks import topics
 from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
 
 log = logging.getLogger(__name__)
@@ -192,8 +191,8 @@ def _leading_terms(workdir: Path, lr: float, force: bool, outcomes: list[Outcome
     job_path.write_text(LEADING_TERMS_JOB.format(lr=lr))
     job = load_job(job_path)
     run_dir = Path(str(job.checkpoints.path))
-    if force or not (run_dir / "checkpoint-100").is_dir():
-        ids = topics.corpus(job.data.num_examples, job.data.seq_len, 16, job.data.seed)
-        train_onehot(ids, 16, run_dir, GDConfig(lr=lr, steps=100, save_every=5))
+    gd = GDConfig(lr=lr, steps=100, save_every=5)
+    if force or not (run_dir / f"checkpoint-{gd.steps}").is_dir():
+        train_onehot(*training_corpus(job), run_dir, gd)
     outcomes += run_job(job, force=force)
     return open_results(job.output)

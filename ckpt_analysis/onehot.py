@@ -15,6 +15,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ckpt_analysis.config import JobSpec
+from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.progress import progress
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,19 @@ class GDConfig:
     save_every: int = 1
     num_layers: int = 1
     dtype: str = "float64"
+
+
+def training_corpus(job: JobSpec) -> tuple[np.ndarray, int]:
+    """The ``topics`` corpus a one-hot job analyses, and its vocabulary size (``corpus_stats.vocab_size``)."""
+    from ckpt_analysis.registry import get_analysis
+    from ckpt_analysis.tasks.topics import corpus
+
+    if job.data.source != "topics" or job.checkpoints.source != "local":
+        raise JobSpecError("train-onehot needs data.source = 'topics' and checkpoints.source = 'local'")
+    if "corpus_stats" not in job.analyses:
+        raise JobSpecError("train-onehot takes the vocabulary size from [analyses.corpus_stats]")
+    vocab = int(get_analysis("corpus_stats").from_spec(job.analyses["corpus_stats"]).params.vocab_size)
+    return corpus(job.data.num_examples, job.data.seq_len, vocab, job.data.seed), vocab
 
 
 def full_batch_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,13 @@ def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
             for layer in ds.layer.values.tolist():
                 score = ds.lt_score.sel(comparison=comparison, layer=layer)
                 name = f"{label}, layer {layer}" if ds.sizes["layer"] > 1 else label
-                ax.plot(ds.step, score.sel(corpus="real"), color=colour, label=name, alpha=1.0 - 0.25 * layer)
+                ax.plot(
+                    ds.step,
+                    score.sel(corpus="real"),
+                    color=colour,
+                    label=name,
+                    alpha=max(0.25, 1.0 - 0.25 * layer),
+                )
                 ax.plot(ds.step, score.sel(corpus="shuffled"), color=colour, linestyle=":", alpha=0.6)
         ax.set_title(comparison)
         ax.set_xlabel("step")

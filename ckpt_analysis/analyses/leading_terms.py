@@ -20,7 +20,7 @@ from ckpt_analysis.corpus import (
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.onehot import MODEL_TYPE
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import capture, decoder_layers
+from ckpt_analysis.sites import Site, capture, decoder_layers
 
 TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
 TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -37,7 +37,8 @@ _TOKEN_BATCH = 1024
 
 def rowcov(e: torch.Tensor) -> torch.Tensor:
     """SPEC §5.1 token-indexed covariance: rows are variables, columns observations (``numpy.cov(E)``)."""
-    centred = e.to(torch.float64) - e.to(torch.float64).mean(dim=1, keepdim=True)
+    e = e.to(torch.float64)
+    centred = e - e.mean(dim=1, keepdim=True)
     return centred @ centred.T / (e.shape[1] - 1)
 
 
@@ -70,10 +71,8 @@ def query_key_matrix(layer: Any, *, fold_ln: bool) -> torch.Tensor:
 
 def layer_norm_input(x: torch.Tensor, layer: Any) -> torch.Tensor:
     """``(x − mean) / sqrt(var + eps)``: the attention LayerNorm without gain and bias."""
-    eps = float(layer.input_layernorm.eps)
     x = x.to(torch.float64)
-    centred = x - x.mean(dim=-1, keepdim=True)
-    return centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return nn.functional.layer_norm(x, x.shape[-1:], eps=float(layer.input_layernorm.eps))
 
 
 def token_activations(
@@ -87,21 +86,19 @@ def token_activations(
     """
     device = next(model.parameters()).device
     layers = len(decoder_layers(model))
-    parts: dict[str, list[list[torch.Tensor]]] = {
-        s: [[] for _ in range(layers)] for s in ("pre", "attn", "post")
-    }
-    names = {"resid_pre": "pre", "attn_out": "attn", "resid_post": "post"}
+    hooked: tuple[Site, ...] = ("resid_pre", "attn_out", "resid_post")
+    parts: dict[str, list[list[torch.Tensor]]] = {s: [[] for _ in range(layers)] for s in hooked}
 
-    def keep(site: str, layer: int, acts: torch.Tensor) -> None:
-        parts[names[site]][layer].append(acts[:, -1])
+    def keep(site: Site, layer: int, acts: torch.Tensor) -> None:
+        parts[site][layer].append(acts[:, -1])
 
     ids = torch.as_tensor(token_ids, device=device)[:, None]
     if bos is not None:
         ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
-    with torch.inference_mode(), capture(model, ("resid_pre", "attn_out", "resid_post"), keep):
+    with torch.inference_mode(), capture(model, hooked, keep):
         for start in range(0, ids.shape[0], _TOKEN_BATCH):
             model.base_model(input_ids=ids[start : start + _TOKEN_BATCH])
-    pre, attn, post = ([torch.cat(chunks) for chunks in parts[s]] for s in ("pre", "attn", "post"))
+    pre, attn, post = ([torch.cat(chunks) for chunks in parts[s]] for s in hooked)
     return {
         "resid_pre": pre,
         "resid_mid": [p + a for p, a in zip(pre, attn, strict=True)],
@@ -114,6 +111,11 @@ def _k_by_k(name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: str
     k = shape[-1]
     rows = max(1, min(k, 2**22 // k))
     return Variable(name, dims, shape, dtype, (*(1,) * (len(shape) - 2), rows, k), doc=doc)
+
+
+def _inputs_per_sequence(ctx: PlanContext) -> int:
+    """T: each sequence of T + 1 tokens gives inputs x_1 … x_T (SPEC §5.5)."""
+    return int(ctx.eval_data.input_ids.shape[1]) - 1
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,10 @@ class CorpusStatsAnalysis(Analysis):
     params: CorpusStatsParams
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        length = ctx.eval_data.input_ids.shape[1] - 1
         return {
             "vocab": np.arange(self.params.vocab_size),
             "corpus": np.array(CORPORA, dtype=object),
-            "distance": np.arange(length),
+            "distance": np.arange(_inputs_per_sequence(ctx)),
         }
 
     def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
@@ -164,11 +165,11 @@ class CorpusStatsAnalysis(Analysis):
             "g": "G = Φ̄ᵀΣ_B̄",
             "qk": "Q̄: rows query token, columns key token",
         }
-        length = ctx.eval_data.input_ids.shape[1] - 1
+        c, length = len(CORPORA), _inputs_per_sequence(ctx)
         return [
-            *(_k_by_k(f"lt_{s}", dims, (2, k, k), dtype, docs[s]) for s in STATS),
-            Variable("lt_delta", ("corpus", "distance"), (2, length), "float64", (1, length), doc="Δ_m"),
-            Variable("lt_pairs", ("corpus",), (2,), "int64", (1,), fill=-1, doc="NT, positions averaged"),
+            *(_k_by_k(f"lt_{s}", dims, (c, k, k), dtype, docs[s]) for s in STATS),
+            Variable("lt_delta", ("corpus", "distance"), (c, length), "float64", (1, length), doc="Δ_m"),
+            Variable("lt_pairs", ("corpus",), (c,), "int64", (1,), fill=-1, doc="NT, positions averaged"),
         ]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
@@ -198,15 +199,12 @@ class CorpusStatsAnalysis(Analysis):
 
 
 def _check_token_model(ctx: PlanContext, analysis: str) -> None:
-    if ctx.model_config.get("model_type") != "gpt_neox":
+    model_type = ctx.model_config.get("model_type")
+    if model_type != "gpt_neox":
+        hint = f"; for {MODEL_TYPE!r} use lt_alignment mode = 'weights'" if analysis == "lt_alignment" else ""
         raise JobSpecError(
-            f"analyses.{analysis} reads GPT-NeoX attention weights; model_type "
-            f"{ctx.model_config.get('model_type')!r} is not supported (supported: 'gpt_neox'"
-            + (
-                f"; for {MODEL_TYPE!r} use lt_alignment mode = 'weights')"
-                if analysis == "lt_alignment"
-                else ")"
-            )
+            f"analyses.{analysis} reads GPT-NeoX attention weights; model_type {model_type!r} "
+            f"is not supported (supported: 'gpt_neox'{hint})"
         )
 
 
@@ -234,7 +232,7 @@ class TokenCov(Analysis):
         return {"token_site": np.array(self.params.sites, dtype=object)}
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        k = int(ctx.job.analyses["corpus_stats"].get("vocab_size", CorpusStatsParams.vocab_size))
+        k = CorpusStatsAnalysis.from_spec(ctx.job.analyses["corpus_stats"]).params.vocab_size
         shape = (
             len(ctx.checkpoints),
             int(ctx.model_config["num_hidden_layers"]),
@@ -296,12 +294,15 @@ class LeadingTermAlignment(Analysis):
             return self.params.mode
         return "weights" if model_config.get("model_type") == MODEL_TYPE else "activations"
 
+    def _comparisons(self, ctx: PlanContext) -> tuple[str, ...]:
+        return WEIGHT_COMPARISONS if self.mode(ctx.model_config) == "weights" else ACTIVATION_COMPARISONS
+
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        names = WEIGHT_COMPARISONS if self.mode(ctx.model_config) == "weights" else ACTIVATION_COMPARISONS
-        return {"comparison": np.array(names, dtype=object)}
+        return {"comparison": np.array(self._comparisons(ctx), dtype=object)}
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        shape = (len(ctx.checkpoints), int(ctx.model_config["num_hidden_layers"]), 5, 2)
+        layers = int(ctx.model_config["num_hidden_layers"])
+        shape = (len(ctx.checkpoints), layers, len(self._comparisons(ctx)), len(CORPORA))
         doc = "uncentred cosine with the leading-term prediction (SPEC §5.5)"
         return [
             Variable(
@@ -362,16 +363,17 @@ class LeadingTermAlignment(Analysis):
 
     def _weights(self, model: Any, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
         """(layer, comparison, corpus) scores of the one-hot model's weights (SPEC §5.5)."""
-        return np.stack([self._weight_scores(model, vocab, ctx, r) for r in range(len(CORPORA))], axis=-1)
+        stats = {s: torch.from_numpy(ctx.read(f"lt_{s}")) for s in ("bigram", "value", "qk", "delta")}
+        rows = [{s: m[r] for s, m in stats.items()} for r in range(len(CORPORA))]
+        return np.stack([self._weight_scores(model, vocab, stat) for stat in rows], axis=-1)
 
-    def _weight_scores(self, model: Any, vocab: np.ndarray, ctx: UnitContext, row: int) -> np.ndarray:
+    def _weight_scores(self, model: Any, vocab: np.ndarray, stat: dict[str, torch.Tensor]) -> np.ndarray:
         ids = torch.from_numpy(vocab)
 
         def sub(m: torch.Tensor) -> torch.Tensor:
             return m.detach().cpu()[ids][:, ids]
 
-        stat = {s: torch.from_numpy(ctx.read(f"lt_{s}")[row]) for s in ("bigram", "value", "qk")}
-        delta = torch.from_numpy(ctx.read("lt_delta")[row])
+        delta = stat["delta"]
         output = cosine(sub(model.output), stat["bigram"])
         out = []
         for layer in model.layers:

@@ -169,29 +169,30 @@ class Polca(Analysis):
         every = self.params.measure_all_variants
         return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
 
+    @staticmethod
+    def _basis(ctx: PlanContext | UnitContext) -> Analysis:
+        """The job's ``hessian_basis`` analysis, its options parsed (defaults included)."""
+        return get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
+
     def _check(self, ctx: PlanContext | UnitContext) -> list[str]:
         """Validate the bases against hessian_basis; return its parameter patterns."""
-        table = ctx.job.analyses["hessian_basis"]
+        basis = self._basis(ctx).params
         if not self.params.bases or len(set(self.params.bases)) != len(self.params.bases):
             raise JobSpecError("analyses.polca.bases must list distinct bases: 'hessian', 'random', 'axis'")
-        if "random" in self.params.bases and not table.get("random", True):
+        if "random" in self.params.bases and not basis.random:
             raise JobSpecError("analyses.polca.bases has 'random' but hessian_basis.random = false")
-        if "axis" in self.params.bases and not table.get("axis", 50):
+        if "axis" in self.params.bases and not basis.axis:
             raise JobSpecError("analyses.polca.bases has 'axis' but hessian_basis.axis = 0")
-        if (
-            self.params.second_order == "paper"
-            and self.params.bases != ["hessian"]
-            and not table.get("rayleigh")
-        ):
+        if self.params.second_order == "paper" and self.params.bases != ["hessian"] and not basis.rayleigh:
             raise JobSpecError(
                 "second_order = 'paper' on the random or axis basis needs their λ_b: "
                 "set hessian_basis.rayleigh = true (one HVP per vector)"
             )
-        return list(table.get("params", ["*"]))
+        return list(basis.params)
 
     def sizes(self, ctx: PlanContext) -> dict[str, tuple[str, int]]:
         """Per basis: its dimension name and number of vectors."""
-        coords = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"]).coords(ctx)
+        coords = self._basis(ctx).coords(ctx)
         dims = {b: BASIS_VARIABLES[b][1] for b in self.params.bases}
         return {b: (dim, int(coords[dim].size)) for b, dim in dims.items()}
 
@@ -262,7 +263,7 @@ class Polca(Analysis):
         return {"variant": np.array(VARIANTS, dtype=object)}
 
     def units(self, ctx: PlanContext) -> list[Unit]:
-        basis = get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
+        basis = self._basis(ctx)
         deps = tuple(u.id for u in basis.units(ctx))
         per_step = [Unit(u.analysis, u.key, u.checkpoint, deps) for u in super().units(ctx)]
         losses = tuple(u.id for u in get_analysis("token_loss").from_spec({}).units(ctx))
@@ -316,7 +317,7 @@ class Polca(Analysis):
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
         guarded = np.zeros(p.shape[1], dtype=np.int64)
-        if basis == "hessian" or ctx.job.analyses["hessian_basis"].get("rayleigh"):
+        if basis == "hessian" or self._basis(ctx).params.rayleigh:
             paper, guarded = second_order_paper(p, d, ctx.read(EIGVAL_VARIABLES[basis]))
             totals["paper"] = first + paper
         if curv:
