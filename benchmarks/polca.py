@@ -19,7 +19,7 @@ from common import machine, median_time, table
 
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, DataSpec, job_from_dict
+from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec, job_from_dict
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.directional import directional_derivatives
@@ -29,6 +29,7 @@ from ckpt_analysis.store import open_results
 from ckpt_analysis.train import TrainConfig, train_addition
 
 PROBLEMS, K, STEPS, EVERY = 250, 16, 320, 20
+PER_PASS, PASS_SIZES = ComputeSpec().vectors_per_pass, (1, 4, 8, 16)  # the default, and those compared
 
 
 def reverse_mode(model: torch.nn.Module, data: EvalData, directions: torch.Tensor) -> torch.Tensor:
@@ -66,46 +67,50 @@ def costs(run: Path) -> None:
     directions = torch.linalg.qr(torch.randn(layout.size, K, generator=gen))[0].T.contiguous()
     size = PROBLEMS
 
-    def forward_mode(second: bool = False) -> torch.Tensor:
-        return directional_derivatives(model, layout, data, directions, batch_size=size, second=second).first
+    def forward_mode(second: bool = False, per_pass: int = PER_PASS) -> torch.Tensor:
+        return directional_derivatives(
+            model, layout, data, directions, batch_size=size, vectors_per_pass=per_pass, second=second
+        ).first
 
     fwd = forward_mode()
     rev = reverse_mode(model, data, directions)
     err = float((fwd - rev).abs().max() / rev.abs().max())
-    t_fwd = median_time(forward_mode, 5)
-    t_rev = median_time(lambda: reverse_mode(model, data, directions), 3)
     t_plain = median_time(lambda: plain_forwards(model, data, K), 5)
-    t_second = median_time(lambda: forward_mode(second=True), 3)
+    t_rev = median_time(lambda: reverse_mode(model, data, directions), 3)
+    rows = [["K plain forward passes", "", f"{t_plain:.3f}", "1×", ""]]
+    first, second = {}, {}
+    for per_pass in PASS_SIZES:
+        first[per_pass] = median_time(lambda: forward_mode(per_pass=per_pass), 5)  # noqa: B023
+        second[per_pass] = median_time(lambda: forward_mode(True, per_pass), 3)  # noqa: B023
+    for name, times, bar in (
+        ("first order (K JVPs)", first, "≤ 3×"),
+        ("exact c (forward-over-forward)", second, "≤ 6×"),
+    ):
+        for per_pass, t in times.items():
+            rows.append(
+                [
+                    name,
+                    str(per_pass),
+                    f"{t:.3f}",
+                    f"{t / t_plain:.2f}× K forwards",
+                    bar if per_pass == PER_PASS else "",
+                ]
+            )
+    rows.insert(
+        1,
+        [
+            "per-token reverse mode",
+            "",
+            f"{t_rev:.2f}",
+            f"{t_rev / first[PER_PASS]:.1f}× slower than forward",
+            "≥ 20×",
+        ],
+    )
     print(
         f"{data.num_tokens} scored tokens ({PROBLEMS} sequences), K = {K} directions, "
         f"{layout.size} parameters, float32, torch threads 1\n"
     )
-    print(
-        table(
-            ["computation", "s", "ratio", "bar"],
-            [
-                [
-                    "per-token reverse mode",
-                    f"{t_rev:.2f}",
-                    f"{t_rev / t_fwd:.1f}× slower than forward",
-                    "≥ 20×",
-                ],
-                [
-                    "forward mode, first order (K JVPs)",
-                    f"{t_fwd:.3f}",
-                    f"{t_fwd / t_plain:.2f}× K forwards",
-                    "≤ 3×",
-                ],
-                [
-                    "forward mode with exact c (K forward-over-forward)",
-                    f"{t_second:.3f}",
-                    f"{t_second / t_plain:.2f}× K forwards",
-                    "≤ 6×",
-                ],
-                ["K plain forward passes", f"{t_plain:.3f}", "1×", ""],
-            ],
-        )
-    )
+    print(table(["computation", "vectors per pass", "s", "ratio", "bar"], rows))
     print(f"\nmax |forward − reverse| / max |reverse| = {err:.1e} (bar: 1e-5)\n")
 
 

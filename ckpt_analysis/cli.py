@@ -1,4 +1,4 @@
-"""The ``ckpt-analysis`` command line: run, plan, status, show, read results, train toy models, demo."""
+"""The ``ckpt-analysis`` command line: run, plan, submit, status, show, read results, toy models, demo."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ def run(
     ] = None,
     shard: Annotated[int | None, typer.Option(help="Run only units i with i % num_shards == shard.")] = None,
     num_shards: Annotated[int, typer.Option(help="Shard count (SLURM array size).")] = 1,
+    stage: Annotated[
+        int | None,
+        typer.Option(help="Only this dependency stage's units (SLURM arrays; see `submit --dry-run`)."),
+    ] = None,
 ) -> None:
     """Run a job: create its store (or resume it), then compute every unit not yet done.
 
@@ -86,7 +90,9 @@ def run(
 
     try:
         spec = load_job(job, output=output)
-        outcomes = run_job(spec, force=force, executor=executor, shard=shard, num_shards=num_shards)
+        outcomes = run_job(
+            spec, force=force, executor=executor, shard=shard, num_shards=num_shards, stage=stage
+        )
     except CkptAnalysisError as exc:
         raise _fail(exc) from exc
     failed = [o for o in outcomes if not o.ok]
@@ -113,6 +119,43 @@ def plan(job: JobArg, output: OutputOpt = None, force: ForceOpt = False) -> None
     except CkptAnalysisError as exc:
         raise _fail(exc) from exc
     out.print(f"{spec.output}: {'store exists, spec unchanged' if action == 'resume' else 'created'}")
+
+
+@app.command()
+def submit(
+    job: JobArg,
+    output: OutputOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write the sbatch scripts into STORE/slurm/ only.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Return when the last stage has finished.")] = False,
+) -> None:
+    """Run a job as SLURM array jobs: one array per dependency stage, chained with --dependency.
+
+    Creates (or resumes) the store, then writes STORE/slurm/stage<N>.sbatch for every stage with
+    units not yet done and submits them: stage 0 holds units without inputs (e.g. covariances,
+    the first Hessian-basis link), later stages the units that read them (the next links, POLCA
+    projections, finalize, clusters). Each array task runs `ckpt-analysis run JOB --stage N
+    --shard $SLURM_ARRAY_TASK_ID --num-shards T`. Time, memory, CPUs, partition, account, GPUs
+    (`gres`) and setup lines come from the job's [slurm] table (docs/jobs.md). Logs go to
+    STORE/slurm/logs/. Re-submitting after failures runs only what is not done.
+    """
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.submit import submit as submit_job
+
+    try:
+        spec = load_job(job, output=output)
+        submitted = submit_job(spec, job, dry_run=dry_run, wait=wait)
+    except CkptAnalysisError as exc:
+        raise _fail(exc) from exc
+    table = Table("stage", "analyses", "units", "pending", "array tasks", "job id", title=spec.output)
+    for s in submitted:
+        table.add_row(
+            str(s.number), ", ".join(s.analyses), str(s.units), str(s.pending), str(s.tasks), s.job_id or "-"
+        )
+    out.print(table if submitted else f"{spec.output}: every unit is done; nothing to submit")
+    if wait:
+        status(Path(spec.output))
 
 
 @app.command()

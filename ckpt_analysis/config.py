@@ -76,6 +76,39 @@ class ComputeSpec:
     threads_per_worker: int = 1
     torch_threads: int = 1
     batch_size: int = 32
+    vectors_per_pass: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "threads_per_worker", "torch_threads", "batch_size", "vectors_per_pass"):
+            if getattr(self, key) < 1:
+                raise JobSpecError(f"compute.{key} = {getattr(self, key)} must be at least 1")
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """``[slurm]``: resources of the sbatch arrays that ``ckpt-analysis submit`` writes (SPEC §7).
+
+    ``cpus_per_task`` defaults to ``compute.torch_threads``; ``shards`` caps the array tasks per
+    stage; ``max_parallel`` throttles an array (``%K``); ``setup`` lines run first in every task
+    (``module load …``, ``source venv/bin/activate``); ``sbatch_args`` are extra ``#SBATCH`` options.
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    time: str = "01:00:00"
+    mem: str = "8G"
+    cpus_per_task: int | None = None
+    gres: str | None = None
+    shards: int = 16
+    max_parallel: int | None = None
+    setup: list[str] = field(default_factory=list)
+    sbatch_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key in ("cpus_per_task", "shards", "max_parallel"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise JobSpecError(f"slurm.{key} = {value} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -88,14 +121,16 @@ class JobSpec:
     data: DataSpec
     analyses: dict[str, dict[str, Any]]
     compute: ComputeSpec = field(default_factory=ComputeSpec)
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised spec as plain data (stored in the results' root attrs)."""
         return dataclasses.asdict(self)
 
     def spec_hash(self) -> str:
-        """Hash of everything that defines the results; compute settings and name excluded."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in ("compute", "name", "output")}
+        """Hash of everything that defines the results; compute and SLURM settings and name excluded."""
+        excluded = ("compute", "slurm", "name", "output")
+        payload = {k: v for k, v in self.to_dict().items() if k not in excluded}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -178,7 +213,7 @@ def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
     raw.setdefault("name", "job")
     if "analyses" not in raw or not raw["analyses"]:
         raise JobSpecError("the job names no analyses; add an [analyses.<name>] table")
-    nested = {"checkpoints": CheckpointsSpec, "data": DataSpec, "compute": ComputeSpec}
+    nested = {"checkpoints": CheckpointsSpec, "data": DataSpec, "compute": ComputeSpec, "slurm": SlurmSpec}
     for key, cls in nested.items():
         if key in raw:
             raw[key] = parse_dataclass(cls, raw[key], key)

@@ -19,3 +19,7 @@ class DataError(CkptAnalysisError):
 
 class StoreError(CkptAnalysisError):
     """The results store path is unusable or belongs to another job."""
+
+
+class SubmitError(CkptAnalysisError):
+    """SLURM submission failed: no ``sbatch`` on PATH, or ``sbatch`` refused a stage."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,6 +66,25 @@ def make_plan(job: JobSpec) -> Plan:
     ctx = PlanContext(job, ckpts, config, data, tokenizer)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
     return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units)
+
+
+def stored_units(meta: dict[str, Any]) -> list[Unit]:
+    """The units a store was planned with, from its root attributes (:func:`prepare_store`)."""
+    return [
+        Unit(u["analysis"], u["id"].split("/", 1)[1], u["checkpoint"], tuple(u["deps"]))
+        for u in meta["units"]
+    ]
+
+
+def unit_stages(units: Sequence[Unit]) -> list[int]:
+    """Each unit's stage: 0 without dependencies, else one more than its latest dependency's.
+
+    Units of one stage never depend on each other, so a stage can run as one SLURM array.
+    """
+    stage: dict[str, int] = {}
+    for unit in units:
+        stage[unit.id] = 1 + max((stage[d] for d in unit.deps), default=-1)
+    return [stage[u.id] for u in units]
 
 
 def _ordered_units(units: list[Unit]) -> list[Unit]:

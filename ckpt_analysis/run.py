@@ -18,7 +18,7 @@ from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import StoreError
 from ckpt_analysis.execute import Outcome, Task, make_executor
-from ckpt_analysis.plan import prepare_store, versions
+from ckpt_analysis.plan import prepare_store, stored_units, unit_stages, versions
 from ckpt_analysis.progress import progress
 from ckpt_analysis.registry import Unit, UnitContext, get_analysis
 from ckpt_analysis.store import (
@@ -53,13 +53,18 @@ class _ModelCache:
         return self.model
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Worker:
     """Per-process state for one store: the job, its units, and the analyses' unit context."""
 
     job: JobSpec
     units: list[Unit]
     context: UnitContext
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Unit id → position in ``units`` (and in the store's ``done`` array)."""
+        return {u.id: i for i, u in enumerate(self.units)}
 
 
 @cache
@@ -79,10 +84,7 @@ def _worker(store: str) -> _Worker:
         read_array(store, "attention_mask"),
         read_array(store, "score_mask").astype(bool),
     )
-    units = [
-        Unit(u["analysis"], u["id"].split("/", 1)[1], u["checkpoint"], tuple(u["deps"]))
-        for u in meta["units"]
-    ]
+    units = stored_units(meta)
     models = _ModelCache(CheckpointSource.from_spec(job.checkpoints), ckpts)
     read = functools.partial(read_array, store)
     return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models, read))
@@ -107,8 +109,12 @@ def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outc
 
     worker = _worker(store)
     unit = worker.units[index]
-    if not force and done_flags(store)[index]:
+    flags = done_flags(store)
+    if not force and flags[index]:
         return Outcome(index, unit.id, "skipped")
+    missing = [d for d in unit.deps if not flags[worker.index[d]]]
+    if missing:  # a shard of a later SLURM stage whose inputs failed or never ran
+        return Outcome(index, unit.id, "failed", f"dependency not done: {', '.join(missing)}")
     torch.set_num_threads(torch_threads)
     start = time.time()
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
@@ -147,11 +153,14 @@ def run_job(
     executor: Literal["local", "inprocess"] | None = None,
     shard: int | None = None,
     num_shards: int = 1,
+    stage: int | None = None,
 ) -> list[Outcome]:
     """Plan (or resume) ``job``'s store, then run its units; returns one Outcome per unit run.
 
-    With ``shard``/``num_shards`` (SLURM arrays) the store must already exist and only units
-    ``i`` with ``i % num_shards == shard`` run, in-process.
+    With ``shard``/``num_shards`` (SLURM arrays) the store must already exist and only the
+    units ``i`` with ``i % num_shards == shard`` run, in-process; with ``stage`` too, the units of
+    that stage (:func:`~ckpt_analysis.plan.unit_stages`) are numbered alone and sharded so. A unit
+    whose dependencies are not done fails with that reason and writes nothing.
     """
     store = job.output
     if shard is None:
@@ -160,10 +169,11 @@ def run_job(
         raise StoreError(f"{store} does not exist; create it first with `ckpt-analysis plan`")
     _worker.cache_clear()  # the store may have been (re)created just now
     worker = _worker(store)
-    ids = {u.id: i for i, u in enumerate(worker.units)}
-    tasks = [Task(i, u.id, tuple(ids[d] for d in u.deps)) for i, u in enumerate(worker.units)]
+    tasks = [Task(i, u.id, tuple(worker.index[d] for d in u.deps)) for i, u in enumerate(worker.units)]
+    if stage is not None:
+        tasks = [t for t, s in zip(tasks, unit_stages(worker.units), strict=True) if s == stage]
     if shard is not None:
-        tasks = [t for t in tasks if t.index % num_shards == shard]
+        tasks = [t for position, t in enumerate(tasks) if position % num_shards == shard]
     kind = "inprocess" if shard is not None else executor or job.compute.executor
     runner = make_executor(
         kind, workers=job.compute.workers, threads_per_worker=job.compute.threads_per_worker

@@ -227,3 +227,13 @@ def independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[str
             ):
                 out[site].append(value.double().numpy())
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def assert_same_results(a: str | Path, b: str | Path) -> None:
+    """Two stores hold the same variables with bit-identical values."""
+    from ckpt_analysis.store import open_results
+
+    da, db = open_results(a), open_results(b)
+    assert set(da.data_vars) == set(db.data_vars)
+    for name in da.data_vars:
+        np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=name)

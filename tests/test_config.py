@@ -35,6 +35,13 @@ def test_wrong_type_is_reported(tmp_path: Path) -> None:
         job_from_dict(raw, base=tmp_path)
 
 
+@pytest.mark.parametrize("key", ["workers", "batch_size", "vectors_per_pass"])
+def test_non_positive_compute_sizes_are_rejected(tmp_path: Path, key: str) -> None:
+    raw = job_dict(tmp_path, tmp_path / "out.zarr", compute={key: 0})
+    with pytest.raises(JobSpecError, match=rf"compute\.{key} = 0 must be at least 1"):
+        job_from_dict(raw, base=tmp_path)
+
+
 def test_job_without_analyses_is_rejected(tmp_path: Path) -> None:
     raw = job_dict(tmp_path, tmp_path / "out.zarr")
     raw["analyses"] = {}

@@ -52,7 +52,9 @@ def _per_token_reverse(model, data, directions):  # type: ignore[no-untyped-def]
 
 def test_first_and_second_directional_derivatives_match_reverse_mode(setup) -> None:  # type: ignore[no-untyped-def]
     model, layout, data, directions = setup
-    got = directional_derivatives(model, layout, data, directions, batch_size=4, second=True)
+    got = directional_derivatives(
+        model, layout, data, directions, batch_size=4, vectors_per_pass=2, second=True
+    )
     losses, first, second = _per_token_reverse(model, data, directions)
     np.testing.assert_allclose(got.losses.numpy(), losses.numpy(), rtol=1e-10)
     scale = first.abs().max().item()

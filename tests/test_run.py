@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import build_local_run, job_dict, run_and_kill, save_checkpoint, tiny_model, write_job
+from builders import (
+    assert_same_results,
+    build_local_run,
+    job_dict,
+    run_and_kill,
+    save_checkpoint,
+    tiny_model,
+    write_job,
+)
 
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.execute import InProcessExecutor, Outcome, Task
@@ -17,13 +25,6 @@ from ckpt_analysis.run import run_job
 from ckpt_analysis.store import done_flags, open_results, read_sidecar, unit_states
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]
-
-
-def assert_same_results(a: str, b: str) -> None:
-    da, db = open_results(a), open_results(b)
-    assert set(da.data_vars) == set(db.data_vars)
-    for name in da.data_vars:
-        np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=name)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -284,12 +285,20 @@ class Polca(Analysis):
         theta_next = None if following is None else layout.flatten(following)
         model = as_dtype(ctx.load_model(t), self.params.dtype)  # the cache now holds θ_t
         theta = layout.flatten(model)
-        batch = ctx.job.compute.batch_size
+        compute = ctx.job.compute
+        project = partial(
+            directional_derivatives,
+            model,
+            layout,
+            ctx.eval_data,
+            batch_size=compute.batch_size,
+            vectors_per_pass=compute.vectors_per_pass,
+        )
         writes = []
         for name in self.params.bases:
             x = suffix(name)
             basis = torch.from_numpy(ctx.read(BASIS_VARIABLES[name][0])).to(theta)
-            here = directional_derivatives(model, layout, ctx.eval_data, basis, batch_size=batch, second=curv)
+            here = project(basis, second=curv)
             writes.append(Write(f"proj_grad{x}", (t,), here.first.cpu().numpy()))
             if here.second is not None:
                 writes.append(Write(f"proj_curv{x}", (t,), here.second.cpu().numpy()))
@@ -298,14 +307,7 @@ class Polca(Analysis):
             step = theta_next - theta
             writes.append(Write(f"step_proj{x}", (t,), (basis @ step).cpu().numpy()))
             if mid:
-                at_mid = directional_derivatives(
-                    model,
-                    layout,
-                    ctx.eval_data,
-                    basis,
-                    batch_size=batch,
-                    params=layout.unflatten(theta + 0.5 * step),
-                )
+                at_mid = project(basis, params=layout.unflatten(theta + 0.5 * step))
                 writes.append(Write(f"proj_grad_mid{x}", (t,), at_mid.first.cpu().numpy()))
         return writes
 

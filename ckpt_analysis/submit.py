@@ -1,0 +1,149 @@
+"""SLURM array submission: one sbatch array per dependency stage, chained with ``--dependency`` (SPEC §7)."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from ckpt_analysis.config import JobSpec, SlurmSpec
+from ckpt_analysis.errors import SubmitError
+from ckpt_analysis.plan import prepare_store, stored_units, unit_stages
+from ckpt_analysis.registry import Unit
+from ckpt_analysis.store import done_flags, store_meta
+
+log = logging.getLogger(__name__)
+
+SCRIPTS_DIR = "slurm"
+"""Folder inside the store for the rendered sbatch scripts, with their logs under ``logs/``."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One sbatch array: the units of one stage, sharded over ``tasks`` array tasks."""
+
+    number: int
+    units: int
+    pending: int
+    analyses: tuple[str, ...]
+    tasks: int
+    script: Path | None = None
+    job_id: str | None = None
+
+
+def stages(units: list[Unit], done: list[bool], *, shards: int) -> list[Stage]:
+    """Group units by :func:`~ckpt_analysis.plan.unit_stages`, with their pending counts."""
+    numbers = unit_stages(units)
+    out = []
+    for number in range(max(numbers, default=-1) + 1):
+        members = [i for i, s in enumerate(numbers) if s == number]
+        analyses = tuple(dict.fromkeys(units[i].analysis for i in members))
+        pending = sum(not done[i] for i in members)
+        out.append(Stage(number, len(members), pending, analyses, min(shards, len(members))))
+    return out
+
+
+def render_stage(
+    stage: Stage,
+    *,
+    name: str,
+    last_stage: int,
+    spec: SlurmSpec,
+    cpus: int,
+    job: Path,
+    store: Path,
+    python: str,
+) -> str:
+    """The sbatch script of one stage, from ``ckpt_analysis/templates/array.sbatch``.
+
+    Each array task runs ``ckpt-analysis run JOB --stage N --shard $SLURM_ARRAY_TASK_ID
+    --num-shards T``; ``spec`` supplies time, memory, CPUs, partition, account, GPUs and extras.
+    """
+    options = [
+        f"--{key}={value}"
+        for key, value in (("partition", spec.partition), ("account", spec.account), ("gres", spec.gres))
+        if value is not None
+    ]
+    text = resources.files("ckpt_analysis").joinpath("templates/array.sbatch").read_text()
+    script = Template(text).substitute(
+        name=name,
+        stage=stage.number,
+        last_stage=last_stage,
+        units=stage.units,
+        analyses=", ".join(stage.analyses),
+        tasks=stage.tasks,
+        last_task=stage.tasks - 1,
+        throttle="" if spec.max_parallel is None else f"%{spec.max_parallel}",
+        time=spec.time,
+        mem=spec.mem,
+        cpus=spec.cpus_per_task or cpus,
+        logs=shlex.quote(str(store / SCRIPTS_DIR / "logs")),
+        options="\n".join(f"#SBATCH {o}" for o in [*options, *spec.sbatch_args]),
+        setup="\n".join(spec.setup),
+        python=shlex.quote(python),
+        job=shlex.quote(str(job)),
+        store=shlex.quote(str(store)),
+    )
+    return "".join(line for line in script.splitlines(keepends=True) if line.strip())  # no empty options
+
+
+def submit(job: JobSpec, job_path: Path, *, dry_run: bool = False, wait: bool = False) -> list[Stage]:
+    """Create (or resume) the store, write one script per stage with pending units, and sbatch them.
+
+    Each stage after the first waits for the previous with ``--dependency=afterany``, so one failed
+    unit never stops the others; units whose inputs failed report that in their own sidecars.
+    With ``dry_run`` the scripts are written but not submitted; with ``wait`` the call returns
+    when the last stage has finished. Stages whose units are all done are skipped.
+    """
+    sbatch = shutil.which("sbatch")
+    if sbatch is None and not dry_run:
+        raise SubmitError("sbatch is not on PATH; use --dry-run to write the scripts only")
+    prepare_store(job, force=False)
+    store = Path(job.output)
+    units = stored_units(store_meta(store))
+    plan = stages(units, [bool(d) for d in done_flags(store)], shards=job.slurm.shards)
+    todo = [s for s in plan if s.pending]
+    folder = store / SCRIPTS_DIR
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    out, previous = [], None
+    for stage in todo:
+        text = render_stage(
+            stage,
+            name=job.name,
+            last_stage=len(plan) - 1,
+            spec=job.slurm,
+            cpus=job.compute.torch_threads,
+            job=job_path.resolve(),
+            store=store.resolve(),
+            python=sys.executable,
+        )
+        script = folder / f"stage{stage.number}.sbatch"
+        script.write_text(text)
+        stage = replace(stage, script=script)
+        if sbatch is not None and not dry_run:
+            last = stage.number == todo[-1].number
+            stage = replace(stage, job_id=_sbatch(sbatch, script, after=previous, wait=wait and last))
+            previous = stage.job_id
+        out.append(stage)
+    return out
+
+
+def _sbatch(sbatch: str, script: Path, *, after: str | None, wait: bool) -> str:
+    """Submit one script; returns the job id (with ``wait``, after the job has finished)."""
+    cmd = [sbatch, "--parsable"]
+    if after is not None:
+        cmd.append(f"--dependency=afterany:{after}")
+    if wait:
+        cmd.append("--wait")
+    result = subprocess.run([*cmd, str(script)], capture_output=True, text=True, check=False)
+    job_id = result.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SubmitError(f"sbatch refused {script}: {result.stderr.strip() or result.stdout.strip()}")
+    log.info("submitted %s as job %s", script.name, job_id)
+    return job_id

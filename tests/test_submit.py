@@ -1,0 +1,157 @@
+"""SLURM submission: stages, rendered sbatch scripts (golden files), and a real single-node SLURM run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from builders import assert_same_results, build_local_run, job_dict, to_toml
+
+from ckpt_analysis.config import SlurmSpec, job_from_dict, load_job
+from ckpt_analysis.errors import SubmitError
+from ckpt_analysis.plan import unit_stages
+from ckpt_analysis.registry import Unit
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import done_flags, read_sidecar
+from ckpt_analysis.submit import Stage, render_stage, submit
+
+GOLDEN = Path(__file__).parent / "golden"
+CLI = [sys.executable, "-m", "ckpt_analysis"]
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+ANALYSES = {
+    "covariance": {"sites": ["resid_post"]},
+    "hessian_basis": {"k": 1, "every": 10, "sample_sequences": 8, "random": False},
+    "token_loss": {},
+    "polca": {},
+}
+
+
+def _slurm_ready() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
+    return up.returncode == 0 and "idle" in up.stdout
+
+
+def _staged_job(tmp_path: Path, name: str, **slurm: object) -> Path:
+    """A three-checkpoint job whose units span five stages (basis chain → POLCA → finalize)."""
+    run = tmp_path / "run"
+    if not run.exists():
+        build_local_run(run, [0, 10, 20], seed=4, **SMALL)
+    raw = job_dict(run, tmp_path / f"{name}.zarr", analyses=ANALYSES, data={"num_examples": 16})
+    raw["name"] = name
+    raw["slurm"] = {"shards": 2, **slurm}
+    path = tmp_path / f"{name}.toml"
+    path.write_text(to_toml(raw))
+    return path
+
+
+def test_stages_follow_the_longest_dependency_chain() -> None:
+    units = [
+        Unit("a", "0", 0),
+        Unit("b", "0", 0, ("a/0",)),
+        Unit("a", "1", 1),
+        Unit("c", "x", None, ("b/0", "a/1")),
+    ]
+    assert unit_stages(units) == [0, 1, 0, 2]
+
+
+def test_rendered_script_matches_the_golden_file() -> None:
+    spec = SlurmSpec(
+        partition="gpu",
+        account="interp",
+        time="02:00:00",
+        mem="32G",
+        gres="gpu:1",
+        max_parallel=4,
+        setup=["module load cuda", "source /opt/venv/bin/activate"],
+        sbatch_args=["--qos=short"],
+    )
+    stage = Stage(2, 154, 154, ("polca",), 16)
+    text = render_stage(
+        stage,
+        name="pythia-polca",
+        last_stage=3,
+        spec=spec,
+        cpus=4,
+        job=Path("/home/me/jobs/polca.toml"),
+        store=Path("/scratch/me/polca.zarr"),
+        python="/opt/venv/bin/python",
+    )
+    assert text == (GOLDEN / "stage2.sbatch").read_text()
+
+
+def test_default_script_asks_for_no_partition_account_or_gpu() -> None:
+    text = render_stage(
+        Stage(0, 3, 3, ("covariance", "token_loss"), 2),
+        name="j",
+        last_stage=0,
+        spec=SlurmSpec(),
+        cpus=1,
+        job=Path("/j.toml"),
+        store=Path("/s.zarr"),
+        python="python",
+    )
+    assert "--array=0-1\n" in text and "--cpus-per-task=1\n" in text
+    assert not any(key in text for key in ("--partition", "--account", "--gres"))
+
+
+def test_dry_run_writes_one_script_per_pending_stage(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "dry")
+    stages = submit(load_job(path), path, dry_run=True)
+    assert [s.number for s in stages] == [0, 1, 2, 3, 4]
+    assert [s.analyses for s in stages][:2] == [
+        ("covariance", "hessian_basis", "token_loss"),
+        ("hessian_basis",),
+    ]
+    assert all(s.script is not None and s.script.is_file() and s.job_id is None for s in stages)
+    run_job(load_job(path), stage=0, shard=0, num_shards=1)
+    again = submit(load_job(path), path, dry_run=True)
+    assert [s.number for s in again] == [1, 2, 3, 4]
+
+
+def test_a_shard_whose_inputs_are_not_done_fails_and_writes_nothing(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "early")
+    submit(load_job(path), path, dry_run=True)
+    outcomes = run_job(load_job(path), stage=3, shard=0, num_shards=1)
+    assert [o.status for o in outcomes] == ["failed"] * len(outcomes)
+    assert all("dependency not done: hessian_basis/" in str(o.error) for o in outcomes)
+    assert not done_flags(tmp_path / "early.zarr").any()
+    assert read_sidecar(tmp_path / "early.zarr", outcomes[0].name) is None
+
+
+def test_submit_without_sbatch_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _staged_job(tmp_path, "nosbatch")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SubmitError, match="sbatch is not on PATH; use --dry-run"):
+        submit(load_job(path), path)
+
+
+def test_slurm_options_are_validated(tmp_path: Path) -> None:
+    raw = job_dict(tmp_path, tmp_path / "o.zarr", slurm={"shards": 0})
+    with pytest.raises(Exception, match=r"slurm\.shards = 0 must be at least 1"):
+        job_from_dict(raw, base=tmp_path)
+
+
+@pytest.mark.skipif(
+    not _slurm_ready() and os.environ.get("CKPT_ANALYSIS_REQUIRE_SLURM") != "1",
+    reason="no idle SLURM here (CI starts one: slurm/local-cluster.sh)",
+)
+def test_a_real_slurm_array_run_equals_the_local_run(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "cluster")
+    reference = job_from_dict(
+        job_dict(tmp_path / "run", tmp_path / "ref.zarr", analyses=ANALYSES, data={"num_examples": 16}),
+        base=tmp_path,
+    )
+    run_job(reference)
+    done = subprocess.run([*CLI, "submit", str(path), "--wait"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = tmp_path / "cluster.zarr"
+    assert done_flags(store).all()
+    assert_same_results(store, reference.output)
+    records = [read_sidecar(store, u) for u in ("covariance/step=0", "polca/finalize")]
+    assert all(r is not None and r.get("SLURM_ARRAY_JOB_ID") for r in records)
+    logs = list((store / "slurm" / "logs").iterdir())
+    assert len(logs) == 2 + 1 + 1 + 2 + 1  # array tasks of stages 0 … 4 (shards = 2)
