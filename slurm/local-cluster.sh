@@ -50,7 +50,7 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     chown munge:munge /run/munge
-    runuser -u munge -- /usr/sbin/munged  # its pid file: /run/munge/munged.pid
+    pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged  # pid file: /run/munge/munged.pid
     munge -n | unmunge >/dev/null
     export SLURM_CONF=$dir/slurm.conf
     slurmctld -i
