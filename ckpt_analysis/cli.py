@@ -71,8 +71,11 @@ def run(
     output: OutputOpt = None,
     force: ForceOpt = False,
     executor: Annotated[
-        Literal["local", "inprocess"] | None,
-        typer.Option(help="`local`: Dask LocalCluster (default from the job); `inprocess`: debug."),
+        Literal["local", "inprocess", "slurm"] | None,
+        typer.Option(
+            help="`local`: Dask LocalCluster (default from the job); `inprocess`: debug; "
+            "`slurm`: Dask workers as SLURM jobs (dask-jobqueue, [slurm] resources)."
+        ),
     ] = None,
     shard: Annotated[int | None, typer.Option(help="Run only units i with i % num_shards == shard.")] = None,
     num_shards: Annotated[int, typer.Option(help="Shard count (SLURM array size).")] = 1,

@@ -71,7 +71,7 @@ class DataSpec:
 class ComputeSpec:
     """How units are executed (SPEC §7)."""
 
-    executor: Literal["local", "inprocess"] = "local"
+    executor: Literal["local", "inprocess", "slurm"] = "local"
     workers: int = 2
     threads_per_worker: int = 1
     torch_threads: int = 1
@@ -91,6 +91,8 @@ class SlurmSpec:
     ``cpus_per_task`` defaults to ``compute.torch_threads``; ``shards`` caps the array tasks per
     stage; ``max_parallel`` throttles an array (``%K``); ``setup`` lines run first in every task
     (``module load …``, ``source venv/bin/activate``); ``sbatch_args`` are extra ``#SBATCH`` options.
+    The same resources serve ``compute.executor = "slurm"`` (dask-jobqueue workers, one job each),
+    whose workers reach the scheduler over ``interface`` (e.g. ``"ib0"``; ``"lo"`` on one node).
     """
 
     partition: str | None = None
@@ -103,6 +105,7 @@ class SlurmSpec:
     max_parallel: int | None = None
     setup: list[str] = field(default_factory=list)
     sbatch_args: list[str] = field(default_factory=list)
+    interface: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("cpus_per_task", "shards", "max_parallel"):

@@ -1,4 +1,4 @@
-"""Executors: run a dependency graph of opaque tasks in-process or on a Dask LocalCluster.
+"""Executors: run a dependency graph of opaque tasks in-process, on a Dask LocalCluster or on SLURM.
 
 An executor knows nothing about analyses or stores: it calls ``fn(index)`` for each task once
 the task's dependencies succeeded, and reports each :class:`Outcome` as it arrives.
@@ -7,10 +7,13 @@ the task's dependencies succeeded, and reports each :class:`Outcome` as it arriv
 from __future__ import annotations
 
 import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from ckpt_analysis.config import SlurmSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +95,24 @@ class DaskExecutor(Executor):
         self.workers = workers
         self.threads_per_worker = threads_per_worker
 
+    def cluster(self) -> Any:
+        """A started cluster (a context manager) that the tasks' client connects to."""
+        from dask.distributed import LocalCluster
+
+        return LocalCluster(
+            n_workers=self.workers,
+            threads_per_worker=self.threads_per_worker,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        )
+
     def run(self, tasks: Sequence[Task], fn: TaskFn, on_done: OnDone) -> list[Outcome]:
         import dask
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import Client, as_completed
 
         logging.getLogger("distributed").setLevel(logging.WARNING)  # its import resets this
-        with (
-            dask.config.set({_TRIM_KEY: None}),
-            LocalCluster(
-                n_workers=self.workers,
-                threads_per_worker=self.threads_per_worker,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.WARNING,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with dask.config.set({_TRIM_KEY: None}), self.cluster() as cluster, Client(cluster) as client:
             futures: dict[int, Any] = {}
             for task in tasks:
                 deps = [futures[d] for d in task.deps if d in futures]
@@ -122,8 +127,66 @@ class DaskExecutor(Executor):
         return [outcomes[t.index] for t in tasks]
 
 
-def make_executor(kind: Literal["local", "inprocess"], *, workers: int, threads_per_worker: int) -> Executor:
-    """The executor named by ``compute.executor``."""
+class SlurmDaskExecutor(DaskExecutor):
+    """Runs tasks on Dask workers that are SLURM jobs (dask-jobqueue ``SLURMCluster``), one per worker.
+
+    Each worker job asks for ``slurm``'s time, memory, CPUs, partition, account and ``gres`` and
+    runs its ``setup`` lines first; the scheduler runs in this process, so it must stay up until
+    the tasks finish, and workers must reach it over ``slurm.interface``. Worker logs go to
+    ``log_directory``. Unlike LocalCluster workers, these keep the nanny's default
+    ``MALLOC_TRIM_THRESHOLD_`` (see ``_TRIM_KEY``).
+    """
+
+    def __init__(
+        self, *, workers: int, threads_per_worker: int, slurm: SlurmSpec, log_directory: str
+    ) -> None:
+        super().__init__(workers=workers, threads_per_worker=threads_per_worker)
+        self.slurm = slurm
+        self.log_directory = log_directory
+
+    def job_cluster(self) -> Any:
+        """The unscaled ``SLURMCluster``: its ``job_script()`` is what each worker job runs."""
+        from dask_jobqueue import SLURMCluster
+
+        spec = self.slurm
+        gres = [] if spec.gres is None else [f"--gres={spec.gres}"]
+        return SLURMCluster(
+            cores=self.threads_per_worker,
+            processes=1,
+            memory=spec.mem,
+            walltime=spec.time,
+            queue=spec.partition,
+            account=spec.account,
+            job_cpu=spec.cpus_per_task,
+            job_mem=spec.mem,
+            job_extra_directives=[*gres, *spec.sbatch_args],
+            job_script_prologue=spec.setup,
+            interface=spec.interface,
+            log_directory=self.log_directory,
+            python=sys.executable,
+            scheduler_options={"dashboard_address": None},
+        )
+
+    def cluster(self) -> Any:
+        cluster = self.job_cluster()
+        cluster.scale(jobs=self.workers)
+        return cluster
+
+
+def make_executor(
+    kind: Literal["local", "inprocess", "slurm"],
+    *,
+    workers: int,
+    threads_per_worker: int,
+    slurm: SlurmSpec | None = None,
+    log_directory: str = ".",
+) -> Executor:
+    """The executor named by ``compute.executor`` (``slurm`` takes its resources from ``slurm``)."""
     if kind == "inprocess":
         return InProcessExecutor()
+    if kind == "slurm":
+        spec = slurm or SlurmSpec()
+        return SlurmDaskExecutor(
+            workers=workers, threads_per_worker=threads_per_worker, slurm=spec, log_directory=log_directory
+        )
     return DaskExecutor(workers=workers, threads_per_worker=threads_per_worker)

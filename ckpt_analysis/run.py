@@ -150,7 +150,7 @@ def run_job(
     job: JobSpec,
     *,
     force: bool = False,
-    executor: Literal["local", "inprocess"] | None = None,
+    executor: Literal["local", "inprocess", "slurm"] | None = None,
     shard: int | None = None,
     num_shards: int = 1,
     stage: int | None = None,
@@ -176,7 +176,11 @@ def run_job(
         tasks = [t for position, t in enumerate(tasks) if position % num_shards == shard]
     kind = "inprocess" if shard is not None else executor or job.compute.executor
     runner = make_executor(
-        kind, workers=job.compute.workers, threads_per_worker=job.compute.threads_per_worker
+        kind,
+        workers=job.compute.workers,
+        threads_per_worker=job.compute.threads_per_worker,
+        slurm=job.slurm,
+        log_directory=str(Path(store) / "slurm" / "dask-workers"),
     )
     fn = functools.partial(_run_unit_fn, store, job.compute.torch_threads, force)
     with progress(len(tasks), f"{job.name}") as advance:

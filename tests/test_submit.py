@@ -1,13 +1,11 @@
 """SLURM submission: stages, rendered sbatch scripts (golden files), and a real single-node SLURM run."""
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from builders import assert_same_results, build_local_run, job_dict, to_toml
+from builders import assert_same_results, build_local_run, job_dict, needs_slurm, to_toml
 
 from ckpt_analysis.config import SlurmSpec, job_from_dict, load_job
 from ckpt_analysis.errors import SubmitError
@@ -26,13 +24,6 @@ ANALYSES = {
     "token_loss": {},
     "polca": {},
 }
-
-
-def _slurm_ready() -> bool:
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return False
-    up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
-    return up.returncode == 0 and "idle" in up.stdout
 
 
 def _staged_job(tmp_path: Path, name: str, **slurm: object) -> Path:
@@ -135,10 +126,7 @@ def test_slurm_options_are_validated(tmp_path: Path) -> None:
         job_from_dict(raw, base=tmp_path)
 
 
-@pytest.mark.skipif(
-    not _slurm_ready() and os.environ.get("CKPT_ANALYSIS_REQUIRE_SLURM") != "1",
-    reason="no idle SLURM here (CI starts one: slurm/local-cluster.sh)",
-)
+@needs_slurm()
 def test_a_real_slurm_array_run_equals_the_local_run(tmp_path: Path) -> None:
     path = _staged_job(tmp_path, "cluster")
     reference = job_from_dict(

@@ -1,0 +1,77 @@
+"""Investigation (issue 5): does a longer run or a bigger model let POLCA separate carry tokens?
+
+Trains the demo's addition task in two scaled-up settings and runs the demo's own POLCA job on
+each (Hessian basis with the random and axis ablations, projections, clusters, baselines), with
+the basis spacing and breakthrough lag derived from the run length exactly as the demo does:
+
+- ``long``: the demo model (hidden 64, 2 layers), 3× the steps (1800, checkpoints every 20);
+- ``big``: hidden 128, 3 layers, 4 heads (≈ 4× the parameters), 1200 steps every 20.
+
+Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
+Run: ``python benchmarks/polca_scale_up.py demo_out`` (about 25 minutes on 2 cores; finished
+settings are reused).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from common import table
+from transformers.utils import logging as hf_logging
+
+from ckpt_analysis.config import load_job
+from ckpt_analysis.demo import POLCA_JOB
+from ckpt_analysis.report import cluster_table
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
+
+SETTINGS = {
+    "long": TrainConfig(steps=1800, save_every=20),
+    "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
+}
+
+
+def rows_of(setting: str, store: Path, accuracy: str) -> list[list[str]]:
+    ds = open_results(store)
+    explained = float(ds.polca_explained.sel(variant="none"))
+    out = []
+    for r in cluster_table(ds):
+        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
+        out.append([setting, accuracy, r.trajectory, str(r.clusters), top, f"{r.f1:.3f}", f"{explained:.2f}"])
+    return out
+
+
+def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
+    """Train (unless done) and run the demo's POLCA job on ``workdir/name``."""
+    folder = workdir / name
+    last = folder / "run" / f"checkpoint-{train.steps}"
+    if last.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        from ckpt_analysis.tasks.addition import build_tokenizer
+
+        accuracy = answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
+    else:
+        accuracy = train_addition(folder / "run", train)
+    spacing = train.save_every
+    basis_every = spacing * max(1, train.steps // (16 * spacing))  # as the demo: ~16 basis links
+    lag = spacing * max(1, min(100, train.steps // 8) // spacing)
+    (folder / "polca.toml").write_text(POLCA_JOB.format(basis_every=basis_every, lag=lag))
+    run_job(load_job(folder / "polca.toml"))
+    return rows_of(name, folder / "polca.zarr", f"{accuracy:.2f}")
+
+
+def main(workdir: Path) -> None:
+    hf_logging.disable_progress_bar()
+    rows = rows_of("demo", workdir / "polca.zarr", "—") if (workdir / "polca.zarr").is_dir() else []
+    for name, train in SETTINGS.items():
+        rows += run_setting(workdir, name, train)
+    header = ["setting", "accuracy", "trajectory", "clusters", "carry homogeneity (top 3)", "F1", "explains"]
+    print(table(header, rows))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_out"))
