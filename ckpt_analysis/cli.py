@@ -74,7 +74,7 @@ def run(
         Literal["local", "inprocess", "slurm"] | None,
         typer.Option(
             help="`local`: Dask LocalCluster (default from the job); `inprocess`: debug; "
-            "`slurm`: Dask workers as SLURM jobs (dask-jobqueue, [slurm] resources)."
+            "`slurm`: Dask workers as SLURM jobs (dask-jobqueue; resources from the job's `slurm` table)."
         ),
     ] = None,
     shard: Annotated[int | None, typer.Option(help="Run only units i with i % num_shards == shard.")] = None,
@@ -140,8 +140,10 @@ def submit(
     the first Hessian-basis link), later stages the units that read them (the next links, POLCA
     projections, finalize, clusters). Each array task runs `ckpt-analysis run JOB --stage N
     --shard $SLURM_ARRAY_TASK_ID --num-shards T`. Time, memory, CPUs, partition, account, GPUs
-    (`gres`) and setup lines come from the job's [slurm] table (docs/jobs.md). Logs go to
-    STORE/slurm/logs/. Re-submitting after failures runs only what is not done.
+    (`gres`) and setup lines come from the job's `slurm` table (docs/jobs.md). Logs go to
+    STORE/slurm/logs/. Re-submitting after failures runs only what is not done (let the previous
+    submission finish first; `squeue`). Example: `ckpt-analysis submit job.toml --dry-run`, read
+    the scripts, then `ckpt-analysis submit job.toml` and `ckpt-analysis status STORE`.
     """
     from ckpt_analysis.config import load_job
     from ckpt_analysis.submit import submit as submit_job
@@ -273,7 +275,7 @@ def train_onehot(
     """Train the leading-term paper's attention-only one-hot model (its Def. 3.1) on a job's
     ``topics`` corpus, writing ``checkpoint-<step>`` folders into the job's checkpoints.path.
 
-    The vocabulary is the job's ``[analyses.corpus_stats] vocab_size``. Small η keeps the weights
+    The vocabulary is the job's ``analyses.corpus_stats.vocab_size``. Small η keeps the weights
     on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then ``ckpt-analysis run``."""
     from ckpt_analysis.config import load_job
     from ckpt_analysis.onehot import GDConfig, training_corpus
