@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -71,6 +71,12 @@ class PlanContext:
         return self.eval_data.num_tokens
 
 
+class Reader(Protocol):
+    """``read(name)`` gives a whole stored array; ``read(name, rows=slice(a, b))`` rows a … b−1."""
+
+    def __call__(self, name: str, rows: slice = ...) -> np.ndarray: ...
+
+
 @dataclass
 class UnitContext:
     """What an analysis gets when computing one unit (worker side)."""
@@ -80,8 +86,8 @@ class UnitContext:
     model_config: dict[str, Any]
     eval_data: EvalData
     load_model: Callable[[int], PreTrainedModel]
-    read: Callable[[str], np.ndarray]
-    """Read a whole stored array, e.g. results of the units this one depends on."""
+    read: Reader
+    """Read a stored array (or rows of it), e.g. results of the units this one depends on."""
 
 
 class Analysis(ABC):

@@ -248,11 +248,14 @@ def set_done(path: str | Path, index: int, done: bool) -> None:
     _array(str(path), DONE)[index] = np.int8(done)
 
 
-def read_array(path: str | Path, name: str) -> np.ndarray:
-    """One whole array of the store, read with zarr (no xarray decoding)."""
+def read_array(path: str | Path, name: str, rows: slice = slice(None)) -> np.ndarray:
+    """An array of the store (``rows`` of its first axis; all by default), read with zarr.
+
+    Rows past the end are clipped as in numpy, so a slice wholly past it gives an empty array.
+    """
     import zarr
 
-    return np.asarray(zarr.open_array(str(path), path=name, mode="r")[:])
+    return np.asarray(zarr.open_array(str(path), path=name, mode="r")[rows])
 
 
 def done_flags(path: str | Path) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -96,6 +97,14 @@ def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     end = projected[-1]
     kept = end.mean(axis=1) < 0
     return kept, kept[:, None] & (end <= 0)
+
+
+def _stream(ctx: UnitContext, variable: str, per_pass: int) -> Iterator[np.ndarray]:
+    """The rows of a stored basis, ``per_pass`` at a time, so no unit holds the whole basis (SPEC §5.3)."""
+    start = 0
+    while len(rows := ctx.read(variable, slice(start, start + per_pass))):
+        yield rows
+        start += per_pass
 
 
 # --- analyses ---
@@ -294,22 +303,23 @@ class Polca(Analysis):
             batch_size=compute.batch_size,
             vectors_per_pass=compute.vectors_per_pass,
         )
-        writes = []
+        step = None if theta_next is None else theta_next - theta
+        midpoint = layout.unflatten(theta + 0.5 * step) if mid and step is not None else None
+        parts: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
             x = suffix(name)
-            basis = torch.from_numpy(ctx.read(BASIS_VARIABLES[name][0])).to(theta)
-            here = project(basis, second=curv)
-            writes.append(Write(f"proj_grad{x}", (t,), here.first.cpu().numpy()))
-            if here.second is not None:
-                writes.append(Write(f"proj_curv{x}", (t,), here.second.cpu().numpy()))
-            if theta_next is None:
-                continue
-            step = theta_next - theta
-            writes.append(Write(f"step_proj{x}", (t,), (basis @ step).cpu().numpy()))
-            if mid:
-                at_mid = project(basis, params=layout.unflatten(theta + 0.5 * step))
-                writes.append(Write(f"proj_grad_mid{x}", (t,), at_mid.first.cpu().numpy()))
-        return writes
+            for rows in _stream(ctx, BASIS_VARIABLES[name][0], compute.vectors_per_pass):
+                chunk = torch.from_numpy(rows).to(theta)
+                here = project(chunk, second=curv)
+                parts.setdefault(f"proj_grad{x}", []).append(here.first.cpu().numpy())
+                if here.second is not None:
+                    parts.setdefault(f"proj_curv{x}", []).append(here.second.cpu().numpy())
+                if step is not None:
+                    parts.setdefault(f"step_proj{x}", []).append((chunk @ step).cpu().numpy())
+                if midpoint is not None:
+                    at_mid = project(chunk, params=midpoint).first
+                    parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
+        return [Write(v, (t,), np.concatenate(blocks)) for v, blocks in parts.items()]
 
     def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
         curv, mid = self._needs()
