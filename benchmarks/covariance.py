@@ -41,7 +41,9 @@ def _context(run: Path, sequences: int) -> UnitContext:
     ids = np.random.default_rng(0).integers(0, 512, (sequences, LEN))
     ones = np.ones_like(ids, dtype=np.int8)
     data = EvalData(ids, ones, ones.astype(bool))
-    return UnitContext(job, ckpts, model.config.to_dict(), data, lambda i: model, lambda name, rows=slice(None): np.empty(0))
+    return UnitContext(
+        job, ckpts, model.config.to_dict(), data, lambda i: model, lambda name, rows=slice(None): np.empty(0)
+    )
 
 
 def _bare_forward(ctx: UnitContext) -> None:

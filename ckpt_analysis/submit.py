@@ -109,29 +109,41 @@ def submit(job: JobSpec, job_path: Path, *, dry_run: bool = False, wait: bool = 
     units = stored_units(store_meta(store))
     plan = stages(units, [bool(d) for d in done_flags(store)], shards=job.slurm.shards)
     todo = [s for s in plan if s.pending]
-    folder = store / SCRIPTS_DIR
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    out, previous = [], None
+    (store / SCRIPTS_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    out: list[Stage] = []
     for stage in todo:
-        text = render_stage(
+        script = _write_script(job, job_path, stage, last_stage=len(plan) - 1)
+        stage = replace(stage, script=script)
+        if sbatch is not None and not dry_run:
+            previous = out[-1].job_id if out else None
+            last = stage.number == todo[-1].number
+            try:
+                job_id = _sbatch(sbatch, script, after=previous, wait=wait and last)
+            except SubmitError as exc:
+                done = ", ".join(f"stage {s.number} = job {s.job_id}" for s in out) or "none"
+                raise SubmitError(f"{exc} (already submitted: {done})") from exc
+            stage = replace(stage, job_id=job_id)
+        out.append(stage)
+    return out
+
+
+def _write_script(job: JobSpec, job_path: Path, stage: Stage, *, last_stage: int) -> Path:
+    """Render one stage's script into ``STORE/slurm/stage<N>.sbatch``."""
+    store = Path(job.output).resolve()
+    script = store / SCRIPTS_DIR / f"stage{stage.number}.sbatch"
+    script.write_text(
+        render_stage(
             stage,
             name=job.name,
-            last_stage=len(plan) - 1,
+            last_stage=last_stage,
             spec=job.slurm,
             cpus=job.compute.torch_threads,
             job=job_path.resolve(),
-            store=store.resolve(),
+            store=store,
             python=sys.executable,
         )
-        script = folder / f"stage{stage.number}.sbatch"
-        script.write_text(text)
-        stage = replace(stage, script=script)
-        if sbatch is not None and not dry_run:
-            last = stage.number == todo[-1].number
-            stage = replace(stage, job_id=_sbatch(sbatch, script, after=previous, wait=wait and last))
-            previous = stage.job_id
-        out.append(stage)
-    return out
+    )
+    return script
 
 
 def _sbatch(sbatch: str, script: Path, *, after: str | None, wait: bool) -> str:
@@ -144,6 +156,7 @@ def _sbatch(sbatch: str, script: Path, *, after: str | None, wait: bool) -> str:
     result = subprocess.run([*cmd, str(script)], capture_output=True, text=True, check=False)
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise SubmitError(f"sbatch refused {script}: {result.stderr.strip() or result.stdout.strip()}")
+        said = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise SubmitError(f"sbatch refused {script}: {'; '.join(said)}")
     log.info("submitted %s as job %s", script.name, job_id)
     return job_id

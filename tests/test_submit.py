@@ -143,3 +143,12 @@ def test_a_real_slurm_array_run_equals_the_local_run(tmp_path: Path) -> None:
     assert all(r is not None and r.get("SLURM_ARRAY_JOB_ID") for r in records)
     logs = list((store / "slurm" / "logs").iterdir())
     assert len(logs) == 2 + 1 + 1 + 2 + 1  # array tasks of stages 0 … 4 (shards = 2)
+
+
+@needs_slurm()
+def test_sbatch_refusing_a_stage_is_one_clear_error(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "badpart", partition="no-such-partition")
+    with pytest.raises(
+        SubmitError, match=r"sbatch refused .*stage0\.sbatch: .*(?i:partition).*already submitted: none"
+    ):
+        submit(load_job(path), path)
