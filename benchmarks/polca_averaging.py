@@ -53,7 +53,17 @@ def scores_row(setting: str, store: Path) -> list[list[str]]:
     rows = []
     for r in cluster_table(ds):
         top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
-        rows.append([setting, r.trajectory, str(r.clusters), top, f"{r.f1:.3f}", f"{explained:.2f}"])
+        rows.append(
+            [
+                setting,
+                r.trajectory,
+                str(r.clusters),
+                top,
+                f"{r.f1:.3f}",
+                f"{r.label_auc:.3f}",
+                f"{explained:.2f}",
+            ]
+        )
     return rows
 
 
@@ -77,7 +87,15 @@ def main(workdir: Path) -> None:
         rows += run_setting(workdir, f"swa{window}", text, f"SWA window {window}")
     text = re.sub(r"^k = 1 ", "k = 2 ", job_text, flags=re.MULTILINE)
     rows += run_setting(workdir, "k2", text, "k = 2 (62 vectors)")
-    header = ["setting", "trajectory", "clusters", "carry homogeneity (top 3)", "F1", "POLCA explains"]
+    header = [
+        "setting",
+        "trajectory",
+        "clusters",
+        "carry homogeneity (top 3)",
+        "F1",
+        "carry AUC",
+        "POLCA explains",
+    ]
     print(table(header, rows))
 
 

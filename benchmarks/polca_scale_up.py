@@ -40,7 +40,18 @@ def rows_of(setting: str, store: Path, accuracy: str) -> list[list[str]]:
     out = []
     for r in cluster_table(ds):
         top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
-        out.append([setting, accuracy, r.trajectory, str(r.clusters), top, f"{r.f1:.3f}", f"{explained:.2f}"])
+        out.append(
+            [
+                setting,
+                accuracy,
+                r.trajectory,
+                str(r.clusters),
+                top,
+                f"{r.f1:.3f}",
+                f"{r.label_auc:.3f}",
+                f"{explained:.2f}",
+            ]
+        )
     return out
 
 
@@ -69,7 +80,16 @@ def main(workdir: Path) -> None:
     rows = rows_of("demo", workdir / "polca.zarr", "—") if (workdir / "polca.zarr").is_dir() else []
     for name, train in SETTINGS.items():
         rows += run_setting(workdir, name, train)
-    header = ["setting", "accuracy", "trajectory", "clusters", "carry homogeneity (top 3)", "F1", "explains"]
+    header = [
+        "setting",
+        "accuracy",
+        "trajectory",
+        "clusters",
+        "carry homogeneity (top 3)",
+        "F1",
+        "carry AUC",
+        "explains",
+    ]
     print(table(header, rows))
 
 

@@ -27,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide tables
 JobArg = Annotated[Path, typer.Argument(help="Job spec (TOML); see docs/jobs.md and jobs/.")]
 StoreArg = Annotated[Path, typer.Argument(help="A results store (the job's `output`).")]
 OutputOpt = Annotated[
@@ -348,8 +348,11 @@ def demo(
         "F1",
         "hidden",
         "any-place best",
+        "carry AUC",
         title="clusters vs the carry label, scored as in the paper (> 85 % of a cluster's carry tokens "
-        "in the 10s/100s place); paper, 9.5M model: POLCA 0.973, LCA 0.792, exact loss 0.514",
+        "in the 10s/100s place); paper, 9.5M model: POLCA 0.973, LCA 0.792, exact loss 0.514. "
+        "carry AUC (not in the paper): the best vector's ROC AUC of carry vs its curves' total change, "
+        "10s/100s-place tokens, 0.5 = chance; a random basis of the same size is its null",
     )
     for row in result.scores:
         top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in row.top_homogeneity)
@@ -362,6 +365,7 @@ def demo(
             f"{row.f1:.3f}",
             f"{row.hidden_fraction:.3f}",
             f"{row.unrestricted:.3f}",
+            f"{row.label_auc:.3f}",
         )
     out.print(scores)
     out.print(

@@ -20,6 +20,14 @@ class TrajectoryScores:
     recall: float
     f1: float
     hidden_fraction: float
+    label_auc: float
+    """Best vector's ROC AUC of the label against the curves' total change, either direction."""
+
+
+def best_auc(auc: np.ndarray) -> float:
+    """The most separating vector's AUC, folded so 0.5 is chance and 1.0 perfect either way."""
+    finite = auc[np.isfinite(auc)]
+    return float(0.5 + np.abs(finite - 0.5).max()) if finite.size else float("nan")
 
 
 def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
@@ -40,6 +48,7 @@ def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
                 recall=float(part.cluster_recall.values[best]) if found.any() else float("nan"),
                 f1=float(part.cluster_f1.values[best]) if found.any() else float("nan"),
                 hidden_fraction=float(part.cluster_hidden_fraction),
+                label_auc=best_auc(part.cluster_label_auc.values) if "cluster_label_auc" in part else np.nan,
             )
         )
     return rows

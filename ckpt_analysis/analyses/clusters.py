@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ckpt_analysis.analyses.polca import Polca, suffix
 from ckpt_analysis.errors import JobSpecError
@@ -102,6 +103,25 @@ def label_scores(labels: np.ndarray, has_label: np.ndarray, cluster: int) -> tup
     recall = float((members & has_label).sum() / labelled.sum()) if labelled.any() else 0.0
     f1 = 2 * homogeneity * recall / (homogeneity + recall) if homogeneity + recall else 0.0
     return homogeneity, recall, f1
+
+
+def label_auc(values: np.ndarray, has_label: np.ndarray) -> float:
+    """Area under the ROC curve of ``values`` ranking labelled tokens above the rest (ties ½).
+
+    A threshold-free check of whether one vector's trajectories carry the label at all, apart
+    from how HDBSCAN groups them (not in the paper): Mann–Whitney U / (n₊ n₋); NaN without both.
+    """
+    positives, negatives = int(has_label.sum()), int((~has_label).sum())
+    if not positives or not negatives:
+        return float("nan")
+    ranks = rankdata(values)
+    return float((ranks[has_label].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _curve_auc(curves: np.ndarray, has_label: np.ndarray, allowed: np.ndarray | None) -> float:
+    """:func:`label_auc` of each curve's total change (last − first), over the allowed tokens."""
+    population = np.ones(len(curves), dtype=bool) if allowed is None else allowed
+    return label_auc(curves[population, -1] - curves[population, 0], has_label[population])
 
 
 def passes_restriction(
@@ -261,6 +281,16 @@ class Clusters(Analysis):
             )
             out.append(
                 Variable(
+                    "cluster_label_auc",
+                    ("trajectory", "cluster_vector"),
+                    (r, v),
+                    "float64",
+                    (1, v),
+                    doc="ROC AUC of the label against each curve's total change (restricted tokens)",
+                )
+            )
+            out.append(
+                Variable(
                     "cluster_top_homogeneity",
                     ("trajectory", "rank"),
                     (r, TOP),
@@ -328,6 +358,7 @@ class Clusters(Analysis):
         onsets = {c: breakthrough_steps(grid, uniform, lag, c) for c in ("acceleration", "paper")}
         m = self.params.max_clusters
         out = {
+            "auc": np.array(np.nan if has_label is None else _curve_auc(curves, has_label, allowed)),
             "labels": labels,
             **{
                 k: np.full(m, np.nan)
@@ -381,6 +412,7 @@ class Clusters(Analysis):
                 Write(f"cluster_{s}", (row,), stack(s, np.nan)) for s in ("homogeneity", "recall", "f1")
             ]
             writes.append(Write("cluster_scored", (row,), np.nan_to_num(scored, nan=-1).astype(np.int8)))
+            writes.append(Write("cluster_label_auc", (row,), stack("auc", np.nan)))
             best = np.array([np.nanmax(h) if np.isfinite(h).any() else np.nan for h in homogeneity])
             finite = np.sort(best[np.isfinite(best)])[::-1][:TOP]
             top = np.full(TOP, np.nan)

@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import build_local_run, job_dict
+from sklearn.metrics import roc_auc_score
 
 from ckpt_analysis.analyses.clusters import (
     breakthrough_steps,
     default_tau,
     hdbscan_labels,
+    label_auc,
     label_scores,
     medoid,
     uniform_grid,
@@ -119,6 +121,21 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
         if np.isfinite(homogeneity).any()
         else np.isnan(top[0])
     )
+    carry = ds.label_carry.values == 1
+    loss = ds.token_loss.values
+    auc = ds.cluster_label_auc.sel(trajectory="exact_loss").values
+    assert auc[0] == pytest.approx(roc_auc_score(carry, loss[-1] - loss[0])) and np.isnan(auc[1:]).all()
+    projected = ds.projected_loss_axis.values[-1]  # L_b(x, end): the curve's change from L_b(x, 0) = 0
+    expected = [roc_auc_score(carry, projected[b]) for b in range(6)]
+    np.testing.assert_allclose(ds.cluster_label_auc.sel(trajectory="polca_axis").values[:6], expected)
+
+
+def test_label_auc_equals_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, 200).astype(float)  # many ties
+    has_label = rng.random(200) < 0.3 + 0.1 * values
+    assert label_auc(values, has_label) == pytest.approx(roc_auc_score(has_label, values))
+    assert np.isnan(label_auc(values[has_label], has_label[has_label]))  # one class only
 
 
 @pytest.mark.parametrize(
