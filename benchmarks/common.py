@@ -65,3 +65,23 @@ def machine() -> str:
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "zarr", "dask"))
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}"
+
+
+CARRY_HEADER = ["trajectory", "clusters", "carry homogeneity (top 3)", "F1", "carry AUC", "POLCA explains"]
+
+
+def carry_rows(store: Path, *lead: str) -> list[list[str]]:
+    """A POLCA store's carry table (``report.cluster_table``), each row led by ``lead``."""
+    import numpy as np
+
+    from ckpt_analysis.report import cluster_table
+    from ckpt_analysis.store import open_results
+
+    ds = open_results(store)
+    explained = f"{float(ds.polca_explained.sel(variant='none')):.2f}"
+    rows = []
+    for r in cluster_table(ds):
+        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
+        scores = [f"{r.f1:.3f}", f"{r.label_auc:.3f}", explained]
+        rows.append([*lead, r.trajectory, str(r.clusters), top, *scores])
+    return rows

@@ -20,16 +20,13 @@ import sys
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import table
+from common import CARRY_HEADER, carry_rows, table
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.report import cluster_table
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import open_results
 
 WINDOWS = (3, 5)
 
@@ -47,38 +44,18 @@ def average_run(source: Path, target: Path, window: int) -> None:
             shutil.copy(extra, target / folder.name / extra.name)
 
 
-def scores_row(setting: str, store: Path) -> list[list[str]]:
-    ds = open_results(store)
-    explained = float(ds.polca_explained.sel(variant="none"))
-    rows = []
-    for r in cluster_table(ds):
-        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
-        rows.append(
-            [
-                setting,
-                r.trajectory,
-                str(r.clusters),
-                top,
-                f"{r.f1:.3f}",
-                f"{r.label_auc:.3f}",
-                f"{explained:.2f}",
-            ]
-        )
-    return rows
-
-
 def run_setting(workdir: Path, name: str, job_text: str, label: str) -> list[list[str]]:
     """Run the demo's POLCA job text with its store under ``workdir/name``; its table rows."""
     text = job_text.replace('output = "polca.zarr"', f'output = "{name}/polca.zarr"')
     (workdir / f"{name}.toml").write_text(text)
     run_job(load_job(workdir / f"{name}.toml"))
-    return scores_row(label, workdir / name / "polca.zarr")
+    return carry_rows(workdir / name / "polca.zarr", label)
 
 
 def main(workdir: Path) -> None:
     hf_logging.disable_progress_bar()
     job_text = (workdir / "polca.toml").read_text()
-    rows = scores_row("demo (k = 1)", workdir / "polca.zarr")
+    rows = carry_rows(workdir / "polca.zarr", "demo (k = 1)")
     for window in WINDOWS:
         run = workdir / f"swa{window}" / "run"
         if not run.is_dir():
@@ -87,15 +64,7 @@ def main(workdir: Path) -> None:
         rows += run_setting(workdir, f"swa{window}", text, f"SWA window {window}")
     text = re.sub(r"^k = 1 ", "k = 2 ", job_text, flags=re.MULTILINE)
     rows += run_setting(workdir, "k2", text, "k = 2 (62 vectors)")
-    header = [
-        "setting",
-        "trajectory",
-        "clusters",
-        "carry homogeneity (top 3)",
-        "F1",
-        "carry AUC",
-        "POLCA explains",
-    ]
+    header = ["setting", *CARRY_HEADER]
     print(table(header, rows))
 
 

@@ -17,42 +17,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-from common import table
+from common import CARRY_HEADER, carry_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
 from ckpt_analysis.demo import POLCA_JOB
-from ckpt_analysis.report import cluster_table
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import open_results
 from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
     "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
 }
-
-
-def rows_of(setting: str, store: Path, accuracy: str) -> list[list[str]]:
-    ds = open_results(store)
-    explained = float(ds.polca_explained.sel(variant="none"))
-    out = []
-    for r in cluster_table(ds):
-        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
-        out.append(
-            [
-                setting,
-                accuracy,
-                r.trajectory,
-                str(r.clusters),
-                top,
-                f"{r.f1:.3f}",
-                f"{r.label_auc:.3f}",
-                f"{explained:.2f}",
-            ]
-        )
-    return out
 
 
 def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
@@ -72,24 +48,15 @@ def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]
     lag = spacing * max(1, min(100, train.steps // 8) // spacing)
     (folder / "polca.toml").write_text(POLCA_JOB.format(basis_every=basis_every, lag=lag))
     run_job(load_job(folder / "polca.toml"))
-    return rows_of(name, folder / "polca.zarr", f"{accuracy:.2f}")
+    return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
 def main(workdir: Path) -> None:
     hf_logging.disable_progress_bar()
-    rows = rows_of("demo", workdir / "polca.zarr", "—") if (workdir / "polca.zarr").is_dir() else []
+    rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
     for name, train in SETTINGS.items():
         rows += run_setting(workdir, name, train)
-    header = [
-        "setting",
-        "accuracy",
-        "trajectory",
-        "clusters",
-        "carry homogeneity (top 3)",
-        "F1",
-        "carry AUC",
-        "explains",
-    ]
+    header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 
 
