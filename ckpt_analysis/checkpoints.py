@@ -109,6 +109,9 @@ class CheckpointSource(ABC):
     def tokenizer(self, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
+        from ckpt_analysis.onehot import register
+
+        register()  # AutoTokenizer reads the folder's config too
         where = self.spec.tokenizer or str(self.files_dir(ckpt))
         try:
             return AutoTokenizer.from_pretrained(where)
