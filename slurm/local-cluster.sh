@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node SLURM for the cluster tests (shared/ENVIRONMENT.md's recipe), run as root.
 #   slurm/local-cluster.sh install   apt-get the Debian packages (slurmctld, slurmd, client, munge)
-#   slurm/local-cluster.sh start DIR write DIR/slurm.conf, start munged, slurmctld and slurmd;
+#   slurm/local-cluster.sh start DIR write DIR/slurm.conf, start munged (unless running), slurmctld, slurmd;
 #                                    then `export SLURM_CONF=DIR/slurm.conf` for every client
-#   slurm/local-cluster.sh stop DIR  shut SLURM down and stop the munged this script started
+#   slurm/local-cluster.sh stop DIR  shut SLURM down and stop munged
 set -euo pipefail
 
 install() {
