@@ -5,11 +5,13 @@ each (Hessian basis with the random and axis ablations, projections, clusters, b
 the basis spacing and breakthrough lag derived from the run length exactly as the demo does:
 
 - ``long``: the demo model (hidden 64, 2 layers), 3× the steps (1800, checkpoints every 20);
-- ``big``: hidden 128, 3 layers, 4 heads (≈ 4× the parameters), 1200 steps every 20.
+- ``big``: hidden 128, 3 layers, 4 heads (≈ 4× the parameters), 1200 steps every 20;
+- ``paper`` (only with ``--paper``, on a CUDA machine): the paper's scale, hidden 512, 3 layers,
+  8 heads (9.5M parameters), 3000 steps every 20 — not yet run (no GPU has been lent).
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
-Run: ``python benchmarks/polca_scale_up.py demo_out`` (about 25 minutes on 2 cores; finished
-settings are reused).
+Run: ``python benchmarks/polca_scale_up.py demo_out [--paper]`` (about 25 minutes on 2 cores
+without ``--paper``; finished settings are reused).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
     "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
 }
+PAPER = TrainConfig(
+    steps=3000, save_every=20, lr=1e-3, hidden_size=512, num_layers=3, num_heads=8, device="cuda"
+)
 
 
 def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
@@ -51,14 +56,15 @@ def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
-def main(workdir: Path) -> None:
+def main(workdir: Path, *, paper: bool) -> None:
     hf_logging.disable_progress_bar()
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
-    for name, train in SETTINGS.items():
+    for name, train in {**SETTINGS, **({"paper": PAPER} if paper else {})}.items():
         rows += run_setting(workdir, name, train)
     header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_out"))
+    args = [a for a in sys.argv[1:] if a != "--paper"]
+    main(Path(args[0] if args else "demo_out"), paper="--paper" in sys.argv)

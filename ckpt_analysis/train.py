@@ -6,9 +6,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ckpt_analysis.checkpoints import resolve_device
 from ckpt_analysis.progress import progress
 from ckpt_analysis.tasks import addition
 
@@ -27,6 +29,7 @@ class TrainConfig:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 def tiny_gpt_neox(
@@ -59,7 +62,7 @@ def tiny_gpt_neox(
 def answer_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer digits only."""
     logits = model(input_ids=ids).logits
-    pos = torch.tensor(addition.ANSWER_POSITIONS)
+    pos = torch.tensor(addition.ANSWER_POSITIONS, device=ids.device)
     return torch.nn.functional.cross_entropy(logits[:, pos - 1].flatten(0, 1), ids[:, pos].flatten())
 
 
@@ -85,14 +88,15 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         seed=config.seed,
-    )
+    ).to(resolve_device(config.device))
+    device = next(model.parameters()).device
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     out.mkdir(parents=True, exist_ok=True)
     _save(model, tokenizer, out, 0)
     with progress(config.steps, "training") as advance:
         for step in range(1, config.steps + 1):
             a, b = addition.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
-            loss = answer_loss(model, torch.from_numpy(addition.encode(tokenizer, a, b)))
+            loss = answer_loss(model, torch.from_numpy(addition.encode(tokenizer, a, b)).to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -106,7 +110,7 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
 def answer_accuracy(model: torch.nn.Module, tokenizer: object, n: int = 512) -> float:
     """Teacher-forced accuracy of the answer digits on held-out problems."""
     a, b = addition.problems(n, seed=-1 % 2**32)
-    ids = torch.from_numpy(addition.encode(tokenizer, a, b))  # type: ignore[arg-type]
-    pos = torch.tensor(addition.ANSWER_POSITIONS)
+    ids = torch.from_numpy(addition.encode(tokenizer, a, b)).to(next(model.parameters()).device)  # type: ignore[arg-type]
+    pos = torch.tensor(addition.ANSWER_POSITIONS, device=ids.device)
     pred = model(input_ids=ids).logits[:, pos - 1].argmax(-1)
     return float((pred == ids[:, pos]).float().mean())
