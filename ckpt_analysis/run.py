@@ -113,8 +113,10 @@ def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outc
     if not force and flags[index]:
         return Outcome(index, unit.id, "skipped")
     missing = [d for d in unit.deps if not flags[worker.index[d]]]
-    if missing:  # a shard of a later SLURM stage whose inputs failed or never ran
-        return Outcome(index, unit.id, "failed", f"dependency not done: {', '.join(missing)}")
+    if missing:  # a shard of a later SLURM stage whose inputs failed or never ran: no data written
+        error = f"dependency not done: {', '.join(missing)}"
+        write_sidecar(store, unit.id, {"unit": unit.id, "status": "failed", "error": error, **_provenance()})
+        return Outcome(index, unit.id, "failed", error)
     torch.set_num_threads(torch_threads)
     start = time.time()
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
@@ -160,7 +162,7 @@ def run_job(
     With ``shard``/``num_shards`` (SLURM arrays) the store must already exist and only the
     units ``i`` with ``i % num_shards == shard`` run, in-process; with ``stage`` too, the units of
     that stage (:func:`~ckpt_analysis.plan.unit_stages`) are numbered alone and sharded so. A unit
-    whose dependencies are not done fails with that reason and writes nothing.
+    whose dependencies are not done fails with that reason (in its sidecar) and writes no data.
     """
     store = job.output
     if shard is None:

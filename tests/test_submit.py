@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from builders import assert_same_results, build_local_run, job_dict, needs_slurm, to_toml
 
@@ -12,7 +13,7 @@ from ckpt_analysis.errors import SubmitError
 from ckpt_analysis.plan import unit_stages
 from ckpt_analysis.registry import Unit
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import done_flags, read_sidecar
+from ckpt_analysis.store import done_flags, read_array, read_sidecar, unit_states
 from ckpt_analysis.submit import Stage, render_stage, submit
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -103,14 +104,17 @@ def test_dry_run_writes_one_script_per_pending_stage(tmp_path: Path) -> None:
     assert [s.number for s in again] == [1, 2, 3, 4]
 
 
-def test_a_shard_whose_inputs_are_not_done_fails_and_writes_nothing(tmp_path: Path) -> None:
+def test_a_shard_whose_inputs_are_not_done_fails_with_that_reason_and_writes_no_data(tmp_path: Path) -> None:
     path = _staged_job(tmp_path, "early")
     submit(load_job(path), path, dry_run=True)
     outcomes = run_job(load_job(path), stage=3, shard=0, num_shards=1)
     assert [o.status for o in outcomes] == ["failed"] * len(outcomes)
     assert all("dependency not done: hessian_basis/" in str(o.error) for o in outcomes)
     assert not done_flags(tmp_path / "early.zarr").any()
-    assert read_sidecar(tmp_path / "early.zarr", outcomes[0].name) is None
+    states = {s.unit_id: s for s in unit_states(tmp_path / "early.zarr")}
+    assert states[outcomes[0].name].state == "failed"
+    assert states[outcomes[0].name].detail.startswith("dependency not done: hessian_basis/")
+    assert np.isnan(read_array(tmp_path / "early.zarr", "proj_grad")).all()  # no data written
 
 
 def test_submit_without_sbatch_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
