@@ -23,9 +23,9 @@ from common import CARRY_HEADER, carry_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.demo import POLCA_JOB
+from ckpt_analysis.demo import polca_job, train_or_reuse
 from ckpt_analysis.run import run_job
-from ckpt_analysis.train import TrainConfig, answer_accuracy, train_addition
+from ckpt_analysis.train import TrainConfig
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
@@ -39,19 +39,8 @@ PAPER = TrainConfig(
 def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
     """Train (unless done) and run the demo's POLCA job on ``workdir/name``."""
     folder = workdir / name
-    last = folder / "run" / f"checkpoint-{train.steps}"
-    if last.is_dir():
-        from transformers import AutoModelForCausalLM
-
-        from ckpt_analysis.tasks.addition import build_tokenizer
-
-        accuracy = answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
-    else:
-        accuracy = train_addition(folder / "run", train)
-    spacing = train.save_every
-    basis_every = spacing * max(1, train.steps // (16 * spacing))  # as the demo: ~16 basis links
-    lag = spacing * max(1, min(100, train.steps // 8) // spacing)
-    (folder / "polca.toml").write_text(POLCA_JOB.format(basis_every=basis_every, lag=lag))
+    accuracy = train_or_reuse(folder / "run", train)
+    (folder / "polca.toml").write_text(polca_job(train))  # basis spacing and lag as the demo's
     run_job(load_job(folder / "polca.toml"))
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 

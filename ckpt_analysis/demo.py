@@ -134,7 +134,8 @@ class DemoResult:
     """Leading-term alignment of the one-hot model per step size η."""
 
 
-def _train_or_reuse(run_dir: Path, train: TrainConfig, force: bool) -> float:
+def train_or_reuse(run_dir: Path, train: TrainConfig, *, force: bool = False) -> float:
+    """Train the addition model into ``run_dir`` unless its last checkpoint exists; its accuracy."""
     last = run_dir / f"checkpoint-{train.steps - train.steps % train.save_every}"
     if force or not last.is_dir():
         log.info("training the tiny addition model into %s", run_dir)
@@ -148,18 +149,24 @@ def _train_or_reuse(run_dir: Path, train: TrainConfig, force: bool) -> float:
     return answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
 
 
+def polca_job(train: TrainConfig) -> str:
+    """The demo's POLCA job for a run trained with ``train``: about 16 basis links over the run
+    (31 vectors at the defaults) and a breakthrough lag of an eighth of it, at most 100 steps."""
+    spacing = train.save_every
+    basis_every = spacing * max(1, train.steps // (16 * spacing))
+    lag = spacing * max(1, min(100, train.steps // 8) // spacing)
+    return POLCA_JOB.format(basis_every=basis_every, lag=lag)
+
+
 def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = False) -> DemoResult:
     """Train (unless the run exists), write and run both demo jobs, and summarise their stores."""
     train = train or TrainConfig()
-    accuracy = _train_or_reuse(workdir / "run", train, force)
-    spacing = train.save_every
-    coarse = spacing * max(1, 100 // spacing)
-    basis_every = spacing * max(1, train.steps // (16 * spacing))  # 31 vectors at the defaults
-    lag = spacing * max(1, min(100, train.steps // 8) // spacing)
+    accuracy = train_or_reuse(workdir / "run", train, force=force)
+    coarse = train.save_every * max(1, 100 // train.save_every)
     (workdir / "covariance.toml").write_text(
         COVARIANCE_JOB.format(job=workdir / "covariance.toml", coarse=coarse)
     )
-    (workdir / "polca.toml").write_text(POLCA_JOB.format(basis_every=basis_every, lag=lag))
+    (workdir / "polca.toml").write_text(polca_job(train))
     outcomes = []
     for name in ("covariance", "polca"):
         outcomes += run_job(load_job(workdir / f"{name}.toml"), force=force)

@@ -30,6 +30,11 @@ def best_auc(auc: np.ndarray) -> float:
     return float(0.5 + np.abs(finite - 0.5).max()) if finite.size else float("nan")
 
 
+def _best_per_vector(homogeneity: np.ndarray) -> np.ndarray:
+    """Each vector's highest cluster homogeneity, −1 where it has no scored cluster."""
+    return np.asarray(np.where(np.isfinite(homogeneity), homogeneity, -1).max(axis=-1))
+
+
 def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
     """Per trajectory type: top-3 homogeneity, recall and F1 of the most homogeneous cluster, hidden share."""
     rows = []
@@ -65,9 +70,7 @@ def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     part = ds.sel(trajectory="polca")
     labels = part.cluster_label.values
-    best = np.nanmax(
-        np.where(np.isfinite(part.cluster_homogeneity.values), part.cluster_homogeneity.values, -1), 1
-    )
+    best = _best_per_vector(part.cluster_homogeneity.values)
     order = [int(b) for b in np.argsort(-best) if best[b] >= 0][:vectors]
     steps, loss, projected = ds.step.values, ds.token_loss.values, ds.projected_loss.values
     paths = []
@@ -120,7 +123,7 @@ def cluster_examples(
     if vector is None:
         score = part.cluster_homogeneity.values if "cluster_homogeneity" in part else None
         if score is not None and np.isfinite(score).any():
-            vector = int(np.nanargmax(np.nanmax(np.where(np.isfinite(score), score, -1), axis=1)))
+            vector = int(np.argmax(_best_per_vector(score)))
         else:
             vector = int(np.argmax(labels.max(axis=1)))
     curves, _ = trajectory_curves(trajectory, lambda name: ds[name].values)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import assert_same_results, build_local_run, job_dict, needs_slurm, to_toml
+from builders import assert_same_results, build_local_run, job_dict, needs_slurm, write_job
 
 from ckpt_analysis.config import SlurmSpec, job_from_dict, load_job
 from ckpt_analysis.errors import SubmitError
@@ -32,12 +32,8 @@ def _staged_job(tmp_path: Path, name: str, **slurm: object) -> Path:
     run = tmp_path / "run"
     if not run.exists():
         build_local_run(run, [0, 10, 20], seed=4, **SMALL)
-    raw = job_dict(run, tmp_path / f"{name}.zarr", analyses=ANALYSES, data={"num_examples": 16})
-    raw["name"] = name
-    raw["slurm"] = {"shards": 2, **slurm}
-    path = tmp_path / f"{name}.toml"
-    path.write_text(to_toml(raw))
-    return path
+    overrides = {"analyses": ANALYSES, "data": {"num_examples": 16}, "slurm": {"shards": 2, **slurm}}
+    return write_job(tmp_path / f"{name}.toml", run, tmp_path / f"{name}.zarr", name=name, **overrides)
 
 
 def test_stages_follow_the_longest_dependency_chain() -> None:

@@ -33,10 +33,24 @@ TOP = 3
 # --- SPEC §5.4 formulas ---
 
 
+def step_grid(steps: np.ndarray) -> np.ndarray:
+    """The uniform grid over ``steps`` at their finest spacing."""
+    spacing = int(np.diff(steps).min()) if len(steps) > 1 else 1
+    return np.arange(steps[0], steps[-1] + 1, spacing)
+
+
+def lag_shift(grid: np.ndarray, lag: int) -> int:
+    """Δ in points of the uniform ``grid`` (at least 1); ValueError if no point lies Δ from both ends."""
+    spacing = int(grid[1] - grid[0]) if len(grid) > 1 else 1
+    shift = max(1, round(lag / spacing))
+    if len(grid) <= 2 * shift:
+        raise ValueError(f"lag {lag} leaves no step inside a trajectory of {grid[-1] - grid[0]} steps")
+    return shift
+
+
 def uniform_grid(steps: np.ndarray, curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Curves (…, C) at ``steps`` linearly interpolated onto a uniform grid at the finest spacing."""
-    spacing = int(np.diff(steps).min())
-    grid = np.arange(steps[0], steps[-1] + 1, spacing)
+    grid = step_grid(steps)
     flat = curves.reshape(-1, curves.shape[-1])
     out = np.stack([np.interp(grid, steps, row) for row in flat]) if len(flat) else flat
     return grid, out.reshape(*curves.shape[:-1], len(grid))
@@ -51,10 +65,7 @@ def breakthrough_steps(
     argmax_t [(f(t) − f(t+Δ)) − (f(t−Δ) − f(t))]; ``paper``: argmax_t of the plain second
     difference [f(t+Δ) − f(t)] − [f(t) − f(t−Δ)]; t ∈ [Δ, end − Δ].
     """
-    spacing = int(grid[1] - grid[0]) if len(grid) > 1 else 1
-    shift = max(1, round(lag / spacing))
-    if len(grid) <= 2 * shift:
-        raise ValueError(f"lag {lag} leaves no step inside a trajectory of {grid[-1] - grid[0]} steps")
+    shift = lag_shift(grid, lag)
     centre = curves[:, shift:-shift]
     second = curves[:, 2 * shift :] - 2 * centre + curves[:, : -2 * shift]
     score = -second if convention == "acceleration" else second
@@ -225,13 +236,13 @@ class Clusters(Analysis):
     def _check_lag(self, steps: np.ndarray) -> None:
         for kind in self.params.trajectories:
             curve = steps[1:] if kind == "loss_change" else steps
-            spacing = int(np.diff(steps).min())
-            points = (curve[-1] - curve[0]) // spacing + 1 if len(curve) > 1 else 1
-            if points <= 2 * max(1, round(self._lag(steps) / spacing)):
+            try:
+                lag_shift(step_grid(curve), self._lag(steps))
+            except ValueError:
                 raise JobSpecError(
                     f"analyses.clusters.lag = {self._lag(steps)} steps needs {kind} trajectories longer than "
                     f"2·lag; they span {curve[-1] - curve[0]} steps"
-                )
+                ) from None
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         self._check_lag(np.array([c.step for c in ctx.checkpoints]))

@@ -338,9 +338,10 @@ class Polca(Analysis):
             totals["simpson"] = simpson_total(p, ctx.read(f"proj_grad_mid{x}")[:-1].astype(np.float64), d)
         chosen = totals[self.params.second_order]
         projected = projected_loss(chosen)
-        per_token, _ = explained_fraction(loss, chosen)
+        fractions = {v: explained_fraction(loss, total) for v, total in totals.items()}
+        per_token = fractions[self.params.second_order][0]
         kept, tokens = filters(projected)
-        explained = [explained_fraction(loss, totals[v])[1] if v in totals else np.nan for v in VARIANTS]
+        explained = [fractions[v][1] if v in fractions else np.nan for v in VARIANTS]
 
         def padded(values: np.ndarray) -> np.ndarray:  # step pairs → steps (last step NaN)
             return np.concatenate([values, np.full((1, *values.shape[1:]), np.nan)]).astype(np.float32)
