@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import glob
+import hashlib
+import itertools
 import json
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckpt_analysis.config import CheckpointsSpec, Selector
+from ckpt_analysis.config import CheckpointsSpec, Selector, selector_predicate
 from ckpt_analysis.errors import CheckpointError, JobSpecError
 
 if TYPE_CHECKING:
@@ -26,7 +31,6 @@ PYTHIA_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), *range(1000, 143
 PYTHIA_REVISIONS: tuple[str, ...] = tuple(f"step{s}" for s in PYTHIA_STEPS)
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class CheckpointSource(ABC):
         register()  # the built-in one-hot model type loads like any other
         hf_logging.disable_progress_bar()  # one bar per load is noise inside a sweep
         dtype = getattr(torch, self.spec.dtype)
+        if self.spec.verify_digests:
+            for path in self.weight_files(ckpt):
+                verify_digest(path, ckpt.revision)
         try:
             model = self._load(ckpt, dtype, attn)
         except CheckpointError:
@@ -131,17 +138,52 @@ class HubSource(CheckpointSource):
         names = list(PYTHIA_REVISIONS) if revs == "pythia" else revs
         if not isinstance(names, list):
             raise JobSpecError("checkpoints.revisions must be 'pythia' or a list of revision names")
-        ckpts = [self._checkpoint(str(name), i) for i, name in enumerate(names)]
-        return sorted(ckpts, key=lambda c: c.step)
+        unknown = sorted(set(self.spec.steps) - {str(n) for n in names})
+        if unknown:
+            raise JobSpecError(
+                f"checkpoints.steps names {unknown}, which checkpoints.revisions does not list"
+            )
+        ckpts = [self._checkpoint(str(name)) for name in names]
+        return _unique_steps(sorted(ckpts, key=lambda c: c.step))
 
-    def _checkpoint(self, revision: str, index: int) -> Checkpoint:
-        match = re.fullmatch(r"step(\d+)", revision)
-        step = int(match.group(1)) if match else index
+    def _checkpoint(self, revision: str) -> Checkpoint:
+        step = self._step(revision)
         per_step = self.spec.tokens_per_step
         if per_step is None and self.spec.revisions == "pythia":
             per_step = PYTHIA_TOKENS_PER_STEP
         seen = None if per_step is None else step * per_step
         return Checkpoint(step=step, revision=revision, ref=revision, tokens_seen=seen)
+
+    def _step(self, revision: str) -> int:
+        """The training step of a revision (docs/jobs.md, "Revisions and steps").
+
+        ``checkpoints.steps`` first; then a ``stepN`` name; then a branch or commit resolved in
+        the cache to the ``stepN`` revision at the same commit. Anything else is refused.
+        """
+        if revision in self.spec.steps:
+            return self.spec.steps[revision]
+        if match := re.fullmatch(r"step(\d+)", revision):
+            return int(match.group(1))
+        refs = self._refs()
+        commit = refs.get(revision, revision)
+        same = sorted(r for r, c in refs.items() if c == commit and re.fullmatch(r"step\d+", r))
+        if same:
+            log.info("revision %s is commit %s, the same as %s", revision, commit[:12], same[0])
+            return int(same[0][4:])
+        raise CheckpointError(
+            f"revision {revision!r} names no training step: it is not 'stepN' and no cached stepN "
+            f"revision points at its commit; map it with checkpoints.steps = {{ {revision} = N }}"
+        )
+
+    def _refs(self) -> dict[str, str]:
+        """Revision name → commit, from the cache's ``refs/`` folder (as the Hub writes it)."""
+        from huggingface_hub import constants
+
+        cache = Path(self.spec.cache_dir or constants.HF_HUB_CACHE)
+        folder = cache / ("models--" + str(self.spec.repo).replace("/", "--")) / "refs"
+        if not folder.is_dir():
+            return {}
+        return {str(p.relative_to(folder)): p.read_text().strip() for p in folder.rglob("*") if p.is_file()}
 
     def files_dir(self, ckpt: Checkpoint) -> Path:
         from huggingface_hub import snapshot_download
@@ -257,6 +299,71 @@ class StateDictSource(CheckpointSource):
         return model
 
 
+def expected_digest(path: Path) -> tuple[str, str] | None:
+    """``(algorithm, hex digest)`` a weight file must have, where its storage says, else None.
+
+    A Hub cache names each blob by its content: the sha256 for LFS files (weights), the git blob
+    sha1 for small files. Beside any file, a ``<name>.sha256`` sidecar (``sha256sum`` output)
+    gives the digest for local runs and state dicts (docs/jobs.md, "What is checked at load time").
+    """
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        return "sha256", sidecar.read_text().split()[0].lower()
+    if path.is_symlink():
+        blob = path.resolve().name
+        if re.fullmatch(r"[0-9a-f]{64}", blob):
+            return "sha256", blob
+        if re.fullmatch(r"[0-9a-f]{40}", blob):
+            return "git-sha1", blob
+    return None
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The digest of a file's bytes (``git-sha1``: git's blob hash, as the Hub names small files)."""
+    if algorithm == "git-sha1":
+        hasher = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    else:
+        hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()
+"""Files verified in this process, by (real path, size, mtime): a worker hashes each file once."""
+
+
+def verify_digest(path: Path, revision: str) -> None:
+    """Check a weight file against :func:`expected_digest`; raise naming the revision if it differs."""
+    expected = expected_digest(path)
+    if expected is None:
+        return
+    real = path.resolve()
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    found = file_digest(real, expected[0])
+    if found != expected[1]:
+        raise CheckpointError(
+            f"checkpoint {revision}: {path.name} is corrupt: its {expected[0]} is {found[:16]}…, "
+            f"its storage says {expected[1][:16]}…; download it again (`ckpt-analysis prefetch`)"
+        )
+    _VERIFIED.add(key)
+
+
+def _unique_steps(ckpts: list[Checkpoint]) -> list[Checkpoint]:
+    """Refuse two checkpoints at one step, naming both (e.g. ``main`` beside the ``stepN`` it is)."""
+    for a, b in itertools.pairwise(ckpts):
+        if a.step == b.step:
+            raise CheckpointError(
+                f"checkpoints {a.revision!r} and {b.revision!r} are both step {a.step}; "
+                "list one of them, or map steps with checkpoints.steps"
+            )
+    return ckpts
+
+
 def _weight_files_in(folder: Path, ckpt: Checkpoint) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
@@ -277,7 +384,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
-def read_layout(files: list[Path]) -> dict[str, tuple[int, ...]]:
+def read_layout(files: list[Path], revision: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes from weight-file headers, without reading the weights."""
     from safetensors import safe_open
 
@@ -291,36 +398,95 @@ def read_layout(files: list[Path]) -> dict[str, tuple[int, ...]]:
             else:
                 layout.update({k: tuple(v.shape) for k, v in _read_state_dict(path).items()})
         except Exception as exc:
-            raise CheckpointError(f"weights file {path} is corrupt or unreadable: {exc}") from exc
+            raise CheckpointError(
+                f"checkpoint {revision}: weights file {path.name} is corrupt or unreadable: {one_line(exc)}"
+            ) from exc
     return layout
 
 
-def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str, Any]:
-    """Check every checkpoint shares the first one's architecture and parameter layout.
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "_commit_hash",
+        "architectures",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "attention_dropout",
+        "hidden_dropout",
+        "classifier_dropout",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+"""Config fields that never change what a checkpoint computes in eval mode; every other field must
+agree across a job's checkpoints (docs/jobs.md, "What is checked before anything runs")."""
 
-    Returns the first checkpoint's config. Raises CheckpointError naming the first mismatch.
+
+def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str, Any]:
+    """Check every checkpoint computes the same function family: equal configs and parameter layouts.
+
+    Every config field outside :data:`BOOKKEEPING_KEYS` is compared, and every parameter name and
+    shape. The checkpoint that differs from the majority is blamed, beside one that agrees.
+    Returns the majority config.
     """
     if not ckpts:
         raise CheckpointError("the checkpoint selection is empty")
-    ref_ckpt = ckpts[0]
-    ref_config = source.config(ref_ckpt)
-    ref_layout = read_layout(source.weight_files(ref_ckpt))
-    for ckpt in ckpts[1:]:
-        config = source.config(ckpt)
-        for key in _ARCH_KEYS:
-            if config.get(key) != ref_config.get(key):
-                raise CheckpointError(
-                    f"architecture mismatch: checkpoint {ckpt.revision} has {key}={config.get(key)!r}, "
-                    f"{ref_ckpt.revision} has {ref_config.get(key)!r}"
-                )
-        layout = read_layout(source.weight_files(ckpt))
-        if layout != ref_layout:
-            diff = sorted(set(layout.items()) ^ set(ref_layout.items()))[0]
+    configs = [source.config(c) for c in ckpts]
+    keys = sorted({k for c in configs for k in c} - BOOKKEEPING_KEYS)
+    for key in keys:
+        values = [json.dumps(c.get(key), sort_keys=True) for c in configs]
+        _blame_minority(ckpts, values, functools.partial(_config_value, key, values))
+    layouts = [read_layout(source.weight_files(c), c.revision) for c in ckpts]
+    _blame_minority(
+        ckpts, [json.dumps(sorted(x.items())) for x in layouts], functools.partial(_layout_entry, layouts)
+    )
+    return configs[_majority_index([json.dumps(c, sort_keys=True, default=str) for c in configs])]
+
+
+def _config_value(key: str, values: list[str], i: int, minority: int) -> str:
+    return f"{key} = {values[i]}"
+
+
+def _layout_entry(layouts: list[dict[str, tuple[int, ...]]], i: int, minority: int) -> str:
+    usual = layouts[_majority_index([json.dumps(sorted(x.items())) for x in layouts])]
+    name = sorted(set(layouts[minority].items()) ^ set(usual.items()))[0][0]
+    return f"parameter {name!r} with shape {layouts[i].get(name, 'absent')}"
+
+
+def _majority_index(values: list[str]) -> int:
+    common = collections.Counter(values).most_common(1)[0][0]
+    return values.index(common)
+
+
+def _blame_minority(ckpts: list[Checkpoint], values: list[str], describe: Callable[[int, int], str]) -> None:
+    """Raise naming the first checkpoint whose value differs from the majority's, and one that agrees.
+
+    ``describe(i, minority)`` says what checkpoint ``i`` has where ``minority`` differs.
+    """
+    agree = _majority_index(values)
+    for i, value in enumerate(values):
+        if value != values[agree]:
             raise CheckpointError(
-                f"parameter layout mismatch: checkpoint {ckpt.revision} differs from "
-                f"{ref_ckpt.revision} at {diff[0]!r}"
+                f"architecture mismatch: checkpoint {ckpts[i].revision} has {describe(i, i)}, "
+                f"where {ckpts[agree].revision} and the majority have {describe(agree, i)}"
             )
-    return ref_config
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one plain line: its first non-empty line, terminal colour codes removed."""
+    text = _ANSI.sub("", str(exc))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def select(ckpts: list[Checkpoint], selector: Selector) -> list[Checkpoint]:
@@ -338,25 +504,8 @@ def select(ckpts: list[Checkpoint], selector: Selector) -> list[Checkpoint]:
                 raise CheckpointError(f"checkpoint {item!r} is not among the available {_sample(ckpts)}")
             chosen.append(ckpt)
         return sorted(set(chosen), key=lambda c: c.step)
-    keep = _selector_predicate(selector)
+    keep = selector_predicate(selector)
     return [c for c in ckpts if keep(c.step)]
-
-
-def _selector_predicate(selector: str) -> Any:
-    if selector == "all":
-        return lambda s: True
-    if selector == "log":
-        return lambda s: s == 0 or (s & (s - 1)) == 0
-    if match := re.fullmatch(r"every=(\d+)", selector):
-        n = int(match.group(1))
-        return lambda s: s % n == 0
-    if match := re.fullmatch(r"(\d+):(\d+)(?::(\d+))?", selector):
-        lo, hi, stride = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1)
-        return lambda s: lo <= s <= hi and (s - lo) % stride == 0
-    raise JobSpecError(
-        f"checkpoint selector {selector!r} is not valid; "
-        "use 'all', 'log', 'every=N', 'A:B', 'A:B:N' or a list"
-    )
 
 
 def _sample(ckpts: list[Checkpoint]) -> str:

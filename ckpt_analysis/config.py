@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -18,6 +20,25 @@ T = TypeVar("T")
 
 Selector = str | list[int] | list[str]
 """Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (SPEC §3)."""
+
+
+def selector_predicate(selector: str) -> Callable[[int], bool]:
+    """The step filter of a string selector; a bad one is a JobSpecError listing the valid forms."""
+    if selector == "all":
+        return lambda s: True
+    if selector == "log":
+        return lambda s: s == 0 or (s & (s - 1)) == 0
+    if (match := re.fullmatch(r"every=(\d+)", selector)) and int(match.group(1)) > 0:
+        n = int(match.group(1))
+        return lambda s: s % n == 0
+    match = re.fullmatch(r"(\d+):(\d+)(?::(\d+))?", selector)
+    if match and int(match.group(3) or 1) > 0:
+        lo, hi, stride = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1)
+        return lambda s: lo <= s <= hi and (s - lo) % stride == 0
+    raise JobSpecError(
+        f"checkpoint selector {selector!r} is not valid; "
+        "use 'all', 'log', 'every=N', 'A:B', 'A:B:N' (N >= 1) or a list"
+    )
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,15 @@ class CheckpointsSpec:
     tokenizer: str | None = None
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: dict[str, int] = field(default_factory=dict)
+    verify_digests: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.select, list):
+            selector_predicate(self.select)
+        for revision, step in self.steps.items():
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise JobSpecError(f"checkpoints.steps.{revision} = {step!r} must be a step number >= 0")
 
 
 @dataclass(frozen=True)
@@ -65,6 +95,12 @@ class DataSpec:
     num_sequences: int | None = None
     add_bos: bool = False
     token_text: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("num_examples", "seq_len", "num_sequences"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise JobSpecError(f"data.{key} = {value} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -112,6 +148,23 @@ class SlurmSpec:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise JobSpecError(f"slurm.{key} = {value} must be at least 1")
+        for key in ("partition", "account", "time", "mem", "gres", "interface"):
+            value = getattr(self, key)
+            if value is not None and not _SBATCH_VALUE.fullmatch(value):
+                raise JobSpecError(
+                    f"slurm.{key} = {value!r} may hold only letters, digits and . , : = + @ % / - _"
+                )
+        for i, arg in enumerate(self.sbatch_args):
+            if not arg.startswith("-"):
+                raise JobSpecError(
+                    f"slurm.sbatch_args[{i}] = {arg!r} must be one sbatch option, e.g. '--qos=high'"
+                )
+
+
+_SBATCH_VALUE = re.compile(r"[\w.,:=+@%/-]+")
+"""What a ``[slurm]`` value written into an ``#SBATCH`` line may hold: no spaces, quotes or shell syntax."""
+_JOB_NAME = re.compile(r"[\w.-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -126,16 +179,40 @@ class JobSpec:
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
 
+    def __post_init__(self) -> None:
+        if not _JOB_NAME.fullmatch(self.name):
+            raise JobSpecError(
+                f"name = {self.name!r} may hold only letters, digits, '.', '-' and '_' "
+                "(it names SLURM jobs and files)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """The normalised spec as plain data (stored in the results' root attrs)."""
         return dataclasses.asdict(self)
 
-    def spec_hash(self) -> str:
-        """Hash of everything that defines the results; compute and SLURM settings and name excluded."""
-        excluded = ("compute", "slurm", "name", "output")
-        payload = {k: v for k, v in self.to_dict().items() if k not in excluded}
+    def spec_hash(self, content: dict[str, Any] | None = None) -> str:
+        """Hash of what determines the numbers (docs/jobs.md, "What the spec hash covers").
+
+        Covered: the analyses and every option that changes a number, plus ``content``, the
+        content digests of the data and checkpoints (:func:`ckpt_analysis.plan.content_digests`).
+        Not covered: where files sit (``output``, ``checkpoints.path``/``files``/``config``/
+        ``cache_dir``/``tokenizer``, ``data.path``), ``checkpoints.device``, ``name``,
+        ``[compute]`` and ``[slurm]``; so a moved project folder or a sweep resumed on a GPU
+        keeps its hash.
+        """
+        payload = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_TABLES}
+        for table, keys in _UNHASHED_KEYS.items():
+            payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
+        payload["content"] = content or {}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_UNHASHED_TABLES = ("compute", "slurm", "name", "output")
+_UNHASHED_KEYS = {
+    "checkpoints": ("path", "files", "config", "cache_dir", "tokenizer", "device", "verify_digests"),
+    "data": ("path",),
+}
 
 
 def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
@@ -212,6 +289,7 @@ def load_job(path: str | Path, *, output: str | None = None) -> JobSpec:
 
 def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
     """Validate a job mapping (the parsed TOML) and resolve its relative paths against ``base``."""
+    _reject_control_characters(raw, "job")
     raw = dict(raw)
     raw.setdefault("name", "job")
     if "analyses" not in raw or not raw["analyses"]:
@@ -227,6 +305,20 @@ def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
     return _resolve_paths(job, base)
 
 
+def _reject_control_characters(value: Any, where: str) -> None:
+    """No string of a job may hold a newline or other control character: several end up in shell
+    scripts and ``#SBATCH`` lines, where one would start a new command (docs/jobs.md, [slurm])."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_control_characters(key, where)
+            _reject_control_characters(item, f"{where}.{key}" if where != "job" else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_control_characters(item, f"{where}[{i}]")
+    elif isinstance(value, str) and (found := _CONTROL.search(value)):
+        raise JobSpecError(f"{where} = {value!r} holds a control character ({found.group()!r}); remove it")
+
+
 def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
     def absolute(p: str | None) -> str | None:
         if p is None or "://" in p:
@@ -240,13 +332,11 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
         path=absolute(ck.path),
         config=absolute(ck.config),
         files=[str(absolute(f)) for f in ck.files],
+        tokenizer=ck.tokenizer
+        if ck.tokenizer is None or not (base / ck.tokenizer).exists()
+        else absolute(ck.tokenizer),
     )
     data = job.data
     if data.path is not None and data.source == "dataset" and Path(base / data.path).exists():
         data = dataclasses.replace(data, path=absolute(data.path))
     return dataclasses.replace(job, output=str(absolute(job.output)), checkpoints=ck, data=data)
-
-
-def job_from_json(text: str) -> JobSpec:
-    """Rebuild a JobSpec from its stored normalised form (paths already absolute)."""
-    return job_from_dict(json.loads(text), base=Path("/"))

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource, check_layout
+from ckpt_analysis.checkpoints import (
+    Checkpoint,
+    CheckpointSource,
+    check_layout,
+    expected_digest,
+    file_digest,
+)
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
-from ckpt_analysis.store import DONE, check_output, create_store
+from ckpt_analysis.store import DONE, check_output, create_store, creation_lock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -166,15 +174,71 @@ def versions() -> dict[str, str]:
     return found
 
 
+def content_digests(job: JobSpec) -> dict[str, Any]:
+    """What the checkpoints and data hold, for the spec hash (docs/jobs.md, "What the spec hash covers").
+
+    Per checkpoint: step, revision and, per weight file, the digest its storage names
+    (:func:`~ckpt_analysis.checkpoints.expected_digest`), else its size and a sha256 of its first
+    and last MiB. Data and tokenizer files: a sha256 of their bytes (a Hub name stands for itself).
+    """
+    source = CheckpointSource.from_spec(job.checkpoints)
+    return {
+        "checkpoints": [
+            [c.step, c.revision, [_fingerprint(p) for p in source.weight_files(c)]]
+            for c in source.checkpoints()
+        ],
+        "data": _path_digest(job.data.path),
+        "tokenizer": _path_digest(job.checkpoints.tokenizer),
+    }
+
+
+def _fingerprint(path: Path) -> str:
+    expected = expected_digest(path)
+    if expected is not None:
+        return expected[1]
+    size = path.stat().st_size
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        hasher.update(handle.read(_MIB))
+        handle.seek(max(size - _MIB, 0))
+        hasher.update(handle.read(_MIB))
+    return f"{size}:{hasher.hexdigest()[:32]}"
+
+
+_MIB = 1 << 20
+
+
+def _path_digest(where: str | None) -> str | None:
+    if where is None or not Path(where).exists():
+        return where
+    root = Path(where)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    hasher = hashlib.sha256()
+    for file in files:
+        hasher.update(str(file.relative_to(root)).encode())
+        hasher.update(file_digest(file, "sha256").encode())
+    return hasher.hexdigest()
+
+
 def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
-    """Create the job's store unless a store of the same spec exists (then resume)."""
-    action = check_output(job.output, job.spec_hash(), force=force)
-    if action == "resume":
-        return action
+    """Create the job's store unless a store of the same spec exists (then resume).
+
+    Holds the store's creation lock (:func:`~ckpt_analysis.store.creation_lock`), so of two
+    runs starting at once one creates the store and the other resumes it.
+    """
+    spec_hash = job.spec_hash(content_digests(job))
+    with creation_lock(job.output):
+        action = check_output(job.output, spec_hash, force=force)
+        if action != "resume":
+            _create(job, spec_hash, replace=action == "replace")
+    return action
+
+
+def _create(job: JobSpec, spec_hash: str, *, replace: bool) -> None:
     plan = make_plan(job)
     meta = {
         "job_spec": job.to_dict(),
-        "spec_hash": job.spec_hash(),
+        "spec_hash": spec_hash,
         "versions": versions(),
         "model_id": job.checkpoints.repo or job.checkpoints.path or job.checkpoints.config,
         "model_config": plan.model_config,
@@ -190,7 +254,6 @@ def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "
         coords=_coords(plan),
         tables=_tables(plan),
         meta=meta,
-        replace=action == "replace",
+        replace=replace,
     )
     log.info("created %s with %d units", job.output, len(plan.units))
-    return action

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
@@ -13,19 +14,24 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
+from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource, one_line
 from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import StoreError
 from ckpt_analysis.execute import Outcome, Task, make_executor
-from ckpt_analysis.plan import prepare_store, stored_units, unit_stages, versions
+from ckpt_analysis.plan import content_digests, prepare_store, stored_units, unit_stages, versions
 from ckpt_analysis.progress import progress
 from ckpt_analysis.registry import Unit, UnitContext, get_analysis
 from ckpt_analysis.store import (
+    check_output,
+    check_writable,
     done_flags,
     read_array,
+    read_sidecar,
+    require_store,
     set_done,
     store_meta,
+    unit_lock,
     write_block,
     write_sidecar,
 )
@@ -68,24 +74,28 @@ class _Worker:
 
 
 @cache
-def _worker(store: str) -> _Worker:
+def _worker(store: str, job_json: str) -> _Worker:
+    """The worker state of ``store`` for the job given now (its paths, not those stored at creation).
+
+    The store's units and token set come from the store; the checkpoints are listed afresh from
+    the job, so a moved project folder still finds them, and must match the stored steps.
+    """
+    job = job_from_dict(json.loads(job_json), base=Path("/"))
     meta = store_meta(store)
-    job = job_from_dict(meta["job_spec"], base=Path("/"))
-    columns = zip(
-        read_array(store, "step").tolist(),
-        read_array(store, "revision").tolist(),
-        meta["checkpoint_refs"],
-        read_array(store, "tokens_seen").tolist(),
-        strict=True,
-    )
-    ckpts = [Checkpoint(s, str(r), ref, None if t < 0 else t) for s, r, ref, t in columns]
+    source = CheckpointSource.from_spec(job.checkpoints)
+    ckpts = source.checkpoints()
+    stored = read_array(store, "step").tolist()
+    if [c.step for c in ckpts] != stored:
+        raise StoreError(
+            f"{store} was planned for steps {stored}, but the job now selects {[c.step for c in ckpts]}"
+        )
     data = EvalData(
         read_array(store, "input_ids"),
         read_array(store, "attention_mask"),
         read_array(store, "score_mask").astype(bool),
     )
     units = stored_units(meta)
-    models = _ModelCache(CheckpointSource.from_spec(job.checkpoints), ckpts)
+    models = _ModelCache(source, ckpts)
     read = functools.partial(read_array, store)
     return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models, read))
 
@@ -99,16 +109,32 @@ def _provenance() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), **env}
 
 
-def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
+def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
-    The done marker is cleared before and set after the unit's writes, so a unit killed
-    mid-write is recomputed on the next run.
+    The unit's lock (:func:`~ckpt_analysis.store.unit_lock`) is held throughout, so a concurrent
+    run waits, then skips it. The unit's blocks are computed in memory first, then its done
+    marker is cleared, the blocks written and the marker set last: a unit killed mid-write is
+    recomputed on the next run, and a ``--force`` recompute that fails keeps the earlier result.
     """
+    try:
+        worker = _worker(store, job_json)
+        unit = worker.units[index]
+    except Exception as exc:
+        return Outcome(index, f"unit {index}", "failed", one_line(exc))
+    try:
+        with unit_lock(store, unit.id):
+            return _run_locked(store, worker, unit, index, torch_threads=torch_threads, force=force)
+    except Exception as exc:  # the store itself failed: removed, unwritable, full disk
+        log.warning("unit %s failed: %s", unit.id, one_line(exc))
+        return Outcome(index, unit.id, "failed", one_line(exc))
+
+
+def _run_locked(
+    store: str, worker: _Worker, unit: Unit, index: int, *, torch_threads: int, force: bool
+) -> Outcome:
     import torch
 
-    worker = _worker(store)
-    unit = worker.units[index]
     flags = done_flags(store)
     if not force and flags[index]:
         return Outcome(index, unit.id, "skipped")
@@ -119,30 +145,26 @@ def run_unit(store: str, index: int, *, torch_threads: int, force: bool) -> Outc
         return Outcome(index, unit.id, "failed", error)
     torch.set_num_threads(torch_threads)
     start = time.time()
+    earlier = read_sidecar(store, unit.id) if flags[index] else None
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
-    write_sidecar(store, unit.id, record)
+    if earlier is None:
+        write_sidecar(store, unit.id, record)
     try:
-        set_done(store, index, False)
         analysis = get_analysis(unit.analysis).from_spec(worker.job.analyses[unit.analysis])
-        for write in analysis.compute(unit, worker.context):
-            write_block(store, write)
-        set_done(store, index, True)
+        writes = list(analysis.compute(unit, worker.context))
     except Exception as exc:
         wall = time.time() - start
-        error = f"{type(exc).__name__}: {exc}"
-        write_sidecar(
-            store,
-            unit.id,
-            {
-                **record,
-                "status": "failed",
-                "error": error,
-                "traceback": traceback.format_exc(),
-                "wall_s": wall,
-            },
-        )
+        error = one_line(exc)
+        failed = {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()}
+        if earlier is not None:  # --force: the earlier result stays, with the failed attempt beside it
+            failed = {**earlier, "forced_recompute": {**failed, "wall_s": wall}}
+        write_sidecar(store, unit.id, {**failed, "wall_s": failed.get("wall_s", wall)})
         log.warning("unit %s failed: %s", unit.id, error)
         return Outcome(index, unit.id, "failed", error, wall)
+    set_done(store, index, False)
+    for write in writes:
+        write_block(store, write)
+    set_done(store, index, True)
     wall = time.time() - start
     write_sidecar(store, unit.id, {**record, "status": "done", "wall_s": wall, "versions": versions()})
     return Outcome(index, unit.id, "done", None, wall)
@@ -167,10 +189,13 @@ def run_job(
     store = job.output
     if shard is None:
         prepare_store(job, force=force)
-    elif not done_flags_exist(store):
-        raise StoreError(f"{store} does not exist; create it first with `ckpt-analysis plan`")
+    else:  # a SLURM array task: the store exists and must be this job's
+        require_store(store)
+        check_output(store, job.spec_hash(content_digests(job)), force=False)
+    check_writable(store)
     _worker.cache_clear()  # the store may have been (re)created just now
-    worker = _worker(store)
+    job_json = json.dumps(job.to_dict())
+    worker = _worker(store, job_json)
     tasks = [Task(i, u.id, tuple(worker.index[d] for d in u.deps)) for i, u in enumerate(worker.units)]
     if stage is not None:
         tasks = [t for t, s in zip(tasks, unit_stages(worker.units), strict=True) if s == stage]
@@ -184,20 +209,12 @@ def run_job(
         slurm=job.slurm,
         log_directory=str(Path(store) / "slurm" / "dask-workers"),
     )
-    fn = functools.partial(_run_unit_fn, store, job.compute.torch_threads, force)
+    fn = functools.partial(_run_unit_fn, store, job_json, job.compute.torch_threads, force)
     with progress(len(tasks), f"{job.name}") as advance:
         outcomes = runner.run(tasks, fn, lambda o: advance(o.name, o.ok))
     _worker.cache_clear()
     return outcomes
 
 
-def _run_unit_fn(store: str, torch_threads: int, force: bool, index: int) -> Outcome:
-    return run_unit(store, index, torch_threads=torch_threads, force=force)
-
-
-def done_flags_exist(store: str | Path) -> bool:
-    try:
-        done_flags(store)
-    except Exception:
-        return False
-    return True
+def _run_unit_fn(store: str, job_json: str, torch_threads: int, force: bool, index: int) -> Outcome:
+    return run_unit(store, job_json, index, torch_threads=torch_threads, force=force)

@@ -9,6 +9,7 @@ per-unit provenance goes to sidecar JSON files under ``_units/``, each replaced 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -52,8 +53,7 @@ def open_results(path: str | Path, *, chunks: dict[str, int] | None = None) -> x
     """
     import xarray as xr
 
-    if not (Path(path) / "zarr.json").is_file():
-        raise StoreError(f"{path} is not a results store")
+    require_store(path)
     with _quiet_consolidated():
         return xr.open_zarr(str(path), consolidated=True, chunks=chunks)
 
@@ -71,10 +71,8 @@ def read(path: str | Path, name: str, **labels: Any) -> np.ndarray:
     Like :func:`open_results`, safe while a job writes: unwritten blocks read as the fill value.
     """
     root = os.fspath(path)
-    try:
-        token = os.stat(os.path.join(root, "zarr.json")).st_mtime_ns  # changes when a store is replaced
-    except FileNotFoundError:
-        raise StoreError(f"{path} is not a results store") from None
+    require_store(path)
+    token = os.stat(os.path.join(root, "zarr.json")).st_mtime_ns  # changes when a store is replaced
     meta = _array_meta(root, name, token)
     dims, shape, chunks = meta["dims"], meta["shape"], meta["chunks"]
     unknown = sorted(set(labels) - set(dims))
@@ -158,10 +156,22 @@ def _quiet_consolidated() -> Iterator[None]:
         yield
 
 
+def require_store(path: str | Path) -> None:
+    """Raise one clear StoreError unless ``path`` is a results store (the only such test)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a results store (a job's output folder)")
+    if not (path / "zarr.json").is_file() or not (path / DONE / "zarr.json").is_file():
+        raise StoreError(f"{path} is a folder but not a results store")
+
+
 def store_meta(path: str | Path) -> dict[str, Any]:
     """The toolkit's root attributes (spec, hash, versions, units) of a store."""
     import zarr
 
+    require_store(path)
     attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     if ATTR_KEY not in attrs:
         raise StoreError(f"{path} is a Zarr store but not a ckpt-analysis results store")
@@ -179,7 +189,10 @@ def check_output(path: str | Path, spec_hash: str, *, force: bool) -> Literal["c
         return "create"
     if not (path / "zarr.json").is_file():
         if any(path.iterdir()):
-            raise StoreError(f"output path {path} is a non-empty folder that is not a results store")
+            raise StoreError(
+                f"output path {path} is a non-empty folder that is not a results store; "
+                "remove it or choose another output"
+            )
         return "replace"
     found = store_meta(path).get("spec_hash")
     if found == spec_hash:
@@ -215,7 +228,8 @@ def create_store(
         encoding[var.name] = {"chunks": var.chunks, "fill_value": var.fill, "compressors": None}
     ds = xr.Dataset(data_vars, coords={n: (dims, v) for n, (dims, v) in coords.items()})
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a planner killed mid-create (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         ds.to_zarr(str(tmp), mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
         zarr.open_group(str(tmp), mode="r+").attrs.update({ATTR_KEY: meta})
@@ -226,6 +240,8 @@ def create_store(
             shutil.rmtree(path)
         os.rename(tmp, path)
         _array.cache_clear()
+    except OSError as exc:
+        raise StoreError(f"cannot create the store {path}: {exc.strerror or exc}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -240,12 +256,57 @@ def _array(path: str, name: str) -> zarr.Array:
 
 def write_block(path: str | Path, write: Write) -> None:
     """Write one unit's block into its own chunks."""
+    _still_there(path)
     _array(str(path), write.name)[write.index] = write.values
 
 
 def set_done(path: str | Path, index: int, done: bool) -> None:
     """Set a unit's completion marker (its own chunk of ``unit_done``)."""
+    _still_there(path)
     _array(str(path), DONE)[index] = np.int8(done)
+
+
+def _still_there(path: str | Path) -> None:
+    """Refuse to write into a store removed during the run: zarr would recreate a half-store."""
+    if not (Path(path) / "zarr.json").is_file():
+        raise StoreError(f"the store {path} was removed during the run; nothing more is written to it")
+
+
+@contextmanager
+def creation_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on creating the store at ``path`` (``.<name>.lock`` beside it).
+
+    Two runs planning one output take turns: the second finds the store made and resumes it.
+    Advisory ``flock`` locks hold on local disks and on NFS/Lustre mounts with locking enabled.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = (path.parent / f".{path.name}.lock").open("a")
+    except OSError as exc:
+        raise StoreError(f"cannot create the store {path}: {exc.strerror or exc}") from exc
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def unit_lock(path: str | Path, unit_id: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on one unit (``_units/<unit>.lock``) while it is computed.
+
+    A concurrent run reaching the same unit waits here, then finds it done and skips it, so
+    concurrent runs on one store never compute a unit twice (docs/results.md, "Concurrent runs").
+    """
+    with _sidecar_path(path, unit_id).with_suffix(".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise one clear StoreError if this process cannot write the store's chunks and sidecars."""
+    for folder in (Path(path), Path(path) / UNITS_DIR, Path(path) / DONE):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to the store {path}: {folder} is read-only for this user")
 
 
 def read_array(path: str | Path, name: str, rows: slice = slice(None)) -> np.ndarray:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import save_checkpoint, tiny_model
+from builders import build_fake_hub, save_checkpoint, tiny_model
 from conftest import HUB_REPO, HUB_REVISIONS, RUN_STEPS
 
 from ckpt_analysis.checkpoints import (
@@ -135,7 +135,7 @@ def test_architecture_mismatch_names_the_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(tiny_model(), tmp_path / "checkpoint-0")
     save_checkpoint(tiny_model(num_layers=3), tmp_path / "checkpoint-5")
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
-    with pytest.raises(CheckpointError, match="checkpoint checkpoint-5 has num_hidden_layers=3"):
+    with pytest.raises(CheckpointError, match="checkpoint checkpoint-5 has num_hidden_layers = 3"):
         check_layout(source, source.checkpoints())
 
 
@@ -144,7 +144,9 @@ def test_corrupt_weights_file_is_named(tmp_path: Path) -> None:
     bad = save_checkpoint(tiny_model(), tmp_path / "checkpoint-5") / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
-    with pytest.raises(CheckpointError, match=r"checkpoint-5/model\.safetensors is corrupt"):
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint checkpoint-5: weights file model\.safetensors is corrupt"
+    ):
         check_layout(source, source.checkpoints())
 
 
@@ -166,4 +168,113 @@ def test_cuda_request_without_cuda_is_a_clear_error(run_dir: Path) -> None:
     spec = dataclasses.replace(CheckpointsSpec(source="local", path=str(run_dir)), device="cuda")
     source = CheckpointSource.from_spec(spec)
     with pytest.raises(CheckpointError, match="CUDA is not available"):
+        source.load(source.checkpoints()[0])
+
+
+def _hub_spec(cache: Path, revisions: list[str], **overrides: object) -> CheckpointsSpec:
+    return CheckpointsSpec(
+        source="hub", repo=HUB_REPO, revisions=revisions, cache_dir=str(cache), device="cpu", **overrides
+    )  # type: ignore[arg-type]
+
+
+def test_a_branch_name_takes_the_step_of_the_revision_at_its_commit(hub_cache: Path) -> None:
+    source = CheckpointSource.from_spec(_hub_spec(hub_cache, ["step0", "step1", "main"]))
+    assert [(c.revision, c.step) for c in source.checkpoints()] == [
+        ("step0", 0),
+        ("step1", 1),
+        ("main", 1000),  # refs/main points at step1000's commit
+    ]
+
+
+def test_a_branch_beside_its_own_step_revision_is_refused_naming_both(hub_cache: Path) -> None:
+    source = CheckpointSource.from_spec(_hub_spec(hub_cache, ["step0", "main", "step1000"]))
+    with pytest.raises(CheckpointError, match=r"'main' and 'step1000' are both step 1000"):
+        source.checkpoints()
+
+
+def test_a_revision_with_no_step_is_refused_unless_mapped(tmp_path: Path) -> None:
+    cache = build_fake_hub(tmp_path, HUB_REPO, ["step0", "final"])
+    (cache / f"models--{HUB_REPO.replace('/', '--')}" / "refs" / "main").unlink()
+    with pytest.raises(CheckpointError, match=r"revision 'final' names no training step.*checkpoints\.steps"):
+        CheckpointSource.from_spec(_hub_spec(cache, ["step0", "final"])).checkpoints()
+    mapped = CheckpointSource.from_spec(_hub_spec(cache, ["step0", "final"], steps={"final": 640}))
+    assert [c.step for c in mapped.checkpoints()] == [0, 640]
+
+
+def test_steps_table_renumbers_step_names(hub_cache: Path) -> None:
+    """A run saving every 4 steps under step<index> names maps each revision explicitly."""
+    spec = _hub_spec(hub_cache, ["step0", "step1", "step2"], steps={"step1": 4, "step2": 8})
+    assert [c.step for c in CheckpointSource.from_spec(spec).checkpoints()] == [0, 4, 8]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("use_parallel_residual", False),
+        ("hidden_act", "relu"),
+        ("rotary_pct", 0.5),
+        ("max_position_embeddings", 8),
+    ],
+)
+def test_a_config_that_changes_the_function_is_blamed_against_the_majority(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    import json
+
+    for step in (0, 5, 10):
+        save_checkpoint(tiny_model(), tmp_path / f"checkpoint-{step}")
+    config = tmp_path / "checkpoint-0" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint checkpoint-0 has {field} = .*where checkpoint-5 and the majority"
+    ):
+        check_layout(source, source.checkpoints())
+
+
+def test_bookkeeping_config_fields_are_ignored(tmp_path: Path) -> None:
+    import json
+
+    for step in (0, 5):
+        save_checkpoint(tiny_model(), tmp_path / f"checkpoint-{step}")
+    config = tmp_path / "checkpoint-5" / "config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "transformers_version": "0.0", "_name_or_path": "x"})
+    )
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    assert check_layout(source, source.checkpoints())["model_type"] == "gpt_neox"
+
+
+def _flip_middle(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_hub_blob_fails_at_load_naming_the_revision(tmp_path: Path) -> None:
+    cache = build_fake_hub(tmp_path, HUB_REPO, ["step0", "step1"])
+    source = CheckpointSource.from_spec(_hub_spec(cache, ["step0", "step1"]))
+    step1 = source.checkpoints()[1]
+    (blob,) = source.weight_files(step1)
+    assert blob.is_symlink()
+    _flip_middle(blob.resolve())
+    source.load(source.checkpoints()[0])  # the intact revision still loads
+    with pytest.raises(CheckpointError, match=r"checkpoint step1: model\.safetensors is corrupt: its sha256"):
+        source.load(step1)
+    unchecked = CheckpointSource.from_spec(_hub_spec(cache, ["step1"], verify_digests=False))
+    unchecked.load(unchecked.checkpoints()[0])  # the opt-out loads the flipped bytes
+
+
+def test_a_sha256_sidecar_verifies_local_weights(tmp_path: Path) -> None:
+    import hashlib
+
+    weights = save_checkpoint(tiny_model(), tmp_path / "checkpoint-0") / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (weights.parent / "model.safetensors.sha256").write_text(f"{digest}  model.safetensors\n")
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source.load(source.checkpoints()[0])
+    _flip_middle(weights)
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    with pytest.raises(CheckpointError, match=r"checkpoint checkpoint-0: model\.safetensors is corrupt"):
         source.load(source.checkpoints()[0])

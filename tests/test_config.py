@@ -70,3 +70,71 @@ def test_spec_hash_ignores_compute_but_not_analysis_settings(tmp_path: Path) -> 
 def test_missing_job_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match=r"nope\.toml' does not exist"):
         load_job(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        (None, "name", "sweep\ntouch /tmp/X\n"),
+        ("slurm", "partition", "gpu\n#SBATCH --wrap=x"),
+        ("slurm", "time", "01:00:00\r"),
+        ("slurm", "sbatch_args", ["--qos=a\nrm -rf ~"]),
+        ("slurm", "setup", ["module load x\u0000"]),
+        ("data", "path", "corpus\t.jsonl"),
+    ],
+)
+def test_control_characters_anywhere_are_refused_naming_the_key(
+    tmp_path: Path, table: str | None, key: str, value: object
+) -> None:
+    overrides = {key: value} if table is None else {table: {key: value}}
+    raw = job_dict(tmp_path, tmp_path / "o.zarr", **overrides)
+    with pytest.raises(JobSpecError, match=rf"{key}.* holds a control character"):
+        job_from_dict(raw, base=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["my sweep", "a$(id)", "`id`", "x;y", "a'b", 'a"b'])
+def test_job_names_are_plain_words(tmp_path: Path, name: str) -> None:
+    with pytest.raises(JobSpecError, match="may hold only letters, digits"):
+        job_from_dict(job_dict(tmp_path, tmp_path / "o.zarr", name=name), base=tmp_path)
+
+
+@pytest.mark.parametrize("key", ["partition", "account", "time", "mem", "gres"])
+@pytest.mark.parametrize("value", ["a b", "$(id)", "`id`", "x;y", "'q'", '"q"', "a&&b"])
+def test_sbatch_values_refuse_shell_syntax(tmp_path: Path, key: str, value: str) -> None:
+    raw = job_dict(tmp_path, tmp_path / "o.zarr", slurm={key: value})
+    with pytest.raises(JobSpecError, match=rf"slurm\.{key} = .* may hold only"):
+        job_from_dict(raw, base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data": {"seq_len": 0}}, r"data\.seq_len = 0 must be at least 1"),
+        ({"data": {"seq_len": -3}}, r"data\.seq_len = -3 must be at least 1"),
+        ({"data": {"num_examples": 0}}, r"data\.num_examples = 0"),
+        ({"checkpoints": {"select": "every=0"}}, r"selector 'every=0' is not valid"),
+        ({"checkpoints": {"select": "0:40:0"}}, r"selector '0:40:0' is not valid"),
+        ({"checkpoints": {"steps": {"main": -1}}}, r"checkpoints\.steps\.main = -1"),
+    ],
+)
+def test_bad_sizes_and_selectors_fail_at_parse_time(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(JobSpecError, match=message):
+        job_from_dict(job_dict(tmp_path, tmp_path / "o.zarr", **overrides), base=tmp_path)
+
+
+def test_spec_hash_ignores_where_files_sit_and_the_device(tmp_path: Path) -> None:
+    here = job_from_dict(job_dict(tmp_path / "a", tmp_path / "a.zarr"), base=tmp_path)
+    moved = job_from_dict(
+        job_dict(tmp_path / "b", tmp_path / "b.zarr", checkpoints={"device": "cpu"}), base=tmp_path
+    )
+    content = {"checkpoints": [[0, "checkpoint-0", ["abc"]]], "data": None, "tokenizer": None}
+    assert here.spec_hash(content) == moved.spec_hash(content)
+    assert here.spec_hash(content) != here.spec_hash({**content, "data": "other bytes"})
+
+
+def test_relative_tokenizer_resolves_against_the_job_file(tmp_path: Path) -> None:
+    (tmp_path / "jobs" / "tok").mkdir(parents=True)
+    path = write_job(
+        tmp_path / "jobs" / "j.toml", Path("run"), Path("o.zarr"), checkpoints={"tokenizer": "tok"}
+    )
+    assert load_job(path).checkpoints.tokenizer == str(tmp_path / "jobs" / "tok")

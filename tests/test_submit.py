@@ -1,5 +1,6 @@
 """SLURM submission: stages, rendered sbatch scripts (golden files), and a real single-node SLURM run."""
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,56 @@ def test_sbatch_refusing_a_stage_is_one_clear_error(tmp_path: Path) -> None:
         SubmitError, match=r"sbatch refused .*stage0\.sbatch: .*(?i:partition).*already submitted: none"
     ):
         submit(load_job(path), path)
+
+
+_FUZZ = [
+    "--comment=$(touch /tmp/pwned)",
+    "--comment=`id`",
+    "--comment='quoted'",
+    '--comment="dq"',
+    "--comment=a;b",
+]
+
+
+def _sbatch_block(text: str) -> list[str]:
+    """The ``#SBATCH`` lines sbatch reads: those before the first command line."""
+    block = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            block.append(line)
+        elif line and not line.startswith("#"):
+            break
+    return block
+
+
+@pytest.mark.parametrize("arg", _FUZZ)
+def test_rendered_scripts_keep_every_sbatch_line_and_parse_as_bash(tmp_path: Path, arg: str) -> None:
+    spec = SlurmSpec(partition="gpu", gres="gpu:1", sbatch_args=[arg], setup=["echo ready"])
+    text = render_stage(
+        Stage(1, 4, 4, ("polca",), 2),
+        name="fuzz",
+        last_stage=2,
+        spec=spec,
+        cpus=1,
+        job=tmp_path / "we ird$(x)" / "job.toml",
+        store=tmp_path / "st`o`re.zarr",
+        python=sys.executable,
+    )
+    script = tmp_path / "stage.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    block = _sbatch_block(text)
+    for option in ("--array=0-1", "--time=", "--mem=", "--partition=gpu", "--gres=gpu:1", arg):
+        assert any(option in line for line in block), option
+    words = shlex.split(text[text.index("exec ") :].replace("\\\n", " "))
+    assert words[words.index("run") + 1] == str(tmp_path / "we ird$(x)" / "job.toml")
+    assert words[words.index("--output") + 1] == str(tmp_path / "st`o`re.zarr")
+
+
+def test_a_newline_in_the_job_name_never_reaches_a_script(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "ok")
+    path.write_text(path.read_text().replace('name = "ok"', 'name = "sweep\\ntouch /tmp/X\\n"'))
+    result = subprocess.run([*CLI, "submit", str(path), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "name = 'sweep\\ntouch /tmp/X\\n' holds a control character" in result.stderr
+    assert not (tmp_path / "ok.zarr").exists()
