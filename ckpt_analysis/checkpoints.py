@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import re
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckpt_analysis.config import CheckpointsSpec, Selector, selector_predicate
-from ckpt_analysis.errors import CheckpointError, JobSpecError
+from ckpt_analysis.errors import CheckpointError, JobSpecError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,9 @@ class CheckpointSource(ABC):
     @abstractmethod
     def _load(self, ckpt: Checkpoint, dtype: torch.dtype, attn: str) -> PreTrainedModel:
         """Load the model for ``ckpt`` (no finiteness check; see :meth:`load`)."""
+
+    def check_keys(self, ckpt: Checkpoint, layout: dict[str, tuple[int, ...]]) -> None:  # noqa: B027
+        """Refuse tensor names the loader will not accept; none here (``from_pretrained`` maps its own)."""
 
     def checkpoints(self) -> list[Checkpoint]:
         """The selected checkpoints, in step order."""
@@ -288,6 +292,22 @@ class StateDictSource(CheckpointSource):
     def weight_files(self, ckpt: Checkpoint) -> list[Path]:
         return [Path(ckpt.ref)]
 
+    def check_keys(self, ckpt: Checkpoint, layout: dict[str, tuple[int, ...]]) -> None:
+        """The file's tensor names must be the ``model.state_dict()`` names of the config's model."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(self.files_dir(ckpt)))
+        with torch.device("meta"):
+            expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+        extra, absent = sorted(set(layout) - expected), sorted(expected - set(layout))
+        if extra or absent:
+            raise CheckpointError(
+                f"checkpoint {ckpt.revision}: its tensor names are not the model's state_dict() names "
+                f"(unexpected {extra[:3]}, missing {absent[:3]}); state-dict files must hold "
+                "model.state_dict(); for save_pretrained folders use checkpoints.source = 'local'"
+            )
+
     def _load(self, ckpt: Checkpoint, dtype: torch.dtype, attn: str) -> PreTrainedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -381,7 +401,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    mmap = zipfile.is_zipfile(path)  # legacy (pre-1.6, non-zip) torch.save files cannot be mapped
+    return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap))
 
 
 def read_layout(files: list[Path], revision: str) -> dict[str, tuple[int, ...]]:
@@ -444,6 +465,7 @@ def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str,
         values = [json.dumps(c.get(key), sort_keys=True) for c in configs]
         _blame_minority(ckpts, values, functools.partial(_config_value, key, values))
     layouts = [read_layout(source.weight_files(c), c.revision) for c in ckpts]
+    source.check_keys(ckpts[0], layouts[0])
     _blame_minority(
         ckpts, [json.dumps(sorted(x.items())) for x in layouts], functools.partial(_layout_entry, layouts)
     )
@@ -477,16 +499,6 @@ def _blame_minority(ckpts: list[Checkpoint], values: list[str], describe: Callab
                 f"architecture mismatch: checkpoint {ckpts[i].revision} has {describe(i, i)}, "
                 f"where {ckpts[agree].revision} and the majority have {describe(agree, i)}"
             )
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one plain line: its first non-empty line, terminal colour codes removed."""
-    text = _ANSI.sub("", str(exc))
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def select(ckpts: list[Checkpoint], selector: Selector) -> list[Checkpoint]:

@@ -224,6 +224,8 @@ def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
         raise JobSpecError(f"[{where}] must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
+    if unknown and not fields:
+        raise JobSpecError(f"[{where}] takes no options; remove {', '.join(map(repr, unknown))}")
     if unknown:
         raise JobSpecError(
             f"unknown key(s) {', '.join(map(repr, unknown))} in [{where}]; valid keys: {', '.join(fields)}"

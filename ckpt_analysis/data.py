@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckpt_analysis.config import DataSpec
-from ckpt_analysis.errors import DataError
+from ckpt_analysis.errors import DataError, one_line
 from ckpt_analysis.tasks import addition, topics
 
 if TYPE_CHECKING:
@@ -102,7 +102,12 @@ def load_eval_data(
         data = _from_dataset(spec, tokenizer)
     length = data.input_ids.shape[1]
     if max_positions is not None and length > max_positions:
-        raise DataError(f"sequence length {length} exceeds the model context of {max_positions} positions")
+        raise DataError(
+            f"sequences of {length} tokens exceed the model context of {max_positions} positions; "
+            f"set data.seq_len (now {spec.seq_len}) to at most {max_positions}"
+            if spec.source != "addition"
+            else f"addition problems of {length} tokens exceed the model context of {max_positions}"
+        )
     if data.input_ids.max() >= vocab_size or data.input_ids.min() < 0:
         raise DataError(f"token ids fall outside the model vocabulary of {vocab_size}")
     return data
@@ -144,8 +149,15 @@ def _load_dataset(spec: DataSpec) -> Dataset:
             )
         else:
             loaded = datasets.load_dataset("json" if fmt == "jsonl" else fmt, data_files=str(path))
+    except IndexError as exc:  # load_from_disk of a dataset saved with no rows has no shard to open
+        raise DataError(f"the dataset at {spec.path} is empty") from exc
     except Exception as exc:
-        raise DataError(f"could not load data from {spec.path}: {type(exc).__name__}: {exc}") from exc
+        if not path.exists():
+            raise DataError(
+                f"data.path {spec.path!r} is neither a file or folder (relative paths resolve against "
+                f"the job file's folder) nor a Hub dataset in the cache: {one_line(exc)}"
+            ) from exc
+        raise DataError(f"could not load data from {spec.path}: {one_line(exc)}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         split = spec.split or next(iter(loaded))
         if split not in loaded:
@@ -180,11 +192,19 @@ def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalDat
         if tokenizer.bos_token_id is None:
             raise DataError("data.add_bos = true but the tokenizer has no BOS token")
         rows = [[tokenizer.bos_token_id, *r] for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, attn = _pad(rows, spec.seq_len, pad)
+    ids, attn = _pad(rows, spec.seq_len, _pad_id(tokenizer))
     score = _pad_column(ds, spec.score_mask_column, spec.seq_len, 1).astype(bool)
     labels = {c: _pad_column(ds, c, spec.seq_len, -1) for c in spec.label_columns}
     return EvalData(ids, attn, score, labels)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """A special token for padding (masked out, but stored in ``input_ids``): pad, else EOS, else 0."""
+    special = set(tokenizer.all_special_ids)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None and candidate in special:
+            return int(candidate)
+    return 0
 
 
 def _pad(rows: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:

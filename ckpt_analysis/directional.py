@@ -65,11 +65,12 @@ def directional_derivatives(
     forward-over-forward. ``vectors_per_pass`` directions share one ``vmap``-batched pass, so the
     primal computation is done once for them; activation memory grows linearly with it (about
     3 streams × vectors × ``batch_size`` sequences for first order, 4 with ``second``).
-    ``params`` overrides the model's values of the layout's parameters (e.g. a midpoint
-    θ_t + ½Δθ_t); other parameters keep the model's values.
+    ``params`` overrides any of the model's parameter values (e.g. the whole model at a midpoint
+    θ_t + ½Δθ_t); the layout's parameters are differentiated there, the others held fixed there.
     """
     base = {n: p.detach() for n, p in model.named_parameters()}
-    primal = params if params is not None else {n: base[n] for n in layout.names}
+    base.update(params or {})
+    primal = {n: base[n] for n in layout.names}
     losses, first, curv = [], [], []
     with ExitStack() as stack:
         stack.enter_context(differentiable_attention(model))

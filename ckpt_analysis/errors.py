@@ -1,5 +1,7 @@
 """Error types: every bad input raises one of these with a message naming the culprit."""
 
+import re
+
 
 class CkptAnalysisError(Exception):
     """Base class for errors the toolkit reports to the user as one clear message."""
@@ -23,3 +25,13 @@ class StoreError(CkptAnalysisError):
 
 class SubmitError(CkptAnalysisError):
     """SLURM submission failed: no ``sbatch`` on PATH, or ``sbatch`` refused a stage."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one plain line: its first non-empty line, terminal colour codes removed."""
+    text = _ANSI.sub("", str(exc))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

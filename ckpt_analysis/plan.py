@@ -22,7 +22,7 @@ from ckpt_analysis.checkpoints import (
 )
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, load_eval_data
-from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.errors import DataError, JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
 from ckpt_analysis.store import DONE, check_output, create_store, creation_lock
 
@@ -64,16 +64,45 @@ def make_plan(job: JobSpec) -> Plan:
     ckpts = source.checkpoints()
     config = check_layout(source, ckpts)
     tokenizer = source.tokenizer(ckpts[0])
+    _check_vocabulary(tokenizer, job)
     data = load_eval_data(
         job.data,
         tokenizer,
         max_positions=config.get("max_position_embeddings"),
         vocab_size=config["vocab_size"],
     )
+    _check_ids(tokenizer, job, data)
     text, context = data.token_strings(tokenizer) if job.data.token_text else (None, None)
     ctx = PlanContext(job, ckpts, config, data, tokenizer)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
     return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units)
+
+
+def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, job: JobSpec) -> None:
+    """Refuse a tokenizer of special tokens only: transformers builds one from a checkpoint folder
+    without tokenizer files, and it decodes every token to ''."""
+    if job.data.source == "topics":  # synthetic ids; the tokenizer is never used
+        return
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise DataError(
+            f"the tokenizer from {_tokenizer_source(job)} has only special tokens ({len(tokenizer)} in "
+            "all): the folder holds no tokenizer files; set checkpoints.tokenizer to a tokenizer folder"
+        )
+
+
+def _check_ids(tokenizer: PreTrainedTokenizerBase, job: JobSpec, data: EvalData) -> None:
+    """Refuse data whose ids the tokenizer cannot decode into ``token_text``."""
+    top = int(data.input_ids[data.attention_mask > 0].max())
+    if job.data.source != "topics" and job.data.token_text and top >= len(tokenizer):
+        raise DataError(
+            f"the data holds token id {top}, but the tokenizer from {_tokenizer_source(job)} has "
+            f"{len(tokenizer)} tokens; set checkpoints.tokenizer to the data's tokenizer "
+            "(or data.token_text = false)"
+        )
+
+
+def _tokenizer_source(job: JobSpec) -> str:
+    return job.checkpoints.tokenizer or "the first checkpoint's folder"
 
 
 def stored_units(meta: dict[str, Any]) -> list[Unit]:

@@ -14,10 +14,10 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource, one_line
+from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
 from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
-from ckpt_analysis.errors import StoreError
+from ckpt_analysis.errors import StoreError, one_line
 from ckpt_analysis.execute import Outcome, Task, make_executor
 from ckpt_analysis.plan import content_digests, prepare_store, stored_units, unit_stages, versions
 from ckpt_analysis.progress import progress

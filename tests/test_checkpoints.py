@@ -278,3 +278,31 @@ def test_a_sha256_sidecar_verifies_local_weights(tmp_path: Path) -> None:
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
     with pytest.raises(CheckpointError, match=r"checkpoint checkpoint-0: model\.safetensors is corrupt"):
         source.load(source.checkpoints()[0])
+
+
+def test_legacy_torch_save_files_load(run_dir: Path, tmp_path: Path) -> None:
+    model = tiny_model(seed=5)
+    torch.save(model.state_dict(), tmp_path / "w_3.pt", _use_new_zipfile_serialization=False)
+    spec = CheckpointsSpec(
+        source="state_dict", files=[str(tmp_path / "w_*.pt")], config=str(run_dir / "checkpoint-0")
+    )
+    source = CheckpointSource.from_spec(spec)
+    check_layout(source, source.checkpoints())
+    loaded = source.load(source.checkpoints()[0])
+    assert torch.equal(loaded.gpt_neox.embed_in.weight, model.gpt_neox.embed_in.weight)
+
+
+def test_save_pretrained_weights_as_state_dicts_are_refused_at_plan_time(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copy(run_dir / "checkpoint-0" / "model.safetensors", tmp_path / "w_0.safetensors")
+    spec = CheckpointsSpec(
+        source="state_dict", files=[str(tmp_path / "w_*")], config=str(run_dir / "checkpoint-0")
+    )
+    source = CheckpointSource.from_spec(spec)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected \['embed_out.weight'\].*checkpoints.source = 'local'"
+    ):
+        check_layout(source, source.checkpoints())

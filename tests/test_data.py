@@ -107,7 +107,7 @@ def test_empty_or_too_short_data_is_rejected(tmp_path: Path, tokenizer, rows, ma
 
 
 def test_sequence_longer_than_context_is_rejected(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(DataError, match="sequence length 14 exceeds the model context of 8 positions"):
+    with pytest.raises(DataError, match="of 14 tokens exceed the model context of 8"):
         load_eval_data(DataSpec(source="addition", num_examples=4), tokenizer, max_positions=8, vocab_size=16)
 
 
@@ -123,3 +123,35 @@ def test_score_mask_excludes_position_zero_and_padding() -> None:
         np.ones((1, 4), dtype=np.int64), np.array([[1, 1, 1, 0]], dtype=np.int8), np.ones((1, 4), dtype=bool)
     )
     assert data.score_mask.tolist() == [[False, True, True, False]]
+
+
+def test_text_longer_than_the_context_names_data_seq_len(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "1+1=2"}) + "\n")
+    with pytest.raises(DataError, match=r"set data\.seq_len \(now 128\) to at most 16"):
+        load_eval_data(DataSpec(source="dataset", path=str(path)), tokenizer, max_positions=16, vocab_size=16)
+
+
+def test_an_empty_saved_dataset_is_named_empty(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import datasets
+
+    datasets.Dataset.from_dict({"input_ids": []}).save_to_disk(str(tmp_path / "empty"))
+    spec = DataSpec(source="dataset", path=str(tmp_path / "empty"), ids_column="input_ids")
+    with pytest.raises(DataError, match="is empty"):
+        load_eval_data(spec, tokenizer, max_positions=32, vocab_size=16)
+
+
+def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path: Path) -> None:
+    from builders import write_job
+
+    from ckpt_analysis.config import load_job
+
+    job = load_job(
+        write_job(
+            tmp_path / "j.toml", tmp_path, Path("o.zarr"), data={"source": "dataset", "path": "nope_data"}
+        )
+    )
+    with pytest.raises(
+        DataError, match=r"data\.path 'nope_data' is neither a file or folder .*job file's folder"
+    ):
+        load_eval_data(job.data, None, max_positions=32, vocab_size=16)  # type: ignore[arg-type]

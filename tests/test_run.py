@@ -120,3 +120,168 @@ def test_eight_concurrent_writer_processes_lose_nothing(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0] * 8, errors
     assert done_flags(tmp_path / "c.zarr").all()
     assert_same_results(str(tmp_path / "c.zarr"), ref_job.output)
+
+
+def _computed(stdout: str) -> int:
+    """How many units a `run` says it computed ("… N computed, M already done, F failed")."""
+    return int(stdout.rsplit(": ", 1)[1].split(" computed")[0])
+
+
+def test_two_concurrent_runs_share_the_units_without_computing_any_twice(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    path = write_job(tmp_path / "j.toml", run_dir, tmp_path / "c.zarr")
+    runs = [subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs
+    assert sum(_computed(o) for o in outputs) == 6, outputs  # six units, each computed once
+    assert done_flags(tmp_path / "c.zarr").all()
+    assert not list(tmp_path.glob(".c.zarr.tmp-*"))
+
+
+def test_a_failed_forced_recompute_keeps_the_earlier_result(tmp_path: Path) -> None:
+    import hashlib
+
+    run = build_local_run(tmp_path / "run", [0, 1])
+    weights = run / "checkpoint-1" / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (run / "checkpoint-1" / "model.safetensors.sha256").write_text(digest)
+    job = job_from_dict(job_dict(run, tmp_path / "f.zarr"), base=tmp_path)
+    run_job(job)
+    before = open_results(job.output).act_cov.values.copy()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # the sidecar digest (and so the spec hash) is unchanged
+    outcomes = run_job(job, force=True)
+    assert [o.status for o in outcomes] == ["done", "failed"]
+    assert "checkpoint-1: model.safetensors is corrupt" in str(outcomes[1].error)
+    assert done_flags(job.output).all()
+    np.testing.assert_array_equal(open_results(job.output).act_cov.values[1], before[1])
+    record = read_sidecar(job.output, "covariance/step=1")
+    assert record["status"] == "done" and "corrupt" in record["forced_recompute"]["error"]
+
+
+def test_a_moved_project_folder_resumes_its_store(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    build_local_run(project / "run", [0, 1])
+    path = write_job(project / "j.toml", Path("run"), Path("out.zarr"))
+    first = subprocess.run([*CLI, "run", str(path)], capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "project").rename(tmp_path / "moved")
+    again = subprocess.run(
+        [*CLI, "run", str(tmp_path / "moved" / "j.toml")], capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 0, again.stderr
+    assert "0 computed, 2 already done" in again.stdout
+
+
+def test_a_device_change_resumes_rather_than_refusing(run_dir: Path, tmp_path: Path) -> None:
+    job = job_from_dict(job_dict(run_dir, tmp_path / "d.zarr", checkpoints={"device": "cpu"}), base=tmp_path)
+    run_job(job)
+    auto = job_from_dict(
+        job_dict(run_dir, tmp_path / "d.zarr", checkpoints={"device": "auto"}), base=tmp_path
+    )
+    assert {o.status for o in run_job(auto)} == {"skipped"}
+
+
+def test_changed_data_content_is_a_different_spec(tmp_path: Path) -> None:
+    from ckpt_analysis.plan import content_digests
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "1+2=3"}\n')
+    job = job_from_dict(
+        job_dict(tmp_path, tmp_path / "o.zarr", data={"source": "dataset", "path": str(corpus)}),
+        base=tmp_path,
+    )
+    build_local_run(tmp_path, [0])
+    before = job.spec_hash(content_digests(job))
+    corpus.write_text('{"text": "1+3=4"}\n')
+    assert job.spec_hash(content_digests(job)) != before
+
+
+def test_a_store_removed_mid_run_is_not_recreated(run_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from ckpt_analysis.run import run_unit
+
+    job = job_from_dict(job_dict(run_dir, tmp_path / "gone.zarr"), base=tmp_path)
+    prepare_store(job, force=False)
+    shutil.rmtree(job.output)
+    outcome = run_unit(job.output, json.dumps(job.to_dict()), 0, torch_threads=1, force=False)
+    assert outcome.status == "failed" and "does not exist" in str(outcome.error)
+    assert not Path(job.output).exists()
+
+
+def test_writes_refuse_a_store_removed_after_its_unit_started(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ckpt_analysis.errors import StoreError
+    from ckpt_analysis.registry import Write
+    from ckpt_analysis.store import write_block
+
+    job = job_from_dict(job_dict(run_dir, tmp_path / "gone.zarr"), base=tmp_path)
+    prepare_store(job, force=False)
+    shutil.rmtree(job.output)
+    with pytest.raises(StoreError, match="was removed during the run"):
+        write_block(job.output, Write("act_count", (0,), np.zeros((4, 2))))
+    assert not Path(job.output).exists()
+
+
+def test_a_planner_killed_mid_create_leaves_no_temporary_folder_behind(run_dir: Path, tmp_path: Path) -> None:
+    stale = tmp_path / ".s.zarr.tmp-deadbeef"
+    (stale / "act_cov").mkdir(parents=True)
+    prepare_store(job_from_dict(job_dict(run_dir, tmp_path / "s.zarr"), base=tmp_path), force=False)
+    assert not stale.exists() and (tmp_path / "s.zarr" / "zarr.json").is_file()
+
+
+@pytest.mark.parametrize("what", ["job file", "missing", "plain folder"])
+def test_status_on_something_that_is_not_a_store_is_one_line(tmp_path: Path, what: str) -> None:
+    target = {"job file": tmp_path / "j.toml", "missing": tmp_path / "nope.zarr", "plain folder": tmp_path}[
+        what
+    ]
+    if what == "job file":
+        target.write_text('name = "x"\n')
+    for command in ("status", "show"):
+        result = subprocess.run([*CLI, command, str(target)], capture_output=True, text=True, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to user nobody, which needs root")
+def test_a_read_only_store_is_one_line_and_exit_2(
+    run_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Run as user ``nobody`` against a store (and an output folder) it may read but not write."""
+    import shutil
+
+    root = Path("/tmp") / f"ckpt-ro-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(mode=0o755)
+    try:
+        shutil.copytree(run_dir, root / "run")
+        job = write_job(root / "j.toml", root / "run", root / "s.zarr")
+        subprocess.run([*CLI, "plan", str(job)], check=True, capture_output=True)
+        os.chmod(root, 0o755)
+        for p in root.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        other = write_job(root / "k.toml", root / "run", root / "new.zarr")
+
+        def as_nobody() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        env = {**os.environ, "HOME": str(root), "HF_HOME": str(root / "hf")}
+        for path, expected in ((job, "cannot write to the store"), (other, "cannot create the store")):
+            result = subprocess.run(
+                [*CLI, "run", str(path)],
+                capture_output=True,
+                text=True,
+                preexec_fn=as_nobody,
+                env=env,
+                check=False,
+            )
+            assert result.returncode == 2, result.stderr
+            assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -109,3 +109,26 @@ def test_fast_read_of_an_unwritten_block_is_nan_and_bad_labels_are_named(planned
         read(planned.output, "act_cov", step=10)
     with pytest.raises(StoreError, match=r"no dimension\(s\) \['colour'\]"):
         read(planned.output, "act_cov", colour=1)
+
+
+def test_a_checkpoint_folder_without_tokenizer_files_is_refused_at_plan_time(tmp_path: Path) -> None:
+    from builders import tiny_model
+
+    from ckpt_analysis.errors import DataError
+
+    tiny_model().save_pretrained(tmp_path / "run" / "checkpoint-0")  # weights and config only
+    job = job_from_dict(job_dict(tmp_path / "run", tmp_path / "t.zarr"), base=tmp_path)
+    with pytest.raises(DataError, match=r"only special tokens .*set checkpoints\.tokenizer"):
+        prepare_store(job, force=False)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_an_analysis_without_options_says_so(run_dir: Path, tmp_path: Path) -> None:
+    from ckpt_analysis.errors import JobSpecError
+    from ckpt_analysis.registry import build_analyses
+
+    job = job_from_dict(
+        job_dict(run_dir, tmp_path / "o.zarr", analyses={"token_loss": {"dtype": "float64"}}), base=tmp_path
+    )
+    with pytest.raises(JobSpecError, match=r"\[analyses\.token_loss\] takes no options; remove 'dtype'"):
+        build_analyses(job)

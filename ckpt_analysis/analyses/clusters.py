@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,8 @@ PROJECTED = {"polca": "hessian", "polca_random": "random", "polca_axis": "axis",
 """Trajectory types read from POLCA outputs, and the basis each needs (``polca_axis`` is LCA)."""
 FILTERED, OUTLIER = -2, -1
 TOP = 3
+
+log = logging.getLogger(__name__)
 
 
 # --- SPEC §5.4 formulas ---
@@ -190,7 +193,7 @@ class ClusterParams:
     label: str | None = None
     label_value: int = 1
     restrict: str | None = None
-    restrict_values: list[int] = field(default_factory=lambda: [1, 2])
+    restrict_values: list[int] | None = None
     restrict_fraction: float = 0.85
     max_clusters: int = 20
 
@@ -244,8 +247,31 @@ class Clusters(Analysis):
                     f"2·lag; they span {curve[-1] - curve[0]} steps"
                 ) from None
 
+    def _check_restriction(self, ctx: PlanContext) -> None:
+        """``restrict`` names a label and ``restrict_values`` says which of its values count."""
+        restrict, values = self.params.restrict, self.params.restrict_values
+        if restrict is None:
+            return
+        if restrict not in self._label_names(ctx):
+            raise JobSpecError(
+                f"analyses.clusters.restrict {restrict!r} is not a label of the data; "
+                f"labels: {self._label_names(ctx) or 'none'}"
+            )
+        present = sorted(set(ctx.eval_data.token_labels()[restrict].tolist()) - {-1})
+        if not values:
+            raise JobSpecError(
+                f"analyses.clusters.restrict = {restrict!r} needs restrict_values, the values of "
+                f"label_{restrict} whose tokens count (the data has {present}; the addition demo "
+                "uses [1, 2], its 10s and 100s places)"
+            )
+        if not set(values) & set(present):
+            raise JobSpecError(
+                f"analyses.clusters.restrict_values = {values} match no token: label_{restrict} has {present}"
+            )
+
     def variables(self, ctx: PlanContext) -> list[Variable]:
         self._check_lag(np.array([c.step for c in ctx.checkpoints]))
+        self._check_restriction(ctx)
         if self.params.label and self.params.label not in self._label_names(ctx):
             raise JobSpecError(
                 f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
@@ -334,11 +360,19 @@ class Clusters(Analysis):
         has_label = self._has_label(ctx)
         allowed = None
         if self.params.restrict:
-            allowed = np.isin(ctx.read(f"label_{self.params.restrict}"), self.params.restrict_values)
+            allowed = np.isin(ctx.read(f"label_{self.params.restrict}"), self.params.restrict_values or [])
         results = [
             self._cluster(c, k, curve_steps, lag, tau, has_label, allowed)
             for c, k in zip(sets, kept, strict=True)
         ]
+        if allowed is not None and not any((r["scored"] == 1).any() for r in results):
+            log.warning(
+                "clusters/%s: no cluster passes restrict = %r (values %s, fraction %s), so none is scored",
+                unit.key,
+                self.params.restrict,
+                self.params.restrict_values,
+                self.params.restrict_fraction,
+            )
         used = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
         vectors = max((len(ctx.read(f"basis_kept{suffix(b)}")) for b in used), default=1)
         return self._writes(row, results, tau, vectors)

@@ -99,6 +99,13 @@ def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return kept, kept[:, None] & (end <= 0)
 
 
+def _midpoint(here: torch.nn.Module, following: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model at θ_t + ½Δθ_t (docs/polca.md, ``simpson``): every parameter, not only the
+    analysed subset, since P[t+1] is taken at the whole of θ_{t+1}."""
+    after = dict(following.named_parameters())
+    return {n: 0.5 * (p.detach() + after[n].detach()) for n, p in here.named_parameters()}
+
+
 def _stream(ctx: UnitContext, variable: str, per_pass: int) -> Iterator[np.ndarray]:
     """The rows of a stored basis, ``per_pass`` at a time, so no unit holds the whole basis (SPEC §5.3)."""
     start = 0
@@ -154,7 +161,8 @@ class PolcaParams:
     bases: list[Basis] = field(default_factory=lambda: ["hessian"])
     second_order: SecondOrder = "none"
     measure_all_variants: bool = False
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64"] | None = None
+    """``None``: the job's ``checkpoints.dtype`` (float32 where that is a half type)."""
 
 
 @register
@@ -285,14 +293,21 @@ class Polca(Analysis):
             return [w for b in self.params.bases for w in self._finalize(ctx, b, loss)]
         return self._project(ctx, unit.checkpoint)
 
+    def _dtype(self, ctx: UnitContext) -> Literal["float32", "float64"]:
+        """``dtype``, else the job's checkpoint dtype; half types compute in float32."""
+        if self.params.dtype is not None:
+            return self.params.dtype
+        return "float64" if ctx.job.checkpoints.dtype == "float64" else "float32"
+
     def _project(self, ctx: UnitContext, t: int) -> list[Write]:
         patterns = self._check(ctx)
         curv, mid = self._needs()
         last = t + 1 == len(ctx.checkpoints)
-        following = None if last else as_dtype(ctx.load_model(t + 1), self.params.dtype)
+        dtype = self._dtype(ctx)
+        following = None if last else as_dtype(ctx.load_model(t + 1), dtype)
         layout = ParamLayout.from_model(following or ctx.load_model(t), patterns)
         theta_next = None if following is None else layout.flatten(following)
-        model = as_dtype(ctx.load_model(t), self.params.dtype)  # the cache now holds θ_t
+        model = as_dtype(ctx.load_model(t), dtype)  # the cache now holds θ_t
         theta = layout.flatten(model)
         compute = ctx.job.compute
         project = partial(
@@ -304,7 +319,7 @@ class Polca(Analysis):
             vectors_per_pass=compute.vectors_per_pass,
         )
         step = None if theta_next is None else theta_next - theta
-        midpoint = layout.unflatten(theta + 0.5 * step) if mid and step is not None else None
+        midpoint = _midpoint(model, following) if mid and following is not None else None
         parts: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
             x = suffix(name)

@@ -201,3 +201,29 @@ def test_normalisation_compares_shapes_not_scales() -> None:
     r = normalise(curves, "range")
     np.testing.assert_allclose(r[:2], [[0.0, 0.5, 1.0]] * 2)
     assert normalise(curves, "none") is curves
+
+
+@pytest.mark.parametrize(
+    ("clusters", "message"),
+    [
+        ({"restrict": "place"}, r"restrict = 'place' needs restrict_values.*the data has \[0, 1, 2, 3\]"),
+        (
+            {"restrict": "place", "restrict_values": [100, 10]},
+            r"restrict_values = \[100, 10\] match no token",
+        ),
+        ({"restrict": "colour", "restrict_values": [1]}, r"restrict 'colour' is not a label"),
+    ],
+)
+def test_a_restriction_must_name_a_label_and_values_it_has(
+    tmp_path: Path, clusters: dict, message: str
+) -> None:  # type: ignore[type-arg]
+    from ckpt_analysis.plan import prepare_store
+
+    run = build_local_run(tmp_path / "run", [0, 10, 20, 30, 40], **SMALL)
+    raw = job_dict(run, tmp_path / "c.zarr")
+    raw["analyses"] = {
+        "token_loss": {},
+        "clusters": {"trajectories": ["exact_loss"], "label": "carry", "lag": 10, **clusters},
+    }
+    with pytest.raises(JobSpecError, match=message):
+        prepare_store(job_from_dict(raw, base=tmp_path), force=False)

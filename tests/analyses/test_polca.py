@@ -197,3 +197,46 @@ def test_paper_variant_on_other_bases_needs_their_rayleigh_quotients(polca_store
     with pytest.raises(JobSpecError, match=r"set hessian_basis\.rayleigh = true"):
         prepare_store(job_from_dict(raw, base=tmp_path), force=False)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_simpson_midpoint_moves_the_whole_model_when_a_parameter_subset_is_analysed(tmp_path: Path) -> None:
+    """P[t+½] must equal per-token autograd at θ_t + ½Δθ_t of every parameter, not only the subset."""
+    from torch.func import functional_call
+
+    run = build_local_run(tmp_path / "run", [0, 10], seed=9, **SMALL)
+    subset = ["gpt_neox.layers.0.attention.*"]
+    analyses = {
+        "hessian_basis": {
+            "k": 2,
+            "every": 10,
+            "sample_sequences": 8,
+            "params": subset,
+            "random": False,
+            "axis": 0,
+        },
+        "token_loss": {},
+        "polca": {"second_order": "simpson"},
+    }
+    job = job_from_dict(
+        job_dict(run, tmp_path / "s.zarr", analyses=analyses, data={"num_examples": 8}), base=tmp_path
+    )
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    source = CheckpointSource.from_spec(job.checkpoints)
+    first, second = (source.load(c) for c in source.checkpoints())
+    after = dict(second.named_parameters())
+    middle = {n: 0.5 * (p.detach() + after[n].detach()) for n, p in first.named_parameters()}
+    layout = ParamLayout.from_model(first, subset)
+    ids = torch.from_numpy(ds.input_ids.values)
+    seq, pos = ds.token_sequence.values, ds.token_position.values
+    basis = torch.from_numpy(ds.basis_vectors.values)
+    expected = np.zeros((basis.shape[0], len(seq)))
+    for x in range(len(seq)):
+        params = {n: middle[n].clone().requires_grad_(n in layout.names) for n in middle}
+        logits = functional_call(
+            first, params, args=(), kwargs={"input_ids": ids[seq[x] : seq[x] + 1]}
+        ).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, pos[x] - 1], ids[seq[x], pos[x]])
+        grads = torch.autograd.grad(loss, [params[n] for n in layout.names])
+        expected[:, x] = (basis @ torch.cat([g.reshape(-1) for g in grads])).numpy()
+    np.testing.assert_allclose(ds.proj_grad_mid.values[0], expected, rtol=1e-4, atol=1e-6)
