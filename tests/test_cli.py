@@ -59,11 +59,11 @@ BAD_INPUTS = {
     ),
     "corrupt weights": (
         lambda t, run: {"checkpoints": {"path": str(_corrupt_run(t / "c"))}},
-        "checkpoint-1/model.safetensors is corrupt",
+        "checkpoint checkpoint-1: weights file model.safetensors is corrupt",
     ),
     "architecture mismatch": (
         lambda t, run: {"checkpoints": {"path": str(_mismatch_run(t / "m"))}},
-        "checkpoint checkpoint-1 has hidden_size=16",
+        "checkpoint checkpoint-1 has hidden_size = 16, where checkpoint-0",
     ),
     "empty data": (lambda t, run: {"data": {"source": "dataset", "path": _data_file(t, "")}}, "is empty"),
     "too-short data": (
@@ -78,7 +78,7 @@ BAD_INPUTS = {
                 "path": _data_file(t, '{"text": "' + "1+" * 30 + '"}\n'),
             }
         },
-        "sequence length 40 exceeds the model context of 32",
+        "sequences of 40 tokens exceed the model context of 32 positions; set data.seq_len",
     ),
     "unknown job key": (
         lambda t, run: {"compute": {"gpus": 1}},
