@@ -2,12 +2,13 @@
 
 Run after ``ckpt-analysis demo``: ``python benchmarks/polca_tuning.py demo_out/polca.zarr``.
 Only clustering is redone; projections come from the store. Scores follow the paper's protocol
-(> 85 % of a cluster's carry tokens in the 10s/100s place).
+(> 85 % of a cluster's labelled tokens in an allowed place); for another task name its label and
+restriction: ``--label borrow --restrict place --restrict-values 1 2``.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 from common import table
@@ -34,7 +35,7 @@ SETTINGS = [
 def best_homogeneity(
     curves: np.ndarray,
     kept: np.ndarray,
-    carry: np.ndarray,
+    has_label: np.ndarray,
     allowed: np.ndarray,
     mode: str,
     size: float,
@@ -52,29 +53,45 @@ def best_homogeneity(
         )
         for c in range(labels.max() + 1):
             count += 1
-            if passes_restriction(labels == c, carry, allowed, 0.85):
-                best = np.nanmax([best, label_scores(labels, carry, c)[0]])
+            if passes_restriction(labels == c, has_label, allowed, 0.85):
+                best = np.nanmax([best, label_scores(labels, has_label, c)[0]])
     return float(best), count
 
 
-def main(path: str) -> None:
+def main(path: str, label: str, restrict: str, values: list[int]) -> None:
     ds = open_results(path)
-    carry = ds.label_carry.values == 1
-    allowed = np.isin(ds.label_place.values, [1, 2])
+    has_label = ds[f"label_{label}"].values == 1
+    allowed = np.isin(ds[f"label_{restrict}"].values, values)
     rows = []
     for trajectory in ("polca", "polca_axis", "exact_loss"):
         curves, kept = trajectory_curves(trajectory, lambda name: ds[name].values)
         for mode, size, samples in SETTINGS:
-            best, count = best_homogeneity(curves, kept, carry, allowed, mode, size, samples)
+            best, count = best_homogeneity(curves, kept, has_label, allowed, mode, size, samples)
             rows.append([trajectory, mode, f"{size:g}", f"{samples:.3g}", str(count), f"{best:.3f}"])
-    print(f"store {path}; carry base rate among 10s/100s-place tokens: {carry[allowed].mean():.3f}\n")
+    rate = has_label[allowed].mean()
+    print(f"store {path}; {label} base rate among {restrict} in {values} tokens: {rate:.3f}\n")
     print(
         table(
-            ["trajectory", "normalise", "min cluster", "min samples", "clusters", "best carry homogeneity"],
+            [
+                "trajectory",
+                "normalise",
+                "min cluster",
+                "min samples",
+                "clusters",
+                f"best {label} homogeneity",
+            ],
             rows,
         )
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "demo_out/polca.zarr")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("store", nargs="?", default="demo_out/polca.zarr")
+    parser.add_argument("--label", default="carry", help="label column scored (without label_)")
+    parser.add_argument("--restrict", default="place", help="label column of the restriction")
+    parser.add_argument("--restrict-values", type=int, nargs="+", default=[1, 2], help="allowed values")
+    args = parser.parse_args()
+    main(args.store, args.label, args.restrict, args.restrict_values)

@@ -178,6 +178,8 @@ class JobSpec:
     analyses: dict[str, dict[str, Any]]
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    sample: DataSpec | None = None
+    """``[sample]``: a separate Hessian sample (same keys as ``[data]``); default: the job's data."""
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.fullmatch(self.name):
@@ -202,7 +204,8 @@ class JobSpec:
         """
         payload = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_TABLES}
         for table, keys in _UNHASHED_KEYS.items():
-            payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
+            if payload.get(table) is not None:
+                payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
         payload["content"] = content or {}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -212,6 +215,7 @@ _UNHASHED_TABLES = ("compute", "slurm", "name", "output")
 _UNHASHED_KEYS = {
     "checkpoints": ("path", "files", "config", "cache_dir", "tokenizer", "device", "verify_digests"),
     "data": ("path",),
+    "sample": ("path",),
 }
 
 
@@ -296,7 +300,13 @@ def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
     raw.setdefault("name", "job")
     if "analyses" not in raw or not raw["analyses"]:
         raise JobSpecError("the job names no analyses; add an [analyses.<name>] table")
-    nested = {"checkpoints": CheckpointsSpec, "data": DataSpec, "compute": ComputeSpec, "slurm": SlurmSpec}
+    nested = {
+        "checkpoints": CheckpointsSpec,
+        "data": DataSpec,
+        "sample": DataSpec,
+        "compute": ComputeSpec,
+        "slurm": SlurmSpec,
+    }
     for key, cls in nested.items():
         if key in raw:
             raw[key] = parse_dataclass(cls, raw[key], key)
@@ -338,7 +348,14 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
         if ck.tokenizer is None or not (base / ck.tokenizer).exists()
         else absolute(ck.tokenizer),
     )
-    data = job.data
-    if data.path is not None and data.source == "dataset" and Path(base / data.path).exists():
-        data = dataclasses.replace(data, path=absolute(data.path))
-    return dataclasses.replace(job, output=str(absolute(job.output)), checkpoints=ck, data=data)
+    data, sample = _resolve_data(job.data, base), job.sample and _resolve_data(job.sample, base)
+    return dataclasses.replace(
+        job, output=str(absolute(job.output)), checkpoints=ck, data=data, sample=sample
+    )
+
+
+def _resolve_data(data: DataSpec, base: Path) -> DataSpec:
+    """A dataset path that exists next to the job file becomes absolute; else it may be a Hub name."""
+    if data.path is not None and data.source == "dataset" and (base / data.path).exists():
+        return dataclasses.replace(data, path=str((base / Path(data.path).expanduser()).resolve()))
+    return data

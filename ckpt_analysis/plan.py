@@ -47,6 +47,7 @@ class Plan:
     token_context: list[str] | None
     analyses: list[Analysis]
     units: list[Unit]
+    sample: EvalData | None = None
 
     @property
     def context(self) -> PlanContext:
@@ -72,10 +73,14 @@ def make_plan(job: JobSpec) -> Plan:
         vocab_size=config["vocab_size"],
     )
     _check_ids(tokenizer, job, data)
+    sample = None
+    if job.sample is not None:
+        limits = {"max_positions": config.get("max_position_embeddings"), "vocab_size": config["vocab_size"]}
+        sample = load_eval_data(job.sample, tokenizer, **limits)
     text, context = data.token_strings(tokenizer) if job.data.token_text else (None, None)
     ctx = PlanContext(job, ckpts, config, data, tokenizer)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
-    return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units)
+    return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units, sample)
 
 
 def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, job: JobSpec) -> None:
@@ -171,6 +176,11 @@ def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         tables["token_context"] = (("token",), np.array(plan.token_context, dtype=object))
     for name, values in data.token_labels().items():
         tables[f"label_{name}"] = (("token",), values)
+    if plan.sample is not None:
+        sample_grid = ("sample_sequence", "sample_position")
+        tables["sample_input_ids"] = (sample_grid, plan.sample.input_ids)
+        tables["sample_attention_mask"] = (sample_grid, plan.sample.attention_mask)
+        tables["sample_score_mask"] = (sample_grid, plan.sample.score_mask.astype(np.int8))
     for analysis in plan.analyses:
         for name, (dims, values) in analysis.tables(plan.context).items():
             if name in tables and not np.array_equal(tables[name][1], values):
@@ -217,6 +227,7 @@ def content_digests(job: JobSpec) -> dict[str, Any]:
             for c in source.checkpoints()
         ],
         "data": _path_digest(job.data.path),
+        "sample": None if job.sample is None else _path_digest(job.sample.path),
         "tokenizer": _path_digest(job.checkpoints.tokenizer),
     }
 

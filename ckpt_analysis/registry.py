@@ -88,6 +88,13 @@ class UnitContext:
     load_model: Callable[[int], PreTrainedModel]
     read: Reader
     """Read a stored array (or rows of it), e.g. results of the units this one depends on."""
+    sample_data: EvalData | None = None
+    """The job's ``[sample]`` (a separate Hessian sample), if it names one."""
+
+    @property
+    def hessian_data(self) -> EvalData:
+        """Where Hessian samples come from: ``[sample]`` if the job has one, else the analysed data."""
+        return self.sample_data or self.eval_data
 
 
 class Analysis(ABC):

@@ -97,7 +97,17 @@ def _worker(store: str, job_json: str) -> _Worker:
     units = stored_units(meta)
     models = _ModelCache(source, ckpts)
     read = functools.partial(read_array, store)
-    return _Worker(job, units, UnitContext(job, ckpts, meta["model_config"], data, models, read))
+    context = UnitContext(job, ckpts, meta["model_config"], data, models, read, _sample(store, job))
+    return _Worker(job, units, context)
+
+
+def _sample(store: str, job: JobSpec) -> EvalData | None:
+    """The stored ``[sample]`` set (docs/hessian.md), if the job has one."""
+    if job.sample is None:
+        return None
+    names = ("sample_input_ids", "sample_attention_mask", "sample_score_mask")
+    ids, mask, score = (read_array(store, n) for n in names)
+    return EvalData(ids, mask, score.astype(bool))
 
 
 def _provenance() -> dict[str, Any]:

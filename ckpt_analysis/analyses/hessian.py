@@ -54,10 +54,11 @@ class BasisParams(CurvatureParams):
 
 
 def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> HessianOperator:
-    """The Hessian of the mean scored-token loss over the first ``sample_sequences`` sequences."""
+    """The Hessian of the mean scored-token loss over the first ``sample_sequences`` sequences of the
+    job's ``[sample]`` (docs/hessian.md, "Options"), else of its analysed data."""
     model = as_dtype(ctx.load_model(checkpoint), params.dtype)
     layout = ParamLayout.from_model(model, params.params)
-    sample = ctx.eval_data.head(params.sample_sequences)
+    sample = ctx.hessian_data.head(params.sample_sequences)
     return HessianOperator(model, layout, sample, batch_size=ctx.job.compute.batch_size)
 
 

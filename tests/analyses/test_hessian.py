@@ -122,3 +122,27 @@ def test_chain_resumes_after_a_kill_between_links(hessian_store, tmp_path: Path)
     np.testing.assert_array_equal(
         open_results(tmp_path / "k.zarr").basis_vectors.values, ds.basis_vectors.values
     )
+
+
+def test_a_separate_sample_set_feeds_the_hessian_not_the_analysed_tokens(tmp_path: Path) -> None:
+    from ckpt_analysis.losses import scored_token_losses
+
+    run = build_local_run(tmp_path / "run", [0, 100], seed=4, **SMALL)
+    analyses = {"hessian": {"k": 1, "trace_probes": 2, "sample_sequences": 6, "max_iter": 10}}
+    sample = {"source": "addition", "num_examples": 8, "seed": 99}
+    job = job_from_dict(
+        {**job_dict(run, tmp_path / "s.zarr", analyses=analyses, sample=sample)}, base=tmp_path
+    )
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    assert ds.sample_input_ids.shape == (8, ds.input_ids.shape[1])
+    assert not np.array_equal(ds.sample_input_ids.values[:6], ds.input_ids.values[:6])
+    source = CheckpointSource.from_spec(job.checkpoints)
+    model = source.load(source.checkpoints()[1])
+    held_out = EvalData(
+        ds.sample_input_ids.values, ds.sample_attention_mask.values, ds.sample_score_mask.values.astype(bool)
+    ).head(6)
+    batch = [torch.from_numpy(a) for a in (held_out.input_ids, held_out.attention_mask, held_out.score_mask)]
+    with torch.no_grad():
+        expected = scored_token_losses(model, *batch).mean().item()
+    np.testing.assert_allclose(ds.hessian_loss.values[1], expected, rtol=1e-5)
