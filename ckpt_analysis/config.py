@@ -307,6 +307,8 @@ def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
         "compute": ComputeSpec,
         "slurm": SlurmSpec,
     }
+    if raw.get("sample", ...) is None:  # a stored spec without [sample]
+        del raw["sample"]
     for key, cls in nested.items():
         if key in raw:
             raw[key] = parse_dataclass(cls, raw[key], key)
