@@ -1,4 +1,4 @@
-"""Feature covariance cost vs the bare forward passes, and peak memory as tokens grow 4× (SPEC §8).
+"""Feature covariance cost vs the bare forward passes, and peak memory as tokens grow 4× (docs/benchmarks.md).
 
 Run: ``python benchmarks/covariance.py`` (about 2 minutes on 2 cores).
 """

@@ -1,4 +1,4 @@
-"""Hessian engine costs on the trained demo model (SPEC §8).
+"""Hessian engine costs on the trained demo model (docs/benchmarks.md).
 
 1. HVPs for the top-10 eigenpairs: Lanczos vs power iteration with deflation (PyHessian's
    algorithm), both run until every pair's residual ‖Hv − λv‖ ≤ tol · |λ₁|; also PyHessian's own

@@ -1,4 +1,4 @@
-"""Corpus statistics (SPEC §5.5): scatter-adds vs dense one-hot products, and peak memory against K.
+"""Corpus statistics (docs/leading_terms.md): scatter-adds vs dense one-hot, and peak memory against K.
 
 1. Throughput at K = 2000, T = 128: ``corpus_statistics`` (O(N·T²) scatter-adds) against the
    dense one-hot formulas (O(N·T·K²) matmuls, ``tests/builders.py``); values must agree.

@@ -1,4 +1,4 @@
-"""POLCA costs and the choice of default second-order variant (SPEC §5.3, §8).
+"""POLCA costs and the choice of default second-order variant (docs/polca.md, §8).
 
 1. Projections P for N tokens and K directions: forward mode (one JVP per direction, all tokens)
    vs per-token reverse mode (one backward per token, then B·g); values must agree.

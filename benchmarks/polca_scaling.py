@@ -1,4 +1,4 @@
-"""POLCA scaling (SPEC §5.3): time against tokens, basis size and checkpoints; memory against checkpoints.
+"""POLCA scaling (docs/polca.md): time against tokens, basis size and checkpoints; memory against checkpoints.
 
 1. Forward-mode projections (first order) on one checkpoint of the demo-sized addition model:
    time against the number of scored tokens N at K = 16, and against the basis size K at N = 1000.

@@ -1,4 +1,4 @@
-"""Query speed: one (step, layer) matrix from a 100-step store vs a lone .npy file (SPEC §8).
+"""Query speed: one (step, layer) matrix from a 100-step store vs a lone .npy file (docs/benchmarks.md).
 
 Run: ``python benchmarks/query.py`` (under a minute).
 """

@@ -1,4 +1,4 @@
-"""Sweep scaling on 8 checkpoints: 2 Dask workers vs 1 vs a plain Python loop (SPEC §8).
+"""Sweep scaling on 8 checkpoints: 2 Dask workers vs 1 vs a plain Python loop (docs/benchmarks.md).
 
 Run: ``python benchmarks/sweep.py`` (about 4 minutes on 2 cores).
 """

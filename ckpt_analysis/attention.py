@@ -1,7 +1,7 @@
 """A plain causal attention for differentiation: softmax in the input dtype, every op differentiable.
 
 GPT-NeoX's eager attention computes softmax in float32 even for float64 models (capping float64
-checks at ~1e-5), and CPU ``sdpa`` has no forward-mode AD (``shared/ENVIRONMENT.md``). Models are
+checks at ~1e-5), and CPU ``sdpa`` has no forward-mode AD (``docs/environment.md``). Models are
 switched to this function by name while derivatives are taken.
 """
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PYTHIA_TOKENS_PER_STEP = 2_097_152
-# SPEC §3: step0, step1, step2, step4, ..., step512, then step1000 ... step143000 every 1000.
+# docs/jobs.md: step0, step1, step2, step4, ..., step512, then step1000 ... step143000 every 1000.
 PYTHIA_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
 PYTHIA_REVISIONS: tuple[str, ...] = tuple(f"step{s}" for s in PYTHIA_STEPS)
 
@@ -502,7 +502,7 @@ def _blame_minority(ckpts: list[Checkpoint], values: list[str], describe: Callab
 
 
 def select(ckpts: list[Checkpoint], selector: Selector) -> list[Checkpoint]:
-    """Apply a selector (SPEC §3): "all", "log", "every=N", "A:B", "A:B:N", or a list.
+    """Apply a selector (docs/jobs.md): "all", "log", "every=N", "A:B", "A:B:N", or a list.
 
     A list may hold steps (ints) or revision names; an entry that names no checkpoint is an error.
     """

@@ -243,7 +243,8 @@ def alignment(
     store: StoreArg,
     plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,
 ) -> None:
-    """Read leading-term alignment (``lt_score``, SPEC §5.5): per comparison and layer, the score at
+    """Read leading-term alignment (``lt_score``, docs/leading_terms.md): per comparison and layer, the score
+    at
     step 0 (the null), its range over later steps, the final score, and the final score against
     statistics of the token-shuffled corpus (the other null)."""
     from ckpt_analysis.report import alignment_table, plot_alignment

@@ -19,7 +19,7 @@ from ckpt_analysis.errors import JobSpecError
 T = TypeVar("T")
 
 Selector = str | list[int] | list[str]
-"""Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (SPEC §3)."""
+"""Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (docs/jobs.md)."""
 
 
 def selector_predicate(selector: str) -> Callable[[int], bool]:
@@ -43,7 +43,7 @@ def selector_predicate(selector: str) -> Callable[[int], bool]:
 
 @dataclass(frozen=True)
 class CheckpointsSpec:
-    """Where the checkpoints come from and how they are loaded (SPEC §3).
+    """Where the checkpoints come from and how they are loaded (docs/jobs.md).
 
     ``source`` picks the kind: ``hub`` (``repo`` + ``revisions``), ``local`` (a run directory of
     ``save_pretrained`` folders at ``path``) or ``state_dict`` (``files`` + ``config``).
@@ -75,7 +75,7 @@ class CheckpointsSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The analysed token set (SPEC §4): a built-in task (``addition``, ``topics``) or ``datasets``.
+    """The analysed token set (docs/jobs.md): a built-in task (``addition``, ``topics``) or ``datasets``.
 
     ``token_text = false`` skips decoding every scored token and its context into the store's
     ``token_text``/``token_context`` tables; use it for large corpora (e.g. corpus statistics).
@@ -105,7 +105,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ComputeSpec:
-    """How units are executed (SPEC §7)."""
+    """How units are executed (docs/jobs.md)."""
 
     executor: Literal["local", "inprocess", "slurm"] = "local"
     workers: int = 2
@@ -122,7 +122,7 @@ class ComputeSpec:
 
 @dataclass(frozen=True)
 class SlurmSpec:
-    """``[slurm]``: resources of the sbatch arrays that ``ckpt-analysis submit`` writes (SPEC §7).
+    """``[slurm]``: resources of the sbatch arrays that ``ckpt-analysis submit`` writes (docs/jobs.md).
 
     ``cpus_per_task`` defaults to ``compute.torch_threads``; ``shards`` caps the array tasks per
     stage; ``max_parallel`` throttles an array (``%K``); ``setup`` lines run first in every task

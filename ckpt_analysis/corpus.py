@@ -1,4 +1,4 @@
-"""Corpus statistics of the leading-term analysis (SPEC §5.5), estimated by scatter-adds in O(N·T²)."""
+"""Corpus statistics of the leading terms (docs/leading_terms.md), estimated by scatter-adds in O(N·T²)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from ckpt_analysis.errors import DataError
 
 OOV = -1
-"""Vocabulary index of a token outside the top-K vocabulary: an all-zero one-hot row (SPEC §5.5)."""
+"""Index of a token outside the top-K vocabulary: an all-zero one-hot row (docs/leading_terms.md)."""
 
 
 @dataclass(frozen=True)
 class CorpusStats:
-    """The K×K basis functions of SPEC §5.5 (float64) and the positional prediction Δ.
+    """The K×K basis functions of docs/leading_terms.md (float64) and the positional prediction Δ.
 
     ``bigram`` B̄ (rows current token, columns next token), ``context`` Φ̄ (rows target, columns
     prefix token), ``interchange`` Σ_B̄, ``value`` V*, ``g`` G, ``qk`` Q̄ (rows query token,
@@ -77,7 +77,7 @@ def corpus_statistics(
     chunk: int = 64,
     device: str | torch.device = "cpu",
 ) -> CorpusStats:
-    """All of SPEC §5.5's corpus matrices from vocabulary-indexed sequences ``(N, T + 1)``.
+    """All of docs/leading_terms.md's corpus matrices from vocabulary-indexed sequences ``(N, T + 1)``.
 
     Two passes of scatter-adds over chunks of ``chunk`` sequences: the first accumulates B̄ and
     Φ̄, the second (which needs G) Q̄ and Δ. Memory is O(K² + chunk·T²); no one-hot tensor is
@@ -88,7 +88,7 @@ def corpus_statistics(
     for x, ok in _chunks(index, mask, chunk, device):
         first.add(x, ok)
     bigram, context = first.result()
-    interchange = bigram.T @ bigram  # Σ_B̄ = B̄ᵀB̄ (SPEC §5.5)
+    interchange = bigram.T @ bigram  # Σ_B̄ = B̄ᵀB̄ (docs/leading_terms.md)
     value = context.T @ bigram.T  # V* = Φ̄ᵀB̄ᵀ
     g = context.T @ interchange  # G = Φ̄ᵀΣ_B̄
     second = _QueryKeyPass(g, index.shape[1] - 1)
@@ -116,7 +116,7 @@ def _causal(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 class _FirstPass:
-    """Scatter-add accumulators of B̄ and Φ̄ (SPEC §5.5)."""
+    """Scatter-add accumulators of B̄ and Φ̄ (docs/leading_terms.md)."""
 
     def __init__(self, k: int, device: str | torch.device) -> None:
         self.k = k
@@ -147,15 +147,15 @@ class _FirstPass:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """B̄ and Φ̄, each K×K."""
         k, nt = self.k, self.pairs
-        # B̄[i,j] = (1/NT) Σ [x_t = i]([x_{t+1} = j] − 1/|V|)   (SPEC §5.5, bigram)
+        # B̄[i,j] = (1/NT) Σ [x_t = i]([x_{t+1} = j] − 1/|V|)   (docs/leading_terms.md, bigram)
         bigram = (self.joint.view(k, k) - self.inputs[:, None] / k) / nt
-        # Φ̄[i,j] = (1/NT) Σ ([x_{t+1} = i] − 1/|V|) (1/t) Σ_{m≤t} [x_m = j]   (SPEC §5.5, context)
+        # Φ̄[i,j] = (1/NT) Σ ([x_{t+1} = i] − 1/|V|) (1/t) Σ_{m≤t} [x_m = j]   (docs/leading_terms.md, context)
         context = (self.prefix.view(k, k) - self.prefix_mass[None, :] / k) / nt
         return bigram, context
 
 
 class _QueryKeyPass:
-    """Scatter-add accumulators of Q̄ and Δ given G (SPEC §5.5, query–key prediction)."""
+    """Scatter-add accumulators of Q̄ and Δ given G (docs/leading_terms.md, query–key prediction)."""
 
     def __init__(self, g: torch.Tensor, length: int) -> None:
         k = g.shape[0]
@@ -192,7 +192,7 @@ class _QueryKeyPass:
 def query_key_scores(scores: torch.Tensor, tri: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
     """``q[t,j] = (s[t,j] − mean_{k≤t} s[t,k]) / t`` on the causal triangle, zero above it.
 
-    SPEC §5.5 (query–key prediction): ``scores[..., t, k] = G[x_k, y_t] − rowsum(G)[x_k]/|V|``.
+    docs/leading_terms.md (query–key prediction): ``scores[..., t, k] = G[x_k, y_t] − rowsum(G)[x_k]/|V|``.
     """
     s = scores * tri
     mean = s.sum(dim=-1, keepdim=True) * inv_t[:, None]

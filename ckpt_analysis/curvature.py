@@ -1,4 +1,4 @@
-"""The Hessian operator: HVPs of the mean scored-token loss over a fixed sample (SPEC §5.2)."""
+"""The Hessian operator: HVPs of the mean scored-token loss over a fixed sample (docs/hessian.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation token sets (SPEC §4): fixed-length sequences, a scored-target mask and label columns."""
+"""Evaluation token sets (docs/jobs.md): fixed-length sequences, a scored-target mask and label columns."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class EvalData:
     """The analysed token set.
 
     ``input_ids``/``attention_mask``/``score_mask`` are ``(sequence, position)``. Convention
-    (SPEC §4): ``score_mask[s, t]`` and every label describe token t, the *target*, predicted by
+    (docs/jobs.md): ``score_mask[s, t]`` and every label describe token t, the *target*, predicted by
     the logits at position t − 1, so position 0 is never scored. Labels are −1 where absent.
     """
 

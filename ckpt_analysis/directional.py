@@ -1,4 +1,4 @@
-"""Per-token directional derivatives of the loss along parameter directions, by forward mode (SPEC §5.3)."""
+"""Per-token directional derivatives of the loss along parameter directions, forward mode (docs/polca.md)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def directional_derivatives(
 ) -> Directional:
     """``P[b, x] = ⟨b, ∇θ ℓ(x)⟩`` and optionally ``c[b, x] = bᵀ∇²ℓ(x) b`` for all scored tokens.
 
-    SPEC §5.3: one JVP per direction covers every token at once (forward mode); ``c`` is
+    docs/polca.md: one JVP per direction covers every token at once (forward mode); ``c`` is
     forward-over-forward. ``vectors_per_pass`` directions share one ``vmap``-batched pass, so the
     primal computation is done once for them; activation memory grows linearly with it (about
     3 streams × vectors × ``batch_size`` sequences for first order, 4 with ``second``).

@@ -1,4 +1,4 @@
-"""Per-token losses of scored targets (SPEC §4)."""
+"""Per-token losses of scored targets (docs/jobs.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def scored_token_losses(
 ) -> torch.Tensor:
     """Next-token cross-entropy of each scored target, in row-major (sequence, position) order.
 
-    SPEC §4: ``score_mask[s, t]`` marks token t, predicted by the logits at position t − 1.
+    docs/jobs.md: ``score_mask[s, t]`` marks token t, predicted by the logits at position t − 1.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     scored = score_mask[:, 1:].bool()

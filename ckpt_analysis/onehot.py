@@ -1,4 +1,4 @@
-"""The paper's attention-only one-hot transformer (its Def. 3.1) and a full-batch GD trainer (SPEC §5.5)."""
+"""The leading-term paper's one-hot attention model (its Def. 3.1) and GD trainer (docs/leading_terms.md)."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def _coords(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
 
 
 def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-    """The analysed token set (SPEC §4), stored so later queries can show what a token was."""
+    """The analysed token set (docs/jobs.md), stored so later queries can show what a token was."""
     data = plan.eval_data
     seq, pos = data.token_index
     grid = ("sequence", "position")

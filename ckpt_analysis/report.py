@@ -161,7 +161,7 @@ class AlignmentRow:
 
 
 def alignment_table(ds: xr.Dataset) -> list[AlignmentRow]:
-    """Summarise ``lt_score`` (SPEC §5.5) per comparison and layer, real corpus vs shuffled null."""
+    """Summarise ``lt_score`` (docs/leading_terms.md) per comparison and layer, corpus vs shuffled null."""
     rows = []
     for comparison in ds.comparison.values.tolist():
         for layer in ds.layer.values.tolist():

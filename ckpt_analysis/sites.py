@@ -1,4 +1,4 @@
-"""Activation sites of decoder models, captured with forward hooks (SPEC §5.1)."""
+"""Activation sites of decoder models, captured with forward hooks (docs/covariance.md)."""
 
 from __future__ import annotations
 

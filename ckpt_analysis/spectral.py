@@ -1,4 +1,4 @@
-"""Matrix-free spectral methods for symmetric operators: Lanczos, Hutchinson, Hutch++, SLQ (SPEC §5.2)."""
+"""Spectral methods for symmetric operators: Lanczos, Hutchinson, Hutch++, SLQ (docs/hessian.md)"""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def lanczos(
 ) -> Eigenpairs:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
-    SPEC §5.2. Deterministic for a given ``seed``. With ``deflate`` (rows: an orthonormal B) the
+    docs/hessian.md. Deterministic for a given ``seed``. With ``deflate`` (rows: an orthonormal B) the
     operator is Π⊥ A Π⊥ with Π⊥ = I − BᵀB, and the search is restricted to range(Π⊥): the start
     vector and every Lanczos vector are projected out of span(B), so the zero eigenvalues on
     span(B) never compete. A pair converges when its residual is ≤ ``tol`` · max|θ|.
@@ -125,14 +125,14 @@ def lanczos(
 def hutchinson(
     matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0
 ) -> tuple[float, float]:
-    """Hutchinson's estimate ``mean zᵀAz`` over Rademacher ``z``, with its standard error (SPEC §5.2)."""
+    """Hutchinson's estimate ``mean zᵀAz`` over Rademacher ``z``, and its standard error (docs/hessian.md)"""
     gen = _generator(seed)
     samples = np.array([float(z @ matvec(z)) for z in _rademacher((probes, n), gen, like)])
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(probes))
 
 
 def hutchpp(matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """Hutch++ (Meyer et al. 2021) with ``probes`` matvecs in all, and its standard error (SPEC §5.2).
+    """Hutch++ (Meyer et al. 2021) with ``probes`` matvecs in all, and its standard error (docs/hessian.md).
 
     A third of the budget sketches the top range Q of A exactly (``tr QᵀAQ``); the last third runs
     Hutchinson on (I − QQᵀ)A(I − QQᵀ), whose sample spread gives the standard error.
@@ -151,7 +151,7 @@ def hutchpp(matvec: Matvec, n: int, probes: int, *, like: torch.Tensor, seed: in
 def slq(
     matvec: Matvec, n: int, probes: int, steps: int, *, like: torch.Tensor, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stochastic Lanczos quadrature (SPEC §5.2): per probe, up to ``steps`` Ritz nodes and weights.
+    """Stochastic Lanczos quadrature (docs/hessian.md): per probe, up to ``steps`` Ritz nodes and weights.
 
     The spectral density is ``(1/probes) Σ_probe Σ_i weight_i δ(x − node_i)``; the weights of one
     probe sum to 1 (squared first components of the tridiagonal's eigenvectors). A probe whose run

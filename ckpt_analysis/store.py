@@ -1,6 +1,6 @@
-"""The results store (SPEC §6): one Zarr v3 group per job, created once, filled chunk by chunk.
+"""The results store (docs/results.md): one Zarr v3 group per job, created once, filled chunk by chunk.
 
-Concurrency rules (zarr-python 3.1 facts, ``shared/ENVIRONMENT.md``): the planner creates every
+Concurrency rules (zarr-python 3.1 facts, ``docs/environment.md``): the planner creates every
 array and attribute once, in one process, into a temporary folder that is renamed into place;
 each unit owns whole chunks (extent 1 along its unit axis, no shards); workers never write
 attributes or resize; a unit is complete only when its ``unit_done`` chunk is 1, written last;

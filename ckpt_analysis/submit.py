@@ -1,4 +1,4 @@
-"""SLURM array submission: one sbatch array per dependency stage, chained with ``--dependency`` (SPEC §7)."""
+"""SLURM submission: one sbatch array per dependency stage, chained by ``--dependency`` (slurm/README.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node SLURM for the cluster tests (shared/ENVIRONMENT.md's recipe), run as root.
+# A real single-node SLURM for the cluster tests (docs/environment.md's recipe), run as root.
 #   slurm/local-cluster.sh install   apt-get the Debian packages (slurmctld, slurmd, client, munge)
 #   slurm/local-cluster.sh start DIR write DIR/slurm.conf, start munged (unless running), slurmctld, slurmd;
 #                                    then `export SLURM_CONF=DIR/slurm.conf` for every client
@@ -17,7 +17,7 @@ start() {
     mkdir -p "$dir"/{state,spool,log} /run/munge
     dir=$(cd "$dir" && pwd)
     host=$(hostname -s)
-    cpus=8  # more task slots than cores, as ENVIRONMENT.md advises (with config_overrides)
+    cpus=8  # more task slots than cores, as docs/environment.md advises (with config_overrides)
     mem=$(( $(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') * 9 / 10 ))
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=ci

@@ -181,7 +181,7 @@ def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float
 
 
 def dense_corpus_statistics(index: np.ndarray, mask: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """SPEC §5.5 by dense one-hot products (O(N·T·K²)): the ground truth for the scatter-adds.
+    """docs/leading_terms.md by dense one-hot products (O(N·T·K²)): the ground truth for the scatter-adds.
 
     ``index`` holds vocabulary ranks (−1 outside the vocabulary) of ``(N, T + 1)`` sequences.
     """

@@ -1,4 +1,4 @@
-"""The command line: every SPEC §7 bad input gets one clear error and leaves no store; help; demo."""
+"""The command line: every docs/jobs.md bad input gets one clear error and leaves no store; help; demo."""
 
 import subprocess
 import sys

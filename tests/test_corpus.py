@@ -1,4 +1,4 @@
-"""Scatter-add corpus statistics against the dense one-hot formulas of SPEC §5.5."""
+"""Scatter-add corpus statistics against the dense one-hot formulas of docs/leading_terms.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forward-mode per-token derivatives against per-token reverse-mode autograd (SPEC §8)."""
+"""Forward-mode per-token derivatives against per-token reverse-mode autograd (docs/benchmarks.md)."""
 
 import numpy as np
 import pytest
@@ -66,7 +66,7 @@ def test_first_and_second_directional_derivatives_match_reverse_mode(setup) -> N
 
 
 def test_the_fused_layer_norm_would_get_second_order_wrong(setup) -> None:  # type: ignore[no-untyped-def]
-    """Guards the plain-ops LayerNorm: without it forward-over-forward drifts (ENVIRONMENT.md)."""
+    """Guards the plain-ops LayerNorm: without it forward-over-forward drifts (docs/environment.md)."""
     from ckpt_analysis import directional
 
     model, layout, data, directions = setup

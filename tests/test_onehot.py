@@ -1,4 +1,4 @@
-"""The one-hot attention-only model: leading terms after a few GD steps (SPEC §5.5), save and load."""
+"""The one-hot attention model: leading terms after a few GD steps (docs/leading_terms.md), save, load."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def relative_errors(
     def sub(m: torch.Tensor) -> torch.Tensor:
         return m.detach()[vocab][:, vocab]
 
-    qk_coefficient = (3 * comb(s, 4) + 2 * comb(s, 3)) * lr**4  # SPEC §5.5 leading terms
+    qk_coefficient = (3 * comb(s, 4) + 2 * comb(s, 3)) * lr**4  # docs/leading_terms.md leading terms
     pairs = {
         "output": (sub(model.output), s * lr * stats.bigram),
         "value": (sub(layer.value), comb(s, 2) * lr**2 * stats.value),

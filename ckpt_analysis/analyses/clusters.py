@@ -1,4 +1,4 @@
-"""Clusters of per-token trajectories, breakthrough steps, hidden breakthroughs, label scores (SPEC §5.4)."""
+"""Clusters of per-token trajectories, breakthroughs, hidden breakthroughs, label scores (docs/polca.md)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ TOP = 3
 log = logging.getLogger(__name__)
 
 
-# --- SPEC §5.4 formulas ---
+# --- docs/polca.md formulas ---
 
 
 def step_grid(steps: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def breakthrough_steps(
 ) -> np.ndarray:
     """Breakthrough step of each curve (rows of ``curves`` on the uniform ``grid``), lag Δ in steps.
 
-    SPEC §5.4 ``acceleration``: the onset of the largest acceleration of the fall,
+    docs/polca.md ``acceleration``: the onset of the largest acceleration of the fall,
     argmax_t [(f(t) − f(t+Δ)) − (f(t−Δ) − f(t))]; ``paper``: argmax_t of the plain second
     difference [f(t+Δ) − f(t)] − [f(t) − f(t−Δ)]; t ∈ [Δ, end − Δ].
     """
@@ -76,7 +76,7 @@ def breakthrough_steps(
 
 
 def default_tau(steps: np.ndarray, mean_loss: np.ndarray, fraction: float = 0.9) -> float:
-    """SPEC §5.4: the first step by which the mean exact loss made 90 % of its total decrease."""
+    """docs/polca.md: the first step by which the mean exact loss made 90 % of its total decrease."""
     drop = mean_loss[0] - mean_loss[-1]
     reached = np.nonzero(mean_loss[0] - mean_loss >= fraction * drop)[0]
     return float(steps[reached[0]])
@@ -109,7 +109,7 @@ def hdbscan_labels(
 
 
 def label_scores(labels: np.ndarray, has_label: np.ndarray, cluster: int) -> tuple[float, float, float]:
-    """SPEC §5.4: homogeneity (share of the cluster with the label), recall (share of the
+    """docs/polca.md: homogeneity (share of the cluster with the label), recall (share of the
     non-outlier labelled tokens inside the cluster) and their F1."""
     members = labels == cluster
     labelled = has_label & (labels >= 0)
@@ -141,7 +141,7 @@ def _curve_auc(curves: np.ndarray, has_label: np.ndarray, allowed: np.ndarray | 
 def passes_restriction(
     members: np.ndarray, has_label: np.ndarray, allowed: np.ndarray, fraction: float
 ) -> bool:
-    """SPEC §5.4 (paper protocol): a cluster is scored only if more than ``fraction`` of its labelled
+    """docs/polca.md (paper protocol): a cluster is scored only if more than ``fraction`` of its labelled
     tokens are ``allowed`` (for carry: in the 10s or 100s place; the 1000s carry is trivial)."""
     labelled = members & has_label
     return bool(labelled.any() and allowed[labelled].mean() > fraction)
@@ -163,7 +163,7 @@ def trajectory_curves(kind: str, read: Callable[[str], np.ndarray]) -> tuple[np.
     if kind == "loss_change":
         return np.diff(loss, axis=0).T[None], np.ones((1, loss.shape[1]), dtype=bool)
     if kind == "fisher":
-        fisher = read("proj_grad").astype(np.float64) ** 2  # SPEC §5.3 baseline: P[t,b,x]²
+        fisher = read("proj_grad").astype(np.float64) ** 2  # docs/polca.md baseline: P[t,b,x]²
         return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
     x = suffix(PROJECTED[kind])
     projected = read(f"projected_loss{x}").astype(np.float64)  # (C, K, N)

@@ -1,4 +1,4 @@
-"""Feature activation covariance per site and layer, streamed in float64 (SPEC §5.1)."""
+"""Feature activation covariance per site and layer, streamed in float64 (docs/covariance.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ Positions = Literal["scored", "predicting", "all"]
 class CovarianceAccumulator:
     """Streaming mean and covariance of row vectors, merged in float64, memory O(d²).
 
-    SPEC §5.1: batches merge with Chan et al.'s pairwise update, so
+    docs/covariance.md: batches merge with Chan et al.'s pairwise update, so
     ``cov = M2 / (n − 1)`` equals ``numpy.cov(X, rowvar=False, bias=False)`` of all rows seen.
     Each batch's centred Gram matrix is formed in ``gram_dtype``: float64 is exact to ~1e-14;
     float32 is about 2× faster on CPU with ~3e-7 relative error at a few thousand rows per batch
@@ -184,7 +184,7 @@ class Covariance(Analysis):
 
 
 def participation_ratio(cov: np.ndarray) -> np.ndarray:
-    """PCA dimension of covariance matrices over the last two axes (SPEC §5.6).
+    """PCA dimension of covariance matrices over the last two axes (docs/covariance.md).
 
     ``PR = (tr Σ)² / tr(Σ²)``, between 1 (one direction) and d (isotropic).
     """

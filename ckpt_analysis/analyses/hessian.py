@@ -1,4 +1,4 @@
-"""Hessian eigenpairs, trace and density per checkpoint, and POLCA's iterative basis (SPEC §5.2)."""
+"""Hessian eigenpairs, trace and density per checkpoint, and POLCA's iterative basis (docs/hessian.md)."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class HessianBasis(_Curvature):
     """POLCA Algorithm 1 as one dependent chain of units, plus random and axis-aligned bases.
 
     Link t takes the top-k eigenvectors of Π⊥ H_t Π⊥ (Π⊥ = I − BBᵀ, B = all earlier links'
-    vectors), searching only range(Π⊥), and appends them to B (SPEC §5.2).
+    vectors), searching only range(Π⊥), and appends them to B (docs/hessian.md).
     """
 
     name = "hessian_basis"
@@ -278,7 +278,7 @@ class HessianBasis(_Curvature):
         return [Write("basis_random", (slice(None),), vectors), *self._rayleigh(ctx, "random", vectors)]
 
     def _axis(self, ctx: UnitContext, checkpoint: int) -> list[Write]:
-        """Unit vectors on the ``axis`` parameters of largest |θ| at the final checkpoint (SPEC §5.2)."""
+        """Unit vectors on the ``axis`` parameters of largest |θ| at the last checkpoint (docs/hessian.md)."""
         model = ctx.load_model(checkpoint)
         layout = ParamLayout.from_model(model, self.params.params)
         theta = layout.flatten(model)
@@ -292,7 +292,7 @@ class HessianBasis(_Curvature):
         ]
 
     def _rayleigh(self, ctx: UnitContext, basis: str, vectors: np.ndarray) -> list[Write]:
-        """SPEC §5.3 ``paper`` λ_b for a non-eigen basis: bᵀHb at the last basis checkpoint, one HVP each."""
+        """``paper`` λ_b (docs/polca.md) of another basis: bᵀHb at the last basis checkpoint, one HVP each."""
         if not self.params.rayleigh:
             return []
         op = _operator(self.params, ctx, self._links(ctx)[-1])

@@ -1,4 +1,4 @@
-"""Leading-term basis functions: corpus statistics, token-indexed covariances and alignment (SPEC §5.5)."""
+"""Leading-term basis functions: corpus statistics, token covariances, alignment (docs/leading_terms.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ckpt_analysis.sites import Site, capture, decoder_layers
 
 TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
 TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")
-"""Layer input, after attention (input + attention output), after the layer (SPEC §5.5)."""
+"""Layer input, after attention (input + attention output), after the layer (docs/leading_terms.md)."""
 CORPORA = ("real", "shuffled")
 STATS = ("bigram", "context", "interchange", "value", "g", "qk")
 ACTIVATION_COMPARISONS = ("value_resid_pre", "value_resid_mid", "value_resid_post", "qk", "qk_T")
@@ -32,24 +32,24 @@ WEIGHT_COMPARISONS = ("WO_bigram", "V_value", "W_qk", "W_qk_T", "P_delta")
 _TOKEN_BATCH = 1024
 
 
-# --- SPEC §5.5 formulas ---
+# --- docs/leading_terms.md formulas ---
 
 
 def rowcov(e: torch.Tensor) -> torch.Tensor:
-    """SPEC §5.1 token-indexed covariance: rows are variables, columns observations (``numpy.cov(E)``)."""
+    """Token-indexed covariance (docs/leading_terms.md): rows are variables, columns observations."""
     e = e.to(torch.float64)
     centred = e - e.mean(dim=1, keepdim=True)
     return centred @ centred.T / (e.shape[1] - 1)
 
 
 def rownorm(m: torch.Tensor) -> torch.Tensor:
-    """Each row scaled to unit Euclidean norm; all-zero rows stay zero (SPEC §5.5)."""
+    """Each row scaled to unit Euclidean norm; all-zero rows stay zero (docs/leading_terms.md)."""
     norm = m.norm(dim=1, keepdim=True)
     return m / torch.where(norm > 0, norm, 1.0)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """SPEC §5.5 metric: uncentred cosine of the flattened matrices, ``tr(AᵀB) / (‖A‖_F ‖B‖_F)``."""
+    """The metric (docs/leading_terms.md): uncentred cosine, ``tr(AᵀB) / (‖A‖_F ‖B‖_F)``."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     return float((a * b).sum() / (a.norm() * b.norm()))
 
@@ -78,7 +78,7 @@ def layer_norm_input(x: torch.Tensor, layer: Any) -> torch.Tensor:
 def token_activations(
     model: Any, token_ids: np.ndarray, *, bos: int | None
 ) -> dict[TokenSite, list[torch.Tensor]]:
-    """Per site and layer, the ``(K, d)`` activations of each token fed alone (SPEC §5.1).
+    """Per site and layer, the ``(K, d)`` activations of each token fed alone (docs/covariance.md).
 
     Each token is a length-1 sequence (or ``<bos> token`` when ``bos`` is given; the last
     position is kept). ``resid_mid`` is the layer input plus the attention output: what the
@@ -114,7 +114,7 @@ def _k_by_k(name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: str
 
 
 def _inputs_per_sequence(ctx: PlanContext) -> int:
-    """T: each sequence of T + 1 tokens gives inputs x_1 … x_T (SPEC §5.5)."""
+    """T: each sequence of T + 1 tokens gives inputs x_1 … x_T (docs/leading_terms.md)."""
     return int(ctx.eval_data.input_ids.shape[1]) - 1
 
 
@@ -303,7 +303,7 @@ class LeadingTermAlignment(Analysis):
     def variables(self, ctx: PlanContext) -> list[Variable]:
         layers = int(ctx.model_config["num_hidden_layers"])
         shape = (len(ctx.checkpoints), layers, len(self._comparisons(ctx)), len(CORPORA))
-        doc = "uncentred cosine with the leading-term prediction (SPEC §5.5)"
+        doc = "uncentred cosine with the leading-term prediction (docs/leading_terms.md)"
         return [
             Variable(
                 "lt_score",
@@ -354,7 +354,7 @@ class LeadingTermAlignment(Analysis):
             pre = acts["resid_pre"][index]
             pre = layer_norm_input(pre, layer) if self.params.fold_ln else pre.to(torch.float64)
             m = query_key_matrix(layer, fold_ln=self.params.fold_ln).to(pre.device)
-            attn = rowcov(pre @ m @ pre.T).cpu()  # A_tok = E_pre M E_preᵀ (SPEC §5.5)
+            attn = rowcov(pre @ m @ pre.T).cpu()  # A_tok = E_pre M E_preᵀ (docs/leading_terms.md)
             covs = [rowcov(acts[s][index]).cpu() for s in TOKEN_SITES]
             out.append(
                 [[*(cosine(c, t[0]) for c in covs), cosine(attn, t[1]), cosine(attn, t[2])] for t in targets]
@@ -362,7 +362,7 @@ class LeadingTermAlignment(Analysis):
         return np.array(out).transpose(0, 2, 1)
 
     def _weights(self, model: Any, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
-        """(layer, comparison, corpus) scores of the one-hot model's weights (SPEC §5.5)."""
+        """(layer, comparison, corpus) scores of the one-hot model's weights (docs/leading_terms.md)."""
         stats = {s: torch.from_numpy(ctx.read(f"lt_{s}")) for s in ("bigram", "value", "qk", "delta")}
         rows = [{s: m[r] for s, m in stats.items()} for r in range(len(CORPORA))]
         return np.stack([self._weight_scores(model, vocab, stat) for stat in rows], axis=-1)

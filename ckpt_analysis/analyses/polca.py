@@ -1,4 +1,4 @@
-"""Exact per-token losses and POLCA: loss change allocated along a basis, per token (SPEC §5.3)."""
+"""Exact per-token losses and POLCA: loss change allocated along a basis, per token (docs/polca.md)."""
 
 from __future__ import annotations
 
@@ -33,25 +33,25 @@ BASIS_VARIABLES = {
     "axis": ("basis_axis_vectors", "basis_axis"),
 }
 EIGVAL_VARIABLES = {"hessian": "basis_eigval", "random": "basis_random_eigval", "axis": "basis_axis_eigval"}
-"""λ_b of the ``paper`` variant: Ritz values, or Rayleigh quotients for the other bases (SPEC §5.3)."""
+"""λ_b of the ``paper`` variant: Ritz values, or Rayleigh quotients for the other bases (docs/polca.md)."""
 PAPER_GUARD = 1e-12
 
 
-# --- SPEC §5.3 formulas: arrays are P (C, K, N), D (C−1, K), c (C, K, N), Pmid (C−1, K, N). ---
+# --- docs/polca.md formulas: arrays are P (C, K, N), D (C−1, K), c (C, K, N), Pmid (C−1, K, N). ---
 
 
 def first_order(p: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """SPEC §5.3: POLCA1[t,b,x] = P[t,b,x] · D[t,b], for t = 0 … C−2."""
+    """docs/polca.md: POLCA1[t,b,x] = P[t,b,x] · D[t,b], for t = 0 … C−2."""
     return np.asarray(p[:-1] * d[:, :, None])
 
 
 def second_order_exact(c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """SPEC §5.3 ``exact``: ½ · c[t,b,x] · D[t,b]²."""
+    """docs/polca.md ``exact``: ½ · c[t,b,x] · D[t,b]²."""
     return np.asarray(0.5 * c[:-1] * (d**2)[:, :, None])
 
 
 def second_order_paper(p: np.ndarray, d: np.ndarray, eigval: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §5.3 ``paper``: ½ λ_b D² (P[t+1]−P[t]) / (Ḡ[t+1]−Ḡ[t]), Ḡ the token mean of P.
+    """docs/polca.md ``paper``: ½ λ_b D² (P[t+1]−P[t]) / (Ḡ[t+1]−Ḡ[t]), Ḡ the token mean of P.
 
     Where |Ḡ[t+1] − Ḡ[t]| ≤ 1e-12 the term is 0; returns the term and, per b, how many such t.
     """
@@ -63,28 +63,28 @@ def second_order_paper(p: np.ndarray, d: np.ndarray, eigval: np.ndarray) -> tupl
 
 
 def trapezoid_total(p: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """SPEC §5.3 ``trapezoid``: ½ (P[t] + P[t+1]) · D[t] replaces first + second order."""
+    """docs/polca.md ``trapezoid``: ½ (P[t] + P[t+1]) · D[t] replaces first + second order."""
     return np.asarray(0.5 * (p[:-1] + p[1:]) * d[:, :, None])
 
 
 def simpson_total(p: np.ndarray, p_mid: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """SPEC §5.3 ``simpson``: (P[t] + 4 P[t+½] + P[t+1]) / 6 · D[t], P[t+½] at θ_t + ½Δθ_t."""
+    """docs/polca.md ``simpson``: (P[t] + 4 P[t+½] + P[t+1]) / 6 · D[t], P[t+½] at θ_t + ½Δθ_t."""
     return np.asarray((p[:-1] + 4 * p_mid + p[1:]) / 6 * d[:, :, None])
 
 
 def projected_loss(polca: np.ndarray) -> np.ndarray:
-    """SPEC §5.3: L_b(x, t) = Σ_{i<t} POLCA[i,b,x], L_b(x, 0) = 0; shape (C, K, N)."""
+    """docs/polca.md: L_b(x, t) = Σ_{i<t} POLCA[i,b,x], L_b(x, 0) = 0; shape (C, K, N)."""
     zero = np.zeros((1, *polca.shape[1:]), dtype=polca.dtype)
     return np.concatenate([zero, np.cumsum(polca, axis=0)])
 
 
 def conservation_residual(token_loss: np.ndarray, polca: np.ndarray) -> np.ndarray:
-    """SPEC §5.3: r[t,x] = ℓ(x;θ_{t+1}) − ℓ(x;θ_t) − Σ_b POLCA[t,b,x]; shape (C−1, N)."""
+    """docs/polca.md: r[t,x] = ℓ(x;θ_{t+1}) − ℓ(x;θ_t) − Σ_b POLCA[t,b,x]; shape (C−1, N)."""
     return np.asarray(np.diff(token_loss, axis=0) - polca.sum(axis=1))
 
 
 def explained_fraction(token_loss: np.ndarray, polca: np.ndarray) -> tuple[np.ndarray, float]:
-    """SPEC §5.3: fraction of each token's and of the aggregate loss change (first → last) explained."""
+    """docs/polca.md: fraction of each token's and of the aggregate loss change (first → last) explained."""
     change = token_loss[-1] - token_loss[0]
     allocated = polca.sum(axis=(0, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -93,7 +93,7 @@ def explained_fraction(token_loss: np.ndarray, polca: np.ndarray) -> tuple[np.nd
 
 
 def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §5.3: keep b iff mean_x L_b(x, end) < 0; for kept b keep tokens with L_b(x, end) ≤ 0."""
+    """docs/polca.md: keep b iff mean_x L_b(x, end) < 0; for kept b keep tokens with L_b(x, end) ≤ 0."""
     end = projected[-1]
     kept = end.mean(axis=1) < 0
     return kept, kept[:, None] & (end <= 0)
@@ -107,7 +107,7 @@ def _midpoint(here: torch.nn.Module, following: torch.nn.Module) -> dict[str, to
 
 
 def _stream(ctx: UnitContext, variable: str, per_pass: int) -> Iterator[np.ndarray]:
-    """The rows of a stored basis, ``per_pass`` at a time, so no unit holds the whole basis (SPEC §5.3)."""
+    """A stored basis, ``per_pass`` rows at a time, so no unit holds the whole basis (docs/polca.md)."""
     start = 0
     while len(rows := ctx.read(variable, slice(start, start + per_pass))):
         yield rows
@@ -124,7 +124,7 @@ class TokenLossParams:
 
 @register
 class TokenLoss(Analysis):
-    """``token_loss (step, token)``: each scored token's next-token cross-entropy (SPEC §4)."""
+    """``token_loss (step, token)``: each scored token's next-token cross-entropy (docs/jobs.md)."""
 
     name = "token_loss"
     Params = TokenLossParams

@@ -1,4 +1,4 @@
-"""3-digit addition: a character tokenizer, problems, and per-token place and carry labels (SPEC §5.4)."""
+"""3-digit addition: a character tokenizer, problems, and per-token place and carry labels (docs/polca.md)."""
 
 from __future__ import annotations
 
@@ -51,14 +51,14 @@ def encode(tokenizer: PreTrainedTokenizerFast, a: np.ndarray, b: np.ndarray) -> 
 
 
 def score_mask(n: int) -> np.ndarray:
-    """Only the answer digits are scored (SPEC §4)."""
+    """Only the answer digits are scored (docs/jobs.md)."""
     mask = np.zeros((n, SEQ_LEN), dtype=bool)
     mask[:, list(ANSWER_POSITIONS)] = True
     return mask
 
 
 def carry_into(a: np.ndarray, b: np.ndarray, place: int) -> np.ndarray:
-    """Whether the digit at ``place`` receives a carry (SPEC §5.4).
+    """Whether the digit at ``place`` receives a carry (docs/polca.md).
 
     10s: ones digits sum to ≥ 10; 100s: (a mod 100) + (b mod 100) ≥ 100; 1000s: a + b ≥ 1000.
     """

@@ -1,4 +1,4 @@
-"""Hessian analyses end to end, against the dense Hessian of each checkpoint (SPEC §8)."""
+"""Hessian analyses end to end, against the dense Hessian of each checkpoint (docs/benchmarks.md)."""
 
 from pathlib import Path
 
