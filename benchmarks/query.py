@@ -23,13 +23,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         store = tmp / "q.zarr"
-        var = Variable(
-            "act_cov",
-            ("step", "site", "layer", "dim", "dim_b"),
-            (STEPS, 1, LAYERS, D, D),
-            "float32",
-            (1, 1, 1, D, D),
-        )
+        sizes = {"step": STEPS, "site": 1, "layer": LAYERS, "dim": D, "dim_b": D}
+        var = Variable.of("act_cov", sizes, "float32", unit_axes=3)
         coords = {
             "step": (("step",), np.arange(STEPS) * 1000),
             "layer": (("layer",), np.arange(LAYERS)),

@@ -196,9 +196,7 @@ def _variables(plan: Plan) -> list[Variable]:
     names = [v.name for v in variables]
     if len(set(names)) != len(names):
         raise JobSpecError(f"analyses declare the same variable twice: {names}")
-    done = Variable(
-        DONE, ("unit",), (len(plan.units),), "int8", (1,), fill=0, doc="1 once a unit is complete"
-    )
+    done = Variable.of(DONE, {"unit": len(plan.units)}, "int8", fill=0, doc="1 once a unit is complete")
     return [*variables, done]
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 import numpy as np
 
@@ -20,17 +21,62 @@ if TYPE_CHECKING:
     from ckpt_analysis.data import EvalData
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variable:
-    """One result array: its dims, shape, dtype and chunking (unit axis first, chunk extent 1)."""
+    """One result array: named dims with their sizes, dtype, chunking, fill value and a description.
+
+    Build it with :meth:`of`; the dims, shape and chunks are checked to agree once, here.
+    """
 
     name: str
     dims: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: str
     chunks: tuple[int, ...]
-    fill: float | int = np.nan
+    fill: float | int
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        if not len(self.dims) == len(self.shape) == len(self.chunks):
+            raise ValueError(
+                f"variable {self.name}: dims {self.dims}, shape {self.shape}, chunks {self.chunks}"
+            )
+        if any(c < 1 or c > max(s, 1) for c, s in zip(self.chunks, self.shape, strict=True)):
+            raise ValueError(f"variable {self.name}: chunks {self.chunks} do not fit shape {self.shape}")
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        sizes: Mapping[str, int],
+        dtype: str = "float64",
+        *,
+        unit_axes: int = 1,
+        chunk: Mapping[str, int] | None = None,
+        fill: float | int | None = None,
+        doc: str = "",
+    ) -> Variable:
+        """Declare a variable by ``{dim: size}``, in dimension order.
+
+        The first ``unit_axes`` dims are chunked at 1 (the axes one unit writes a single entry of,
+        so every unit owns whole chunks; 0 for an array one unit writes whole); the rest span one
+        chunk unless ``chunk`` names their extent. ``fill`` defaults to NaN for floats and −1 for
+        integers, so an unwritten unit is visible.
+        """
+        dims, shape = tuple(sizes), tuple(sizes.values())
+        chunks = tuple(
+            1 if i < unit_axes else (chunk or {}).get(d, max(s, 1)) for i, (d, s) in enumerate(sizes.items())
+        )
+        default = np.nan if np.dtype(dtype).kind == "f" else -1
+        return cls(
+            name=name,
+            dims=dims,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            fill=default if fill is None else fill,
+            doc=doc,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,21 +143,37 @@ class UnitContext:
         return self.sample_data or self.eval_data
 
 
-class Analysis(ABC):
-    """Base class of every analysis; subclasses register themselves by ``name``."""
+P = TypeVar("P")
+"""An analysis's parameters: the frozen dataclass its ``[analyses.<name>]`` table is parsed into."""
+
+
+class Analysis(ABC, Generic[P]):
+    """Base class of every analysis, generic over its parameters; subclasses register by ``name``.
+
+    ``class Covariance(Analysis[CovarianceParams])`` is all it takes: the parameters class is read
+    from the subscript, and ``self.params`` is typed by it.
+    """
 
     name: ClassVar[str]
-    Params: ClassVar[type]
+    params_type: ClassVar[type[Any]]
 
-    def __init__(self, params: Any) -> None:
+    def __init__(self, params: P) -> None:
         self.params = params
 
-    @classmethod
-    def from_spec(cls, table: dict[str, Any]) -> Analysis:
-        """Build from the job's ``[analyses.<name>]`` table (unknown keys rejected)."""
-        return cls(parse_dataclass(cls.Params, table, f"analyses.{cls.name}"))
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            concrete = [a for a in typing.get_args(base) if isinstance(a, type)]
+            if concrete:
+                cls.params_type = concrete[0]
+                return
 
-    def requires(self) -> tuple[str, ...]:
+    @classmethod
+    def from_spec(cls, table: dict[str, Any]) -> Self:
+        """Build from the job's ``[analyses.<name>]`` table (unknown keys rejected)."""
+        return cls(parse_dataclass(cls.params_type, table, f"analyses.{cls.name}"))
+
+    def requires(self) -> tuple[type[Analysis[Any]], ...]:
         """Other analyses that must be in the same job (their results are read by this one)."""
         return ()
 
@@ -136,16 +198,17 @@ class Analysis(ABC):
         """Compute one unit and return its blocks; never touches the store itself."""
 
 
-_REGISTRY: dict[str, type[Analysis]] = {}
+_REGISTRY: dict[str, type[Analysis[Any]]] = {}
+A = TypeVar("A", bound=type[Analysis[Any]])
 
 
-def register(cls: type[Analysis]) -> type[Analysis]:
+def register(cls: A) -> A:
     """Class decorator adding an analysis to the registry."""
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get_analysis(name: str) -> type[Analysis]:
+def get_analysis(name: str) -> type[Analysis[Any]]:
     """The registered analysis ``name``; the error lists the valid names."""
     import ckpt_analysis.analyses  # noqa: F401 - registers the built-in analyses
 
@@ -154,11 +217,11 @@ def get_analysis(name: str) -> type[Analysis]:
     return _REGISTRY[name]
 
 
-def build_analyses(job: JobSpec) -> list[Analysis]:
+def build_analyses(job: JobSpec) -> list[Analysis[Any]]:
     """Instantiate the job's analyses in the order the job lists them; check their prerequisites."""
     analyses = [get_analysis(name).from_spec(table) for name, table in job.analyses.items()]
     for analysis in analyses:
-        for needed in analysis.requires():
+        for needed in (a.name for a in analysis.requires()):
             if needed not in job.analyses:
                 raise JobSpecError(f"analyses.{analysis.name} needs [analyses.{needed}] in the same job")
             if list(job.analyses).index(needed) > list(job.analyses).index(analysis.name):

@@ -6,12 +6,12 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import rankdata
 
-from ckpt_analysis.analyses.polca import Polca, suffix
+from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, suffix
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import (
     Analysis,
@@ -20,7 +20,6 @@ from ckpt_analysis.registry import (
     UnitContext,
     Variable,
     Write,
-    get_analysis,
     register,
 )
 
@@ -199,15 +198,13 @@ class ClusterParams:
 
 
 @register
-class Clusters(Analysis):
+class Clusters(Analysis[ClusterParams]):
     """One global unit per trajectory type: clusters per basis vector (or once for exact losses)."""
 
     name = "clusters"
-    Params = ClusterParams
-    params: ClusterParams
 
-    def requires(self) -> tuple[str, ...]:
-        return ("token_loss", "polca") if self._projected() else ("token_loss",)
+    def requires(self) -> tuple[type[Analysis[Any]], ...]:
+        return (TokenLoss, Polca) if self._projected() else (TokenLoss,)
 
     def _projected(self) -> bool:
         return bool(set(PROJECTED) & set(self.params.trajectories))
@@ -216,9 +213,7 @@ class Clusters(Analysis):
         """Size of the ``cluster_vector`` dimension: the largest basis clustered (1 without POLCA)."""
         if not self._projected():
             return 1
-        polca = get_analysis("polca").from_spec(ctx.job.analyses["polca"])
-        assert isinstance(polca, Polca)
-        sizes = polca.sizes(ctx)
+        sizes = Polca.from_spec(ctx.job.analyses[Polca.name]).sizes(ctx)
         needed = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
         absent = sorted(needed - set(sizes))
         if absent:
@@ -283,69 +278,58 @@ class Clusters(Analysis):
             ctx.num_tokens,
             self.params.max_clusters,
         )
-        per_cluster = (("trajectory", "cluster_vector", "cluster"), (r, v, m), "float64", (1, v, m))
+        rows = {"trajectory": r}
+        per_vector, per_cluster = {**rows, "cluster_vector": v}, {**rows, "cluster_vector": v, "cluster": m}
         out = [
-            Variable(
+            Variable.of(
                 "cluster_label",
-                ("trajectory", "cluster_vector", "token"),
-                (r, v, n),
+                {**per_vector, "token": n},
                 "int32",
-                (1, v, n),
                 fill=-3,
                 doc="cluster id; −1 outlier, −2 filtered out, −3 unused vector",
             ),
-            Variable("cluster_size", *per_cluster[:2], "int64", (1, v, m), fill=-1),
-            Variable("cluster_medoid", *per_cluster[:2], "int64", (1, v, m), fill=-1, doc="token index"),
-            Variable("cluster_breakthrough", *per_cluster, doc="mean breakthrough step (acceleration)"),
-            Variable(
-                "cluster_breakthrough_paper", *per_cluster, doc="mean breakthrough step (paper-literal)"
+            Variable.of("cluster_size", per_cluster, "int64", doc="member tokens"),
+            Variable.of("cluster_medoid", per_cluster, "int64", doc="token index"),
+            Variable.of("cluster_breakthrough", per_cluster, doc="mean breakthrough step (acceleration)"),
+            Variable.of(
+                "cluster_breakthrough_paper", per_cluster, doc="mean breakthrough step (paper-literal)"
             ),
-            Variable("cluster_hidden", *per_cluster[:2], "int8", (1, v, m), fill=-1, doc="breakthrough > τ"),
-            Variable("cluster_tau", ("trajectory",), (r,), "float64", (1,)),
-            Variable("cluster_hidden_fraction", ("trajectory",), (r,), "float64", (1,)),
+            Variable.of("cluster_hidden", per_cluster, "int8", doc="breakthrough > τ"),
+            Variable.of("cluster_tau", rows, doc="τ, in steps"),
+            Variable.of("cluster_hidden_fraction", rows, doc="share of clusters with hidden breakthroughs"),
         ]
         if self.params.label:
-            out += [Variable(f"cluster_{s}", *per_cluster) for s in ("homogeneity", "recall", "f1")]
-            out.append(
-                Variable(
+            out += [
+                Variable.of(f"cluster_{s}", per_cluster, doc=f"label {s}")
+                for s in ("homogeneity", "recall", "f1")
+            ]
+            out += [
+                Variable.of(
                     "cluster_scored",
-                    *per_cluster[:2],
+                    per_cluster,
                     "int8",
-                    (1, v, m),
-                    fill=-1,
                     doc="1 if the cluster passes the restriction (always 1 without one)",
-                )
-            )
-            out.append(
-                Variable(
+                ),
+                Variable.of(
                     "cluster_label_auc",
-                    ("trajectory", "cluster_vector"),
-                    (r, v),
-                    "float64",
-                    (1, v),
+                    per_vector,
                     doc="ROC AUC of the label against each curve's total change (restricted tokens)",
-                )
-            )
-            out.append(
-                Variable(
+                ),
+                Variable.of(
                     "cluster_top_homogeneity",
-                    ("trajectory", "rank"),
-                    (r, TOP),
-                    "float64",
-                    (1, TOP),
+                    {**rows, "rank": TOP},
                     doc="best scored cluster per vector, top 3 across vectors",
-                )
-            )
+                ),
+            ]
         return out
 
     def _label_names(self, ctx: PlanContext) -> list[str]:
         return ["place", "carry"] if ctx.job.data.source == "addition" else list(ctx.job.data.label_columns)
 
     def units(self, ctx: PlanContext) -> list[Unit]:
-        losses = get_analysis("token_loss").from_spec({}).units(ctx)
-        deps = [u.id for u in losses]
+        deps = [u.id for u in TokenLoss.from_spec({}).units(ctx)]
         if self._projected():
-            deps.append("polca/finalize")
+            deps.append(Unit(Polca.name, FINALIZE).id)
         return [Unit(self.name, t, None, tuple(deps)) for t in self.params.trajectories]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:

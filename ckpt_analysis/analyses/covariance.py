@@ -82,12 +82,10 @@ class CovarianceParams:
 
 
 @register
-class Covariance(Analysis):
+class Covariance(Analysis[CovarianceParams]):
     """``act_mean``, ``act_cov`` and ``act_count`` over (step, site, layer, …), one unit per checkpoint."""
 
     name = "covariance"
-    Params = CovarianceParams
-    params: CovarianceParams
 
     def _shape(self, ctx: PlanContext) -> tuple[int, int, int]:
         cfg = ctx.model_config
@@ -101,32 +99,17 @@ class Covariance(Analysis):
         sites, layers, d = self._shape(ctx)
         steps = len(ctx.checkpoints)
         dtype = self.params.store_dtype
+        grid = {"step": steps, "site": sites, "layer": layers}
         return [
-            Variable(
-                "act_mean",
-                ("step", "site", "layer", "dim"),
-                (steps, sites, layers, d),
-                dtype,
-                (1, 1, 1, d),
-                doc="mean activation",
-            ),
-            Variable(
+            Variable.of("act_mean", {**grid, "dim": d}, dtype, unit_axes=3, doc="mean activation"),
+            Variable.of(
                 "act_cov",
-                ("step", "site", "layer", "dim", "dim_b"),
-                (steps, sites, layers, d, d),
+                {**grid, "dim": d, "dim_b": d},
                 dtype,
-                (1, 1, 1, d, d),
+                unit_axes=3,
                 doc="activation covariance, numpy.cov(bias=False)",
             ),
-            Variable(
-                "act_count",
-                ("step", "site", "layer"),
-                (steps, sites, layers),
-                "int64",
-                (1, sites, layers),
-                fill=-1,
-                doc="rows (token positions) accumulated",
-            ),
+            Variable.of("act_count", grid, "int64", doc="rows (token positions) accumulated"),
         ]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:

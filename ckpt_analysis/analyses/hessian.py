@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -62,8 +62,11 @@ def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> Hes
     return HessianOperator(model, layout, sample, batch_size=ctx.job.compute.batch_size)
 
 
-class _Curvature(Analysis):
-    params: CurvatureParams
+C = TypeVar("C", bound=CurvatureParams)
+
+
+class _Curvature(Analysis[C]):
+    """What the two Hessian analyses share: the loss, the parameter layout, the solver options."""
 
     def _layout(self, ctx: PlanContext) -> ParamLayout:
         return ParamLayout.from_config(ctx.model_config, self.params.params)
@@ -73,12 +76,10 @@ class _Curvature(Analysis):
 
 
 @register
-class Hessian(_Curvature):
+class Hessian(_Curvature[HessianParams]):
     """Top-k eigenpairs (with residuals), Hutchinson and Hutch++ traces, optional SLQ density."""
 
     name = "hessian"
-    Params = HessianParams
-    params: HessianParams
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         p = self.params
@@ -89,32 +90,25 @@ class Hessian(_Curvature):
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         p, s = self.params, len(ctx.checkpoints)
-        per_eig = (("step", "eig"), (s, p.k), "float64", (1, p.k))
-        per_method = (("step", "trace_method"), (s, 2), "float64", (1, 2))
-        scalar = (("step",), (s,), "float64", (1,))
+        per_eig, per_method = {"step": s, "eig": p.k}, {"step": s, "trace_method": len(TRACE_METHODS)}
         out = [
-            Variable("hessian_eigval", *per_eig, doc="top-k Ritz values"),
-            Variable("hessian_residual", *per_eig, doc="‖Hv − λv‖ per pair"),
-            Variable("hessian_converged", ("step", "eig"), (s, p.k), "int8", (1, p.k), fill=-1),
-            Variable("hessian_iterations", ("step",), (s,), "int64", (1,), fill=-1, doc="Lanczos steps"),
-            Variable("hessian_loss", *scalar, doc="mean scored-token loss of the Hessian sample"),
-            Variable("hessian_trace", *per_method, doc="trace estimate"),
-            Variable("hessian_trace_stderr", *per_method, doc="standard error of the trace estimate"),
+            Variable.of("hessian_eigval", per_eig, doc="top-k Ritz values"),
+            Variable.of("hessian_residual", per_eig, doc="‖Hv − λv‖ per pair"),
+            Variable.of("hessian_converged", per_eig, "int8", doc="residual within tol"),
+            Variable.of("hessian_iterations", {"step": s}, "int64", doc="Lanczos steps"),
+            Variable.of("hessian_loss", {"step": s}, doc="mean scored-token loss of the Hessian sample"),
+            Variable.of("hessian_trace", per_method, doc="trace estimate"),
+            Variable.of("hessian_trace_stderr", per_method, doc="standard error of the trace estimate"),
         ]
         if p.density:
-            grid = (
-                ("step", "probe", "node"),
-                (s, p.density_probes, p.density_steps),
-                "float64",
-                (1, p.density_probes, p.density_steps),
-            )
+            grid = {"step": s, "probe": p.density_probes, "node": p.density_steps}
             out += [
-                Variable("hessian_slq_node", *grid, doc="SLQ Ritz nodes"),
-                Variable("hessian_slq_weight", *grid, doc="SLQ weights (sum to 1 per probe)"),
+                Variable.of("hessian_slq_node", grid, doc="SLQ Ritz nodes"),
+                Variable.of("hessian_slq_weight", grid, doc="SLQ weights (sum to 1 per probe)"),
             ]
         if p.store_eigenvectors:
-            n = self._layout(ctx).size
-            out.append(Variable("hessian_eigvec", ("step", "eig", "param"), (s, p.k, n), p.dtype, (1, 1, n)))
+            sizes = {"step": s, "eig": p.k, "param": self._layout(ctx).size}
+            out.append(Variable.of("hessian_eigvec", sizes, p.dtype, unit_axes=2, doc="eigenvectors"))
         return out
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
@@ -142,7 +136,7 @@ class Hessian(_Curvature):
 
 
 @register
-class HessianBasis(_Curvature):
+class HessianBasis(_Curvature[BasisParams]):
     """POLCA Algorithm 1 as one dependent chain of units, plus random and axis-aligned bases.
 
     Link t takes the top-k eigenvectors of Π⊥ H_t Π⊥ (Π⊥ = I − BBᵀ, B = all earlier links'
@@ -150,8 +144,6 @@ class HessianBasis(_Curvature):
     """
 
     name = "hessian_basis"
-    Params = BasisParams
-    params: BasisParams
 
     def _links(self, ctx: PlanContext | UnitContext) -> list[int]:
         """Indices (into the job's checkpoints) of the basis checkpoints, in step order."""
@@ -182,44 +174,28 @@ class HessianBasis(_Curvature):
         p, k, n = self.params, self._size(ctx), self._layout(ctx).size
         if p.axis > n:
             raise JobSpecError(f"analyses.hessian_basis.axis = {p.axis} exceeds the {n} selected parameters")
-        per_vector = (("basis",), (k,), "float64", (1,))
+        basis, axis = {"basis": k}, {"basis_axis": p.axis}
         out = [
-            Variable(
-                "basis_vectors", ("basis", "param"), (k, n), p.dtype, (1, n), doc="Algorithm-1 basis vectors"
-            ),
-            Variable("basis_step", ("basis",), (k,), "int64", (1,), fill=-1, doc="checkpoint step of origin"),
-            Variable("basis_eigval", *per_vector, doc="Ritz value of Π⊥HΠ⊥"),
-            Variable("basis_residual", *per_vector, doc="‖Π⊥HΠ⊥v − λv‖"),
-            Variable("basis_converged", ("basis",), (k,), "int8", (1,), fill=-1),
+            Variable.of("basis_vectors", {**basis, "param": n}, p.dtype, doc="Algorithm-1 basis vectors"),
+            Variable.of("basis_step", basis, "int64", doc="checkpoint step of origin"),
+            Variable.of("basis_eigval", basis, doc="Ritz value of Π⊥HΠ⊥"),
+            Variable.of("basis_residual", basis, doc="‖Π⊥HΠ⊥v − λv‖"),
+            Variable.of("basis_converged", basis, "int8", doc="residual within tol"),
         ]
         if p.random:
-            out.append(
-                Variable(
-                    "basis_random",
-                    ("basis", "param"),
-                    (k, n),
-                    p.dtype,
-                    (1, n),
-                    doc="seeded random orthonormal basis (ablation)",
-                )
-            )
+            doc = "seeded random orthonormal basis (ablation)"
+            out.append(Variable.of("basis_random", {**basis, "param": n}, p.dtype, doc=doc))
         if p.axis:
+            doc = "unit vectors on the largest-|θ| parameters at the final checkpoint (LCA)"
             out += [
-                Variable(
-                    "basis_axis_vectors",
-                    ("basis_axis", "param"),
-                    (p.axis, n),
-                    p.dtype,
-                    (1, n),
-                    doc="unit vectors on the largest-|θ| parameters at the final checkpoint (LCA)",
-                ),
-                Variable("basis_axis_param", ("basis_axis",), (p.axis,), "int64", (1,), fill=-1),
+                Variable.of("basis_axis_vectors", {**axis, "param": n}, p.dtype, doc=doc),
+                Variable.of("basis_axis_param", axis, "int64", doc="flat parameter index"),
             ]
         doc = "Rayleigh quotient bᵀHb at the last basis checkpoint"
         if p.rayleigh and p.random:
-            out.append(Variable("basis_random_eigval", *per_vector, doc=doc))
+            out.append(Variable.of("basis_random_eigval", basis, doc=doc))
         if p.rayleigh and p.axis:
-            out.append(Variable("basis_axis_eigval", ("basis_axis",), (p.axis,), "float64", (1,), doc=doc))
+            out.append(Variable.of("basis_axis_eigval", axis, doc=doc))
         return out
 
     def units(self, ctx: PlanContext) -> list[Unit]:

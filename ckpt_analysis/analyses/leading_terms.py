@@ -106,11 +106,11 @@ def token_activations(
     }
 
 
-def _k_by_k(name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: str, doc: str) -> Variable:
-    """A variable ending in two vocab axes, chunked in row blocks of about 16 MB."""
-    k = shape[-1]
+def _k_by_k(name: str, sizes: dict[str, int], dtype: str, doc: str) -> Variable:
+    """A variable ending in two vocab axes (``vocab``, ``vocab_b``), chunked in row blocks of ~16 MB."""
+    k = sizes["vocab_b"]
     rows = max(1, min(k, 2**22 // k))
-    return Variable(name, dims, shape, dtype, (*(1,) * (len(shape) - 2), rows, k), doc=doc)
+    return Variable.of(name, sizes, dtype, unit_axes=len(sizes) - 2, chunk={"vocab": rows}, doc=doc)
 
 
 def _inputs_per_sequence(ctx: PlanContext) -> int:
@@ -129,12 +129,10 @@ class CorpusStatsParams:
 
 
 @register
-class CorpusStatsAnalysis(Analysis):
+class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
     """B̄, Φ̄, Σ_B̄, V*, G, Q̄ and Δ of the job's token set and of its token-shuffled twin: one unit."""
 
     name = "corpus_stats"
-    Params = CorpusStatsParams
-    params: CorpusStatsParams
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         return {
@@ -156,7 +154,7 @@ class CorpusStatsAnalysis(Analysis):
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         k, dtype = self.params.vocab_size, self.params.store_dtype
-        dims = ("corpus", "vocab", "vocab_b")
+        sizes = {"corpus": len(CORPORA), "vocab": k, "vocab_b": k}
         docs = {
             "bigram": "B̄: rows current token, columns next token",
             "context": "Φ̄: rows target token, columns prefix token",
@@ -165,11 +163,11 @@ class CorpusStatsAnalysis(Analysis):
             "g": "G = Φ̄ᵀΣ_B̄",
             "qk": "Q̄: rows query token, columns key token",
         }
-        c, length = len(CORPORA), _inputs_per_sequence(ctx)
+        per_corpus = {"corpus": len(CORPORA)}
         return [
-            *(_k_by_k(f"lt_{s}", dims, (c, k, k), dtype, docs[s]) for s in STATS),
-            Variable("lt_delta", ("corpus", "distance"), (c, length), "float64", (1, length), doc="Δ_m"),
-            Variable("lt_pairs", ("corpus",), (c,), "int64", (1,), fill=-1, doc="NT, positions averaged"),
+            *(_k_by_k(f"lt_{s}", sizes, dtype, docs[s]) for s in STATS),
+            Variable.of("lt_delta", {**per_corpus, "distance": _inputs_per_sequence(ctx)}, doc="Δ_m"),
+            Variable.of("lt_pairs", per_corpus, "int64", doc="NT, positions averaged"),
         ]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
@@ -218,32 +216,27 @@ class TokenCovParams:
 
 
 @register
-class TokenCov(Analysis):
+class TokenCov(Analysis[TokenCovParams]):
     """``token_cov`` (step, layer, token_site, vocab, vocab_b): rowcov of token-indexed activations."""
 
     name = "token_cov"
-    Params = TokenCovParams
-    params: TokenCovParams
 
-    def requires(self) -> tuple[str, ...]:
-        return ("corpus_stats",)
+    def requires(self) -> tuple[type[Analysis[Any]], ...]:
+        return (CorpusStatsAnalysis,)
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         return {"token_site": np.array(self.params.sites, dtype=object)}
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        k = CorpusStatsAnalysis.from_spec(ctx.job.analyses["corpus_stats"]).params.vocab_size
-        shape = (
-            len(ctx.checkpoints),
-            int(ctx.model_config["num_hidden_layers"]),
-            len(self.params.sites),
-            k,
-            k,
-        )
-        dims = ("step", "layer", "token_site", "vocab", "vocab_b")
-        return [
-            _k_by_k("token_cov", dims, shape, self.params.store_dtype, "numpy.cov(E), tokens as variables")
-        ]
+        k = CorpusStatsAnalysis.from_spec(ctx.job.analyses[CorpusStatsAnalysis.name]).params.vocab_size
+        sizes = {
+            "step": len(ctx.checkpoints),
+            "layer": int(ctx.model_config["num_hidden_layers"]),
+            "token_site": len(self.params.sites),
+            "vocab": k,
+            "vocab_b": k,
+        }
+        return [_k_by_k("token_cov", sizes, self.params.store_dtype, "numpy.cov(E), tokens as variables")]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         _check_token_model(ctx, self.name)
@@ -279,15 +272,13 @@ class AlignmentParams:
 
 
 @register
-class LeadingTermAlignment(Analysis):
+class LeadingTermAlignment(Analysis[AlignmentParams]):
     """``lt_score`` (step, layer, comparison, corpus): uncentred cosines with the predicted terms."""
 
     name = "lt_alignment"
-    Params = AlignmentParams
-    params: AlignmentParams
 
-    def requires(self) -> tuple[str, ...]:
-        return ("corpus_stats",)
+    def requires(self) -> tuple[type[Analysis[Any]], ...]:
+        return (CorpusStatsAnalysis,)
 
     def mode(self, model_config: dict[str, object]) -> Literal["activations", "weights"]:
         if self.params.mode != "auto":
@@ -301,19 +292,14 @@ class LeadingTermAlignment(Analysis):
         return {"comparison": np.array(self._comparisons(ctx), dtype=object)}
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        layers = int(ctx.model_config["num_hidden_layers"])
-        shape = (len(ctx.checkpoints), layers, len(self._comparisons(ctx)), len(CORPORA))
+        sizes = {
+            "step": len(ctx.checkpoints),
+            "layer": int(ctx.model_config["num_hidden_layers"]),
+            "comparison": len(self._comparisons(ctx)),
+            "corpus": len(CORPORA),
+        }
         doc = "uncentred cosine with the leading-term prediction (docs/leading_terms.md)"
-        return [
-            Variable(
-                "lt_score",
-                ("step", "layer", "comparison", "corpus"),
-                shape,
-                "float64",
-                (1, *shape[1:]),
-                doc=doc,
-            )
-        ]
+        return [Variable.of("lt_score", sizes, doc=doc)]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         mode = self.mode(ctx.model_config)

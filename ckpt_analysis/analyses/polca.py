@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from ckpt_analysis.analyses.hessian import HessianBasis
 from ckpt_analysis.curvature import ParamLayout, as_dtype
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.errors import JobSpecError
@@ -21,7 +22,6 @@ from ckpt_analysis.registry import (
     UnitContext,
     Variable,
     Write,
-    get_analysis,
     register,
 )
 
@@ -35,6 +35,8 @@ BASIS_VARIABLES = {
 EIGVAL_VARIABLES = {"hessian": "basis_eigval", "random": "basis_random_eigval", "axis": "basis_axis_eigval"}
 """λ_b of the ``paper`` variant: Ritz values, or Rayleigh quotients for the other bases (docs/polca.md)."""
 PAPER_GUARD = 1e-12
+FINALIZE = "finalize"
+"""Key of the unit that turns every checkpoint's projections into POLCA terms (``polca/finalize``)."""
 
 
 # --- docs/polca.md formulas: arrays are P (C, K, N), D (C−1, K), c (C, K, N), Pmid (C−1, K, N). ---
@@ -123,17 +125,14 @@ class TokenLossParams:
 
 
 @register
-class TokenLoss(Analysis):
+class TokenLoss(Analysis[TokenLossParams]):
     """``token_loss (step, token)``: each scored token's next-token cross-entropy (docs/jobs.md)."""
 
     name = "token_loss"
-    Params = TokenLossParams
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         s, n = len(ctx.checkpoints), ctx.num_tokens
-        return [
-            Variable("token_loss", ("step", "token"), (s, n), "float32", (1, n), doc="exact per-token loss")
-        ]
+        return [Variable.of("token_loss", {"step": s, "token": n}, "float32", doc="exact per-token loss")]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
@@ -166,7 +165,7 @@ class PolcaParams:
 
 
 @register
-class Polca(Analysis):
+class Polca(Analysis[PolcaParams]):
     """Projections P, c (forward mode) and D per checkpoint, then POLCA terms in a finalize unit.
 
     Every basis in ``bases`` goes through the same pipeline; its variables carry its suffix
@@ -176,11 +175,9 @@ class Polca(Analysis):
     """
 
     name = "polca"
-    Params = PolcaParams
-    params: PolcaParams
 
-    def requires(self) -> tuple[str, ...]:
-        return ("hessian_basis", "token_loss")
+    def requires(self) -> tuple[type[Analysis[Any]], ...]:
+        return (HessianBasis, TokenLoss)
 
     def _needs(self) -> tuple[bool, bool]:
         """Whether units compute c (exact) and midpoint projections (simpson)."""
@@ -188,9 +185,9 @@ class Polca(Analysis):
         return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
 
     @staticmethod
-    def _basis(ctx: PlanContext | UnitContext) -> Analysis:
+    def _basis(ctx: PlanContext | UnitContext) -> HessianBasis:
         """The job's ``hessian_basis`` analysis, its options parsed (defaults included)."""
-        return get_analysis("hessian_basis").from_spec(ctx.job.analyses["hessian_basis"])
+        return HessianBasis.from_spec(ctx.job.analyses[HessianBasis.name])
 
     def _check(self, ctx: PlanContext | UnitContext) -> list[str]:
         """Validate the bases against hessian_basis; return its parameter patterns."""
@@ -222,59 +219,44 @@ class Polca(Analysis):
 
     def _basis_variables(self, ctx: PlanContext, basis: str, dim: str, k: int) -> list[Variable]:
         s, n, x = len(ctx.checkpoints), ctx.num_tokens, suffix(basis)
-        grid = (("step", dim, "token"), (s, k, n), "float32", (1, k, n))
+        grid, pairs = {"step": s, dim: k, "token": n}, {"step": s, "token": n}
         curv, mid = self._needs()
         out = [
-            Variable(f"proj_grad{x}", *grid, doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
-            Variable(
-                f"step_proj{x}", ("step", dim), (s, k), "float64", (1, k), doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"
-            ),
-            Variable(f"polca_first{x}", *grid, doc="first-order term P·D"),
-            Variable(f"polca_second{x}", *grid, doc="second-order term of the chosen variant"),
-            Variable(f"polca{x}", *grid, doc="POLCA[t,b,x] of the chosen variant"),
-            Variable(f"projected_loss{x}", *grid, doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
-            Variable(
-                f"polca_residual{x}",
-                ("step", "token"),
-                (s, n),
-                "float32",
-                (1, n),
-                doc="ℓ(θ_{t+1}) − ℓ(θ_t) − Σ_b POLCA",
-            ),
-            Variable(
+            Variable.of(f"proj_grad{x}", grid, "float32", doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
+            Variable.of(f"step_proj{x}", {"step": s, dim: k}, doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"),
+            Variable.of(f"polca_first{x}", grid, "float32", doc="first-order term P·D"),
+            Variable.of(f"polca_second{x}", grid, "float32", doc="second-order term of the chosen variant"),
+            Variable.of(f"polca{x}", grid, "float32", doc="POLCA[t,b,x] of the chosen variant"),
+            Variable.of(f"projected_loss{x}", grid, "float32", doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
+            Variable.of(f"polca_residual{x}", pairs, "float32", doc="ℓ(θ_{t+1}) − ℓ(θ_t) − Σ_b POLCA"),
+            Variable.of(
                 f"polca_explained_token{x}",
-                ("token",),
-                (n,),
+                {"token": n},
                 "float32",
-                (n,),
+                unit_axes=0,
                 doc="fraction of each token's loss change the basis explains",
             ),
-            Variable(
+            Variable.of(
                 f"polca_explained{x}",
-                ("variant",),
-                (len(VARIANTS),),
-                "float64",
-                (len(VARIANTS),),
+                {"variant": len(VARIANTS)},
+                unit_axes=0,
                 doc="fraction of the aggregate loss change explained, per variant (NaN: not computed)",
             ),
-            Variable(
+            Variable.of(
                 f"polca_paper_guarded{x}",
-                (dim,),
-                (k,),
+                {dim: k},
                 "int64",
-                (k,),
-                fill=-1,
+                unit_axes=0,
                 doc="paper variant: step pairs with |ΔḠ| ≤ 1e-12 (term set to 0)",
             ),
-            Variable(f"basis_kept{x}", (dim,), (k,), "int8", (k,), fill=-1, doc="mean L_b(x, end) < 0"),
-            Variable(
-                f"token_kept{x}", (dim, "token"), (k, n), "int8", (1, n), fill=-1, doc="L_b(x, end) ≤ 0"
-            ),
+            Variable.of(f"basis_kept{x}", {dim: k}, "int8", unit_axes=0, doc="mean L_b(x, end) < 0"),
+            Variable.of(f"token_kept{x}", {dim: k, "token": n}, "int8", doc="L_b(x, end) ≤ 0"),
         ]
         if curv:
-            out.append(Variable(f"proj_curv{x}", *grid, doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
+            out.append(Variable.of(f"proj_curv{x}", grid, "float32", doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
         if mid:
-            out.append(Variable(f"proj_grad_mid{x}", *grid, doc="P at θ_t + ½Δθ_t (last step: unused)"))
+            doc = "P at θ_t + ½Δθ_t (last step: unused)"
+            out.append(Variable.of(f"proj_grad_mid{x}", grid, "float32", doc=doc))
         return out
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
@@ -284,8 +266,8 @@ class Polca(Analysis):
         basis = self._basis(ctx)
         deps = tuple(u.id for u in basis.units(ctx))
         per_step = [Unit(u.analysis, u.key, u.checkpoint, deps) for u in super().units(ctx)]
-        losses = tuple(u.id for u in get_analysis("token_loss").from_spec({}).units(ctx))
-        return [*per_step, Unit(self.name, "finalize", None, (*(u.id for u in per_step), *losses))]
+        losses = tuple(u.id for u in TokenLoss.from_spec({}).units(ctx))
+        return [*per_step, Unit(self.name, FINALIZE, None, (*(u.id for u in per_step), *losses))]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         if unit.checkpoint is None:
