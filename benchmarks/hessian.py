@@ -25,7 +25,7 @@ from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.run import run_job
 from ckpt_analysis.spectral import Matvec, lanczos
-from ckpt_analysis.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_addition
 
 TOL, TOP = 1e-3, 10
 

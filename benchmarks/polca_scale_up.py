@@ -23,9 +23,9 @@ from common import CARRY_HEADER, carry_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.demo import polca_job, train_or_reuse
 from ckpt_analysis.run import run_job
-from ckpt_analysis.train import TrainConfig
+from ckpt_analysis.zoo.demo import polca_job, train_or_reuse
+from ckpt_analysis.zoo.train import TrainConfig
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),

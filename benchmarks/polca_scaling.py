@@ -24,7 +24,7 @@ from ckpt_analysis.config import CheckpointsSpec, DataSpec
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
-from ckpt_analysis.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_addition
 
 TOKENS = (250, 500, 1000, 2000)
 BASIS = (4, 8, 16, 32)

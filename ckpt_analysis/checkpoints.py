@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckpt_analysis.config import CheckpointsSpec, Selector, selector_predicate
+from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import CheckpointError, JobSpecError, one_line
+from ckpt_analysis.progress import quiet_transformers_bars
 
 if TYPE_CHECKING:
     import torch
@@ -95,12 +97,11 @@ class CheckpointSource(ABC):
     def load(self, ckpt: Checkpoint, *, attn: Literal["sdpa", "eager"] | str = "sdpa") -> PreTrainedModel:
         """Load ``ckpt`` in eval mode on the spec's dtype/device; reject NaN/inf weights."""
         import torch
-        from transformers.utils import logging as hf_logging
 
-        from ckpt_analysis.onehot import register
+        from ckpt_analysis.zoo.onehot import register
 
         register()  # the built-in one-hot model type loads like any other
-        hf_logging.disable_progress_bar()  # one bar per load is noise inside a sweep
+        quiet_transformers_bars()
         dtype = getattr(torch, self.spec.dtype)
         if self.spec.verify_digests:
             for path in self.weight_files(ckpt):
@@ -120,7 +121,7 @@ class CheckpointSource(ABC):
     def tokenizer(self, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
-        from ckpt_analysis.onehot import register
+        from ckpt_analysis.zoo.onehot import register
 
         register()  # AutoTokenizer reads the folder's config too
         where = self.spec.tokenizer or str(self.files_dir(ckpt))
@@ -523,17 +524,6 @@ def select(ckpts: list[Checkpoint], selector: Selector) -> list[Checkpoint]:
 def _sample(ckpts: list[Checkpoint]) -> str:
     names = [c.revision for c in ckpts]
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device = 'cuda' was asked for but CUDA is not available")
-    return device
 
 
 def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[str]]:

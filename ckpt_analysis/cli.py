@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, ParamSpec
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ckpt_analysis.errors import CkptAnalysisError
+
+Params = ParamSpec("Params")
 
 app = typer.Typer(
     help=(
@@ -65,7 +68,21 @@ def _fail(exc: CkptAnalysisError) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _reports_errors(command: Callable[Params, None]) -> Callable[Params, None]:
+    """A command whose bad input (any CkptAnalysisError) is one red line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def run_command(*args: Params.args, **kwargs: Params.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except CkptAnalysisError as exc:
+            raise _fail(exc) from exc
+
+    return run_command
+
+
 @app.command()
+@_reports_errors
 def run(
     job: JobArg,
     output: OutputOpt = None,
@@ -91,13 +108,9 @@ def run(
     from ckpt_analysis.config import load_job
     from ckpt_analysis.run import run_job
 
-    try:
-        spec = load_job(job, output=output)
-        outcomes = run_job(
-            spec, force=force, executor=executor, shard=shard, num_shards=num_shards, stage=stage
-        )
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    spec = load_job(job, output=output)
+    outcomes = run_job(spec, force=force, executor=executor, shard=shard, num_shards=num_shards, stage=stage)
+
     failed = [o for o in outcomes if not o.ok]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     out.print(
@@ -111,20 +124,19 @@ def run(
 
 
 @app.command()
+@_reports_errors
 def plan(job: JobArg, output: OutputOpt = None, force: ForceOpt = False) -> None:
     """Validate a job and create its store without computing (SLURM shards need this first)."""
     from ckpt_analysis.config import load_job
     from ckpt_analysis.plan import prepare_store
 
-    try:
-        spec = load_job(job, output=output)
-        action = prepare_store(spec, force=force)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    spec = load_job(job, output=output)
+    action = prepare_store(spec, force=force)
     out.print(f"{spec.output}: {'store exists, spec unchanged' if action == 'resume' else 'created'}")
 
 
 @app.command()
+@_reports_errors
 def submit(
     job: JobArg,
     output: OutputOpt = None,
@@ -148,11 +160,8 @@ def submit(
     from ckpt_analysis.config import load_job
     from ckpt_analysis.submit import submit as submit_job
 
-    try:
-        spec = load_job(job, output=output)
-        submitted = submit_job(spec, job, dry_run=dry_run, wait=wait)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    spec = load_job(job, output=output)
+    submitted = submit_job(spec, job, dry_run=dry_run, wait=wait)
     table = Table("stage", "analyses", "units", "pending", "array tasks", "job id", title=spec.output)
     for s in submitted:
         table.add_row(
@@ -164,14 +173,12 @@ def submit(
 
 
 @app.command()
+@_reports_errors
 def status(store: StoreArg) -> None:
     """Show which units are done, failed (with the reason), running or missing."""
     from ckpt_analysis.store import unit_states
 
-    try:
-        states = unit_states(store)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    states = unit_states(store)
     table = Table("unit", "state", "detail", title=str(store))
     colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
     for s in states:
@@ -184,14 +191,12 @@ def status(store: StoreArg) -> None:
 
 
 @app.command()
+@_reports_errors
 def show(store: StoreArg) -> None:
     """Describe a store: job, dimensions, variables and unit progress."""
     from ckpt_analysis.store import open_results, store_meta, unit_states
 
-    try:
-        ds, meta, states = open_results(store), store_meta(store), unit_states(store)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    ds, meta, states = open_results(store), store_meta(store), unit_states(store)
     out.print(
         f"[bold]{store}[/]  job {meta['job_spec']['name']!r}  spec {meta['spec_hash']}  "
         f"model {meta['model_id']}"
@@ -208,6 +213,7 @@ def show(store: StoreArg) -> None:
 
 
 @app.command()
+@_reports_errors
 def clusters(
     store: StoreArg,
     trajectory: Annotated[
@@ -217,17 +223,14 @@ def clusters(
     nearest: Annotated[int, typer.Option(help="Tokens shown per cluster, nearest its medoid first.")] = 5,
 ) -> None:
     """Read a vector's clusters: size, breakthrough step, hidden flag, label homogeneity, and the
-    tokens nearest each cluster's medoid in context (``context⟨token⟩``)."""
+    tokens nearest each cluster's medoid in context, as context⟨token⟩."""
     from ckpt_analysis.report import cluster_examples
     from ckpt_analysis.store import open_results
 
-    try:
-        ds = open_results(store)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    ds = open_results(store)
     if "cluster_label" not in ds or trajectory not in ds.trajectory.values.tolist():
         found = ds.trajectory.values.tolist() if "trajectory" in ds else []
-        raise _fail(CkptAnalysisError(f"{store} has no {trajectory!r} clusters; it has: {found or 'none'}"))
+        raise CkptAnalysisError(f"{store} has no {trajectory!r} clusters; it has: {found or 'none'}")
     for c in cluster_examples(ds, trajectory, vector=vector, nearest=nearest):
         hidden = " [hidden breakthrough]" if c.hidden else ""
         out.print(
@@ -239,23 +242,21 @@ def clusters(
 
 
 @app.command()
+@_reports_errors
 def alignment(
     store: StoreArg,
     plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,
 ) -> None:
-    """Read leading-term alignment (``lt_score``, docs/leading_terms.md): per comparison and layer, the score
+    """Read leading-term alignment (lt_score, docs/leading_terms.md): per comparison and layer, the score
     at
     step 0 (the null), its range over later steps, the final score, and the final score against
     statistics of the token-shuffled corpus (the other null)."""
     from ckpt_analysis.report import alignment_table, plot_alignment
     from ckpt_analysis.store import open_results
 
-    try:
-        ds = open_results(store)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    ds = open_results(store)
     if "lt_score" not in ds:
-        raise _fail(CkptAnalysisError(f"{store} has no lt_score; run a job with [analyses.lt_alignment]"))
+        raise CkptAnalysisError(f"{store} has no lt_score; run a job with [analyses.lt_alignment]")
     table = Table("comparison", "layer", "step 0", "lowest", "highest", "final", "final, shuffled")
     for r in alignment_table(ds):
         values = (r.step0, r.lowest, r.highest, r.final, r.shuffled_final)
@@ -266,6 +267,7 @@ def alignment(
 
 
 @app.command("train-onehot")
+@_reports_errors
 def train_onehot(
     job: JobArg,
     lr: Annotated[float, typer.Option(help="Step size η of full-batch gradient descent.")] = 0.1,
@@ -274,25 +276,24 @@ def train_onehot(
     layers: Annotated[int, typer.Option(help="Attention layers.")] = 1,
 ) -> None:
     """Train the leading-term paper's attention-only one-hot model (its Def. 3.1) on a job's
-    ``topics`` corpus, writing ``checkpoint-<step>`` folders into the job's checkpoints.path.
+    topics corpus, writing checkpoint-<step> folders into the job's checkpoints.path.
 
-    The vocabulary is the job's ``analyses.corpus_stats.vocab_size``. Small η keeps the weights
-    on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then ``ckpt-analysis run``."""
+    The vocabulary is the job's analyses.corpus_stats.vocab_size. Small η keeps the weights
+    on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then `ckpt-analysis run`."""
+    from ckpt_analysis.analyses.leading_terms import onehot_training_corpus
     from ckpt_analysis.config import load_job
-    from ckpt_analysis.onehot import GDConfig, training_corpus
-    from ckpt_analysis.onehot import train_onehot as train
+    from ckpt_analysis.zoo.onehot import GDConfig
+    from ckpt_analysis.zoo.onehot import train_onehot as train
 
-    try:
-        spec = load_job(job)
-        ids, vocab = training_corpus(spec)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    spec = load_job(job)
+    ids, vocab = onehot_training_corpus(spec)
     config = GDConfig(lr=lr, steps=steps, save_every=save_every, num_layers=layers)
     train(ids, vocab, Path(str(spec.checkpoints.path)), config)
     out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
 
 
 @app.command()
+@_reports_errors
 def prefetch(job: JobArg) -> None:
     """Download a job's Hub revisions into its cache_dir for a later offline run.
 
@@ -302,10 +303,7 @@ def prefetch(job: JobArg) -> None:
     from ckpt_analysis.config import load_job
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    try:
-        cached, missing = fetch(load_job(job).checkpoints, offline=offline)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
+    cached, missing = fetch(load_job(job).checkpoints, offline=offline)
     out.print(f"{len(cached)} revisions cached, {len(missing)} missing" + (" (offline)" if offline else ""))
     if missing:
         out.print("missing: " + ", ".join(missing), highlight=False)
@@ -313,6 +311,7 @@ def prefetch(job: JobArg) -> None:
 
 
 @app.command()
+@_reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the run, job files, stores and plots go.")] = Path(
         "demo_out"
@@ -325,64 +324,19 @@ def demo(
     POLCA (Hessian basis, projections, HDBSCAN clusters) and its baselines, printing carry scores;
     last, train the leading-term paper's one-hot model at two step sizes and show how its weights
     align with the corpus-statistics predictions."""
-    from ckpt_analysis.demo import run_demo
-    from ckpt_analysis.train import TrainConfig
+    from ckpt_analysis.report import carry_scores_table, onehot_alignment_table, variance_table
+    from ckpt_analysis.zoo.demo import run_demo
+    from ckpt_analysis.zoo.train import TrainConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
-    except CkptAnalysisError as exc:
-        raise _fail(exc) from exc
-    table = Table(
-        "step",
-        *(f"layer {i} var / PR" for i in range(result.total_variance.shape[1])),
-        title="residual stream after each layer: total variance / participation ratio",
-    )
-    for step, var, pr in zip(result.steps, result.total_variance, result.participation, strict=True):
-        table.add_row(str(step), *(f"{v:8.2f} / {p:5.2f}" for v, p in zip(var, pr, strict=True)))
-    out.print(table)
-    scores = Table(
-        "trajectory",
-        "clusters",
-        "carry homogeneity (top 3)",
-        "recall",
-        "F1",
-        "hidden",
-        "any-place best",
-        "carry AUC",
-        title="clusters vs the carry label, scored as in the paper (> 85 % of a cluster's carry tokens "
-        "in the 10s/100s place); paper, 9.5M model: POLCA 0.973, LCA 0.792, exact loss 0.514. "
-        "carry AUC (not in the paper): the best vector's ROC AUC of carry vs its curves' total change, "
-        "10s/100s-place tokens, 0.5 = chance; a random basis of the same size is its null",
-    )
-    for row in result.scores:
-        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in row.top_homogeneity)
-        name = "polca_axis (LCA)" if row.trajectory == "polca_axis" else row.trajectory
-        scores.add_row(
-            name,
-            str(row.clusters),
-            top,
-            f"{row.recall:.3f}",
-            f"{row.f1:.3f}",
-            f"{row.hidden_fraction:.3f}",
-            f"{row.unrestricted:.3f}",
-            f"{row.label_auc:.3f}",
-        )
-    out.print(scores)
+    result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
+    out.print(variance_table(result.steps, result.total_variance, result.participation))
+    out.print(carry_scores_table(result.scores))
     out.print(
         f"final answer-digit accuracy {result.accuracy:.3f}; POLCA (first order) explains "
         f"{result.explained:.2f} of the loss change"
     )
-    lt = Table(
-        "comparison",
-        *(f"η = {lr}: best → step 100 (shuffled)" for lr in result.alignment),
-        title="one-hot attention model (the leading-term paper's Def. 3.1) under full-batch GD: "
-        "uncentred cosine with the leading-term predictions; shuffled-corpus null in brackets",
-    )
-    for i, comparison in enumerate(r.comparison for r in next(iter(result.alignment.values()))):
-        cells = [result.alignment[lr][i] for lr in result.alignment]
-        lt.add_row(comparison, *(f"{c.highest:.3f} → {c.final:.3f} ({c.shuffled_final:.3f})" for c in cells))
-    out.print(lt)
+    out.print(onehot_alignment_table(result.alignment))
     out.print(
         f"stores: {result.covariance_store}, {result.polca_store}; plots: "
         f"{', '.join(str(p) for p in result.plots) or 'none (no clusters found)'}",

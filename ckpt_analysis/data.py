@@ -11,7 +11,7 @@ import numpy as np
 
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.errors import DataError, one_line
-from ckpt_analysis.tasks import addition, topics
+from ckpt_analysis.zoo.tasks import addition, topics
 
 if TYPE_CHECKING:
     import torch

@@ -47,3 +47,11 @@ def progress(total: int, description: str, *, every_s: float = 30.0) -> Iterator
             state["last"] = now
 
     yield advance_log
+
+
+def quiet_transformers_bars() -> None:
+    """Turn off transformers' own progress bars: one "Loading weights" or "Writing model shards"
+    bar per checkpoint is noise inside a sweep, which draws its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_analysis.tasks.addition import VOCAB, build_tokenizer
-from ckpt_analysis.train import tiny_gpt_neox
+from ckpt_analysis.zoo.tasks.addition import VOCAB, build_tokenizer
+from ckpt_analysis.zoo.train import tiny_gpt_neox
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
 

@@ -9,7 +9,7 @@ import pytest
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import DataError
-from ckpt_analysis.tasks import addition
+from ckpt_analysis.zoo.tasks import addition
 
 
 @pytest.fixture

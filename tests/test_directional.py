@@ -11,7 +11,7 @@ from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.losses import scored_token_losses
-from ckpt_analysis.tasks import addition
+from ckpt_analysis.zoo.tasks import addition
 
 SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from ckpt_analysis.analyses.leading_terms import cosine
 from ckpt_analysis.corpus import CorpusStats, corpus_statistics, top_vocabulary, vocab_index
-from ckpt_analysis.onehot import GDConfig, register, train_onehot
-from ckpt_analysis.tasks.topics import corpus
+from ckpt_analysis.zoo.onehot import GDConfig, register, train_onehot
+from ckpt_analysis.zoo.tasks.topics import corpus
 
 K = 10
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from ckpt_analysis.checkpoints import resolve_device
 from ckpt_analysis.corpus import (
     check_right_padded,
     corpus_statistics,
@@ -17,10 +16,15 @@ from ckpt_analysis.corpus import (
     top_vocabulary,
     vocab_index,
 )
+from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import JobSpecError
-from ckpt_analysis.onehot import MODEL_TYPE
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.sites import Site, capture, decoder_layers
+from ckpt_analysis.zoo.onehot import MODEL_TYPE
+from ckpt_analysis.zoo.tasks import topics
+
+if TYPE_CHECKING:
+    from ckpt_analysis.config import JobSpec
 
 TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
 TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -375,3 +379,14 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
                 ]
             )
         return np.array(out)
+
+
+def onehot_training_corpus(job: JobSpec) -> tuple[np.ndarray, int]:
+    """The ``topics`` corpus a one-hot job analyses, and its vocabulary size (``corpus_stats.vocab_size``):
+    what ``ckpt-analysis train-onehot`` trains the one-hot model on (docs/leading_terms.md)."""
+    if job.data.source != "topics" or job.checkpoints.source != "local":
+        raise JobSpecError("train-onehot needs data.source = 'topics' and checkpoints.source = 'local'")
+    if CorpusStatsAnalysis.name not in job.analyses:
+        raise JobSpecError("train-onehot takes the vocabulary size from [analyses.corpus_stats]")
+    vocab = CorpusStatsAnalysis.from_spec(job.analyses[CorpusStatsAnalysis.name]).params.vocab_size
+    return topics.corpus(job.data.num_examples, job.data.seq_len, vocab, job.data.seed), vocab

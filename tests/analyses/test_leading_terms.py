@@ -14,11 +14,11 @@ from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.corpus import shuffle_tokens, vocab_index
 from ckpt_analysis.errors import JobSpecError
-from ckpt_analysis.onehot import GDConfig, train_onehot
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
-from ckpt_analysis.tasks.topics import corpus
+from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
+from ckpt_analysis.zoo.tasks.topics import corpus
 
 TOPICS = {"source": "topics", "num_examples": 40, "seq_len": 12, "seed": 3}
 

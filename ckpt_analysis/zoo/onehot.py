@@ -15,9 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ckpt_analysis.config import JobSpec
-from ckpt_analysis.errors import JobSpecError
-from ckpt_analysis.progress import progress
+from ckpt_analysis.progress import progress, quiet_transformers_bars
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +104,6 @@ class GDConfig:
     dtype: str = "float64"
 
 
-def training_corpus(job: JobSpec) -> tuple[np.ndarray, int]:
-    """The ``topics`` corpus a one-hot job analyses, and its vocabulary size (``corpus_stats.vocab_size``)."""
-    from ckpt_analysis.registry import get_analysis
-    from ckpt_analysis.tasks.topics import corpus
-
-    if job.data.source != "topics" or job.checkpoints.source != "local":
-        raise JobSpecError("train-onehot needs data.source = 'topics' and checkpoints.source = 'local'")
-    if "corpus_stats" not in job.analyses:
-        raise JobSpecError("train-onehot takes the vocabulary size from [analyses.corpus_stats]")
-    vocab = int(get_analysis("corpus_stats").from_spec(job.analyses["corpus_stats"]).params.vocab_size)
-    return corpus(job.data.num_examples, job.data.seq_len, vocab, job.data.seed), vocab
-
-
 def full_batch_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over all N·T positions of the corpus."""
     logits = model(input_ids=ids[:, :-1]).logits
@@ -132,11 +117,10 @@ def train_onehot(
 
     ``out = None`` keeps nothing on disk (tests). Returns the trained model.
     """
-    from transformers.utils import logging as hf_logging
 
-    from ckpt_analysis.tasks.topics import build_tokenizer
+    from ckpt_analysis.zoo.tasks.topics import build_tokenizer
 
-    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint is noise
+    quiet_transformers_bars()
     dtype = getattr(torch, config.dtype)
     cfg = OneHotAttentionConfig(vocab_size, config.num_layers, max_position_embeddings=ids.shape[1])
     model = OneHotAttentionModel(cfg).to(dtype)

@@ -10,9 +10,9 @@ from typing import Literal
 
 import torch
 
-from ckpt_analysis.checkpoints import resolve_device
-from ckpt_analysis.progress import progress
-from ckpt_analysis.tasks import addition
+from ckpt_analysis.device import resolve_device
+from ckpt_analysis.progress import progress, quiet_transformers_bars
+from ckpt_analysis.zoo.tasks import addition
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,8 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
 
     Returns the final answer-digit accuracy on held-out problems.
     """
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint is noise
+    quiet_transformers_bars()
     tokenizer = addition.build_tokenizer()
     model = tiny_gpt_neox(
         len(addition.VOCAB),

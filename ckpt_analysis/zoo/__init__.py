@@ -1,0 +1,8 @@
+"""Toy models, built-in tasks and the demo: fixtures and demonstrations, not the pipeline.
+
+``tasks`` (3-digit addition, the synthetic topic corpus), ``train`` (a tiny GPT-NeoX trainer on
+addition), ``onehot`` (the leading-term paper's one-hot attention model and its GD trainer) and
+``demo`` (the offline demo). The pipeline imports only ``tasks`` (built-in data sources) and
+``onehot.register`` (so the one-hot model type loads like any other); nothing here is imported by
+``config``, ``store``, ``plan``, ``run`` or ``execute``.
+"""
