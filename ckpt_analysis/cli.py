@@ -8,13 +8,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, ParamSpec
+from typing import Annotated, ParamSpec
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ckpt_analysis.config import ExecutorKind
 from ckpt_analysis.errors import CkptAnalysisError
 
 Params = ParamSpec("Params")
@@ -88,7 +89,7 @@ def run(
     output: OutputOpt = None,
     force: ForceOpt = False,
     executor: Annotated[
-        Literal["local", "inprocess", "slurm"] | None,
+        ExecutorKind | None,
         typer.Option(
             help="`local`: Dask LocalCluster (default from the job); `inprocess`: debug; "
             "`slurm`: Dask workers as SLURM jobs (dask-jobqueue; resources from the job's `slurm` table)."

@@ -18,6 +18,9 @@ from ckpt_analysis.errors import JobSpecError
 
 T = TypeVar("T")
 
+ExecutorKind = Literal["local", "inprocess", "slurm"]
+"""``compute.executor``: a Dask LocalCluster, this process, or Dask workers as SLURM jobs."""
+
 Selector = str | list[int] | list[str]
 """Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (docs/jobs.md)."""
 
@@ -107,7 +110,7 @@ class DataSpec:
 class ComputeSpec:
     """How units are executed (docs/jobs.md)."""
 
-    executor: Literal["local", "inprocess", "slurm"] = "local"
+    executor: ExecutorKind = "local"
     workers: int = 2
     threads_per_worker: int = 1
     torch_threads: int = 1

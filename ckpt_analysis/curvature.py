@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_token_losses
+
+if TYPE_CHECKING:
+    from ckpt_analysis.registry import Columns
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class ParamLayout:
         parts = vector.split(self.sizes.tolist())
         return {n: c.view(s) for n, c, s in zip(self.names, parts, self.shapes, strict=True)}
 
-    def tables(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    def tables(self) -> Columns:
         """Store columns over the ``param_tensor`` dimension."""
         dims = ("param_tensor",)
         shapes = np.array(["x".join(map(str, s)) or "scalar" for s in self.shapes], dtype=object)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ckpt_analysis.config import SlurmSpec
+from ckpt_analysis.config import ExecutorKind, SlurmSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class SlurmDaskExecutor(DaskExecutor):
 
 
 def make_executor(
-    kind: Literal["local", "inprocess", "slurm"],
+    kind: ExecutorKind,
     *,
     workers: int,
     threads_per_worker: int,

@@ -29,6 +29,8 @@ from ckpt_analysis.store import DONE, check_output, create_store, creation_lock
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ckpt_analysis.registry import Columns
+
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("ckpt-analysis", "torch", "transformers", "zarr", "xarray", "dask", "numpy")
@@ -142,9 +144,9 @@ def _ordered_units(units: list[Unit]) -> list[Unit]:
     return units
 
 
-def _coords(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+def _coords(plan: Plan) -> Columns:
     ck = plan.checkpoints
-    coords: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+    coords: Columns = {
         "step": (("step",), np.array([c.step for c in ck], dtype=np.int64)),
         "revision": (("step",), np.array([c.revision for c in ck], dtype=object)),
         "tokens_seen": (("step",), np.array([-1 if c.tokens_seen is None else c.tokens_seen for c in ck])),
@@ -158,12 +160,12 @@ def _coords(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     return coords
 
 
-def _tables(plan: Plan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+def _tables(plan: Plan) -> Columns:
     """The analysed token set (docs/jobs.md), stored so later queries can show what a token was."""
     data = plan.eval_data
     seq, pos = data.token_index
     grid = ("sequence", "position")
-    tables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+    tables: Columns = {
         "input_ids": (grid, data.input_ids),
         "attention_mask": (grid, data.attention_mask),
         "score_mask": (grid, data.score_mask.astype(np.int8)),

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from ckpt_analysis.data import EvalData
 
 
+Columns = dict[str, tuple[tuple[str, ...], np.ndarray]]
+"""Named store columns the planner writes once (coordinates, tables): name → (dims, values)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Variable:
     """One result array: named dims with their sizes, dtype, chunking, fill value and a description.
@@ -185,7 +189,7 @@ class Analysis(ABC, Generic[P]):
         """Extra index coordinates (e.g. ``site`` names) its variables use."""
         return {}
 
-    def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    def tables(self, ctx: PlanContext) -> Columns:
         """Static arrays known at plan time (e.g. a parameter layout), written by the planner."""
         return {}
 

@@ -12,10 +12,10 @@ import traceback
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
-from ckpt_analysis.config import JobSpec, job_from_dict
+from ckpt_analysis.config import ExecutorKind, JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import StoreError, one_line
 from ckpt_analysis.execute import Outcome, Task, make_executor
@@ -184,7 +184,7 @@ def run_job(
     job: JobSpec,
     *,
     force: bool = False,
-    executor: Literal["local", "inprocess", "slurm"] | None = None,
+    executor: ExecutorKind | None = None,
     shard: int | None = None,
     num_shards: int = 1,
     stage: int | None = None,

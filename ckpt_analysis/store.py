@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import xarray as xr
     import zarr
 
-    from ckpt_analysis.registry import Variable, Write
+    from ckpt_analysis.registry import Columns, Variable, Write
 
 ATTR_KEY = "ckpt_analysis"
 UNITS_DIR = "_units"
@@ -209,8 +209,8 @@ def create_store(
     path: str | Path,
     *,
     variables: list[Variable],
-    coords: dict[str, tuple[tuple[str, ...], np.ndarray]],
-    tables: dict[str, tuple[tuple[str, ...], np.ndarray]],
+    coords: Columns,
+    tables: Columns,
     meta: dict[str, Any],
     replace: bool,
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
+
+if TYPE_CHECKING:
+    from ckpt_analysis.registry import Columns
 
 TRACE_METHODS = ("hutchinson", "hutchpp")
 
@@ -71,7 +74,7 @@ class _Curvature(Analysis[C]):
     def _layout(self, ctx: PlanContext) -> ParamLayout:
         return ParamLayout.from_config(ctx.model_config, self.params.params)
 
-    def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    def tables(self, ctx: PlanContext) -> Columns:
         return self._layout(ctx).tables()
 
 

@@ -25,6 +25,7 @@ from ckpt_analysis.zoo.tasks import topics
 
 if TYPE_CHECKING:
     from ckpt_analysis.config import JobSpec
+    from ckpt_analysis.registry import Columns
 
 TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
 TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -145,7 +146,7 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
             "distance": np.arange(_inputs_per_sequence(ctx)),
         }
 
-    def tables(self, ctx: PlanContext) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    def tables(self, ctx: PlanContext) -> Columns:
         data = ctx.eval_data
         check_right_padded(data.attention_mask)
         ids, counts = top_vocabulary(data.input_ids, data.attention_mask, self.params.vocab_size)
