@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import GPTNeoXForCausalLM
 
 from ckpt_analysis.zoo.tasks.addition import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import tiny_gpt_neox
@@ -17,12 +18,12 @@ from ckpt_analysis.zoo.train import tiny_gpt_neox
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
 
 
-def tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+def tiny_model(seed: int = 0, **overrides: Any) -> GPTNeoXForCausalLM:
     """A tiny random GPTNeoX over the addition vocabulary."""
     return tiny_gpt_neox(len(VOCAB), **{**TINY, **overrides}, seed=seed)
 
 
-def trajectory(n: int, *, seed: int = 0, **overrides: Any) -> list[torch.nn.Module]:
+def trajectory(n: int, *, seed: int = 0, **overrides: Any) -> list[GPTNeoXForCausalLM]:
     """``n`` checkpoints of one model, each a small random step from the previous one."""
     model = tiny_model(seed, **overrides)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -150,7 +151,7 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
         with differentiable_attention(model):
             return scored_token_losses(call, *batch).mean()  # type: ignore[arg-type]
 
-    return torch.autograd.functional.hessian(loss, flat)  # type: ignore[return-value]
+    return torch.autograd.functional.hessian(loss, flat)
 
 
 def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float = 120.0) -> int:
@@ -223,10 +224,11 @@ def independent_activations(model: torch.nn.Module, ids: np.ndarray) -> dict[str
         hidden = model(input_ids=x, output_hidden_states=True).hidden_states
         out: dict[str, list[np.ndarray]] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "resid_post": []}
         pos = torch.arange(ids.shape[1])[None]
-        rotary = model.gpt_neox.rotary_emb(hidden[0], pos)
+        neox: Any = model.get_submodule("gpt_neox")  # a GPTNeoXModel, whatever the loader typed
+        rotary = neox.rotary_emb(hidden[0], pos)
         n = ids.shape[1]
         causal = torch.full((n, n), float("-inf"), dtype=hidden[0].dtype).triu(1)[None, None]
-        for i, layer in enumerate(model.gpt_neox.layers):
+        for i, layer in enumerate(neox.layers):
             h = hidden[i]
             attn = layer.attention(
                 layer.input_layernorm(h), attention_mask=causal, position_embeddings=rotary

@@ -2,7 +2,9 @@
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from ckpt_analysis.store import open_results
 CLI = [sys.executable, "-m", "ckpt_analysis"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
     result.stdout = " ".join(result.stdout.split())  # undo rich's line wrapping
     result.stderr = " ".join(result.stderr.split())
@@ -46,7 +48,7 @@ def _data_file(tmp: Path, text: str) -> str:
     return str(tmp / "d.jsonl")
 
 
-BAD_INPUTS = {
+BAD_INPUTS: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
     "missing revision": (
         lambda t, run: {
             "checkpoints": {"source": "hub", "repo": "org/none", "revisions": ["step7"], "cache_dir": str(t)}

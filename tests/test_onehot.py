@@ -18,8 +18,11 @@ from ckpt_analysis.zoo.tasks.topics import corpus
 K = 10
 
 
+Toy = tuple[np.ndarray, torch.Tensor, CorpusStats]
+
+
 @pytest.fixture(scope="module")
-def toy() -> tuple[np.ndarray, torch.Tensor, CorpusStats]:
+def toy() -> Toy:
     ids = corpus(48, 12, K, seed=0)
     mask = np.ones_like(ids)
     vocab, _ = top_vocabulary(ids, mask, K)
@@ -31,7 +34,7 @@ def relative_errors(
 ) -> dict[str, float]:
     """‖weight − leading term‖ / ‖leading term‖ after s steps, in the second of two layers."""
     model = train_onehot(ids, K, None, GDConfig(lr=lr, steps=s, num_layers=2))
-    layer = model.layers[1]
+    layer = model.layer(1)
 
     def sub(m: torch.Tensor) -> torch.Tensor:
         return m.detach()[vocab][:, vocab]
@@ -47,7 +50,7 @@ def relative_errors(
 
 
 @pytest.mark.parametrize("s", [2, 3, 4])
-def test_weights_after_s_steps_match_their_leading_terms_with_error_of_order_eta(toy, s: int) -> None:
+def test_weights_after_s_steps_match_their_leading_terms_with_error_of_order_eta(toy: Toy, s: int) -> None:
     ids, vocab, stats = toy
     coarse = relative_errors(ids, vocab, stats, 0.1, s)
     fine = relative_errors(ids, vocab, stats, 0.05, s)
@@ -57,10 +60,10 @@ def test_weights_after_s_steps_match_their_leading_terms_with_error_of_order_eta
         assert fine[name] == pytest.approx(error / 2, rel=0.1), name  # error shrinks linearly in η
 
 
-def test_learned_weights_point_along_the_predictions_and_not_their_transposes(toy) -> None:
+def test_learned_weights_point_along_the_predictions_and_not_their_transposes(toy: Toy) -> None:
     ids, vocab, stats = toy
     model = train_onehot(ids, K, None, GDConfig(lr=0.1, steps=4))
-    layer = model.layers[0]
+    layer = model.layer(0)
     weights = {
         "output": (model.output, stats.bigram),
         "value": (layer.value, stats.value),
@@ -72,13 +75,13 @@ def test_learned_weights_point_along_the_predictions_and_not_their_transposes(to
         assert cosine(w, prediction.T) < 0.95, name
 
 
-def test_a_large_step_size_drifts_away_from_the_leading_terms(toy) -> None:
+def test_a_large_step_size_drifts_away_from_the_leading_terms(toy: Toy) -> None:
     ids, vocab, stats = toy
     model = train_onehot(ids, K, None, GDConfig(lr=2.0, steps=40))
-    assert cosine(model.layers[0].value.detach()[vocab][:, vocab], stats.value) < 0.95
+    assert cosine(model.layer(0).value.detach()[vocab][:, vocab], stats.value) < 0.95
 
 
-def test_saved_checkpoints_load_back_through_auto_model(tmp_path: Path, toy) -> None:
+def test_saved_checkpoints_load_back_through_auto_model(tmp_path: Path, toy: Toy) -> None:
     ids, _, _ = toy
     trained = train_onehot(ids, K, tmp_path, GDConfig(lr=0.1, steps=3, save_every=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-{s}" for s in range(4)]

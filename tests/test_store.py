@@ -31,9 +31,10 @@ def test_store_has_named_dims_coordinates_and_token_table(planned) -> None:  # t
     assert ds.site.values.tolist() == ["resid_pre", "attn_out", "mlp_out", "resid_post"]
     assert set(ds.label_carry.values.tolist()) == {0, 1}
     assert ds.token_context.values[0].endswith("=")
-    group = zarr.open_group(planned.output, mode="r")
-    assert group["act_cov"].metadata.dimension_names == ("step", "site", "layer", "dim", "dim_b")
-    assert group["act_cov"].chunks[:3] == (1, 1, 1)
+    act_cov = zarr.open_array(planned.output, path="act_cov", mode="r")
+    assert act_cov.metadata.zarr_format == 3
+    assert act_cov.metadata.dimension_names == ("step", "site", "layer", "dim", "dim_b")
+    assert act_cov.chunks[:3] == (1, 1, 1)
     meta = store_meta(planned.output)
     assert meta["spec_hash"] == planned.spec_hash(content_digests(planned)) and "torch" in meta["versions"]
 

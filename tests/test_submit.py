@@ -4,6 +4,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from ckpt_analysis.submit import Stage, render_stage, submit
 
 GOLDEN = Path(__file__).parent / "golden"
 CLI = [sys.executable, "-m", "ckpt_analysis"]
-SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 ANALYSES = {
     "covariance": {"sites": ["resid_post"]},
     "hessian_basis": {"k": 1, "every": 10, "sample_sequences": 8, "random": False},

@@ -79,6 +79,12 @@ class OneHotAttentionModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Zero initialisation, as in the paper's analysis (parameters are created as zeros)."""
 
+    def layer(self, index: int) -> OneHotAttentionLayer:
+        """Layer ``index``, typed (``self.layers`` is a plain ModuleList)."""
+        layer = self.layers[index]
+        assert isinstance(layer, OneHotAttentionLayer)
+        return layer
+
     def forward(self, input_ids: torch.Tensor, **_: Any) -> CausalLMOutput:
         h = nn.functional.one_hot(input_ids, self.config.vocab_size).to(self.output.dtype)
         for layer in self.layers:
@@ -112,7 +118,7 @@ def full_batch_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def train_onehot(
     ids: np.ndarray, vocab_size: int, out: Path | None, config: GDConfig = GDConfig()
-) -> nn.Module:
+) -> OneHotAttentionModel:
     """Train on the whole corpus ``ids`` each step, saving ``checkpoint-<s>`` after step s.
 
     ``out = None`` keeps nothing on disk (tests). Returns the trained model.

@@ -6,13 +6,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.progress import progress, quiet_transformers_bars
 from ckpt_analysis.zoo.tasks import addition
+
+if TYPE_CHECKING:
+    from transformers import GPTNeoXForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def tiny_gpt_neox(
     num_heads: int = 4,
     max_positions: int = 64,
     seed: int = 0,
-) -> torch.nn.Module:
+) -> GPTNeoXForCausalLM:
     """A randomly initialised small GPTNeoX (the usual test and demo model)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -87,7 +90,8 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         seed=config.seed,
-    ).to(resolve_device(config.device))
+    )
+    torch.nn.Module.to(model, resolve_device(config.device))  # transformers mis-types .to
     device = next(model.parameters()).device
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Clusters: breakthroughs of planted sigmoid drops, planted groups, exact scores, the pipeline."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_medoid_is_the_most_central_member() -> None:
     assert medoid(curves, np.array([True, True, True, False, False])) == 1
 
 
-SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 
 
 def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
@@ -150,7 +151,9 @@ def test_label_auc_equals_sklearn_with_ties() -> None:
         ),
     ],
 )
-def test_missing_or_misordered_prerequisites_are_named(tmp_path: Path, analyses: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_missing_or_misordered_prerequisites_are_named(
+    tmp_path: Path, analyses: dict[str, Any], message: str
+) -> None:
     from ckpt_analysis.registry import build_analyses
 
     raw = job_dict(tmp_path, tmp_path / "c.zarr")
@@ -215,8 +218,8 @@ def test_normalisation_compares_shapes_not_scales() -> None:
     ],
 )
 def test_a_restriction_must_name_a_label_and_values_it_has(
-    tmp_path: Path, clusters: dict, message: str
-) -> None:  # type: ignore[type-arg]
+    tmp_path: Path, clusters: dict[str, Any], message: str
+) -> None:
     from ckpt_analysis.plan import prepare_store
 
     run = build_local_run(tmp_path / "run", [0, 10, 20, 30, 40], **SMALL)

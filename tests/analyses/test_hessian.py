@@ -1,6 +1,7 @@
 """Hessian analyses end to end, against the dense Hessian of each checkpoint (docs/benchmarks.md)."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ckpt_analysis.data import EvalData
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 
-SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 SOLVER = {"dtype": "float64", "tol": 1e-10, "max_iter": 400, "sample_sequences": 12}
 ANALYSES = {
     "hessian": {**SOLVER, "k": 3, "trace_probes": 30, "density": True, "density_steps": 20},

@@ -20,7 +20,7 @@ from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
 from ckpt_analysis.zoo.tasks.topics import corpus
 
-TOPICS = {"source": "topics", "num_examples": 40, "seq_len": 12, "seed": 3}
+TOPICS: dict[str, Any] = {"source": "topics", "num_examples": 40, "seq_len": 12, "seed": 3}
 
 
 def leading_terms_job(run_dir: Path, output: Path, analyses: dict[str, Any], **overrides: Any) -> JobSpec:
@@ -29,8 +29,11 @@ def leading_terms_job(run_dir: Path, output: Path, analyses: dict[str, Any], **o
     return job_from_dict(raw, base=output.parent)
 
 
+NeoxStore = tuple[Path, JobSpec]
+
+
 @pytest.fixture(scope="module")
-def neox_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobSpec]:
+def neox_store(tmp_path_factory: pytest.TempPathFactory) -> NeoxStore:
     root = tmp_path_factory.mktemp("lt")
     run_dir = build_local_run(root / "run", [0, 10])
     analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {}, "lt_alignment": {}}
@@ -39,7 +42,9 @@ def neox_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobSpec]
     return root / "lt.zarr", job
 
 
-def test_stored_corpus_statistics_equal_the_dense_formulas_for_real_and_shuffled_corpora(neox_store) -> None:
+def test_stored_corpus_statistics_equal_the_dense_formulas_for_real_and_shuffled_corpora(
+    neox_store: NeoxStore,
+) -> None:
     store, _ = neox_store
     ds = open_results(store)
     ids, mask = ds.input_ids.values, ds.attention_mask.values
@@ -65,7 +70,7 @@ def _token_acts(
     return model, acts
 
 
-def test_token_cov_equals_numpy_cov_of_independently_captured_activations(neox_store) -> None:
+def test_token_cov_equals_numpy_cov_of_independently_captured_activations(neox_store: NeoxStore) -> None:
     store, job = neox_store
     ds = open_results(store)
     vocab = ds.vocab_id.values
@@ -103,7 +108,7 @@ def _attention_scores(model: Any, layer: int, x: np.ndarray, *, fold: bool) -> n
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_activation_scores_equal_an_independent_numpy_computation(
-    tmp_path: Path, neox_store, fold: bool
+    tmp_path: Path, neox_store: NeoxStore, fold: bool
 ) -> None:
     store, job = neox_store
     if not fold:

@@ -1,6 +1,7 @@
 """POLCA: formulas on quadratic losses with known answers, filters, and the pipeline end to end."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_paper_term_guards_a_flat_mean_gradient() -> None:
     np.testing.assert_allclose(term[:, 1], 0.5 * 3.0 * (p[1:, 1] - p[:-1, 1]) / mean_change[:, None])
 
 
-SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
