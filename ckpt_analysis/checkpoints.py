@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import zipfile
 from abc import ABC, abstractmethod
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckpt_analysis.config import CheckpointsSpec, Selector, selector_predicate
 from ckpt_analysis.device import resolve_device
-from ckpt_analysis.errors import CheckpointError, JobSpecError, one_line
+from ckpt_analysis.errors import CheckpointError, CkptAnalysisError, JobSpecError, one_line
 from ckpt_analysis.progress import quiet_transformers_bars
 
 if TYPE_CHECKING:
@@ -182,10 +183,7 @@ class HubSource(CheckpointSource):
 
     def _refs(self) -> dict[str, str]:
         """Revision name → commit, from the cache's ``refs/`` folder (as the Hub writes it)."""
-        from huggingface_hub import constants
-
-        cache = Path(self.spec.cache_dir or constants.HF_HUB_CACHE)
-        folder = cache / ("models--" + str(self.spec.repo).replace("/", "--")) / "refs"
+        folder = _repo_cache(self.spec) / "refs"
         if not folder.is_dir():
             return {}
         return {str(p.relative_to(folder)): p.read_text().strip() for p in folder.rglob("*") if p.is_file()}
@@ -527,8 +525,13 @@ def _sample(ckpts: list[Checkpoint]) -> str:
 
 
 def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[str]]:
-    """Download (or, offline, only look up) every selected revision; returns (cached, missing)."""
+    """Download (or, offline, only look up) every selected revision; returns (cached, missing).
+
+    A revision counts as cached only with its config and weight files. A revision or repo the Hub
+    does not have is missing; any other failure (network, authentication) is raised as one line.
+    """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
 
     source = CheckpointSource.from_spec(spec)
     if not isinstance(source, HubSource):
@@ -536,15 +539,47 @@ def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[s
     cached, missing = [], []
     for ckpt in source.checkpoints():
         try:
-            snapshot_download(
+            folder = snapshot_download(
                 str(spec.repo),
                 revision=ckpt.revision,
                 cache_dir=spec.cache_dir,
                 local_files_only=offline,
                 allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"],
             )
+            _weight_files_in(Path(folder), ckpt)
             cached.append(ckpt.revision)
-        except Exception as exc:
-            log.debug("revision %s unavailable: %s", ckpt.revision, exc)
+        except (LocalEntryNotFoundError, RevisionNotFoundError, CheckpointError) as exc:
+            log.info("revision %s is missing: %s", ckpt.revision, one_line(exc))
             missing.append(ckpt.revision)
+        except Exception as exc:
+            raise CheckpointError(
+                f"could not fetch revision {ckpt.revision} of {spec.repo}: {one_line(exc)}"
+            ) from exc
     return cached, missing
+
+
+def _repo_cache(spec: CheckpointsSpec) -> Path:
+    """The repo's folder in the Hub cache: ``checkpoints.cache_dir``, else ``HF_HUB_CACHE``, else
+    ``HF_HOME/hub`` (``~/.cache/huggingface/hub``), as huggingface_hub resolves it."""
+    env = os.environ
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    cache = spec.cache_dir or env.get("HF_HUB_CACHE") or str(Path(home) / "hub")
+    return Path(cache).expanduser() / ("models--" + str(spec.repo).replace("/", "--"))
+
+
+def hub_cache_complete(spec: CheckpointsSpec) -> bool:
+    """Whether every selected Hub revision has its config and weights in the cache, looked up
+    without importing huggingface_hub (which reads ``HF_HUB_OFFLINE`` once, at import)."""
+    if spec.source != "hub" or spec.repo is None:
+        return False
+    base = _repo_cache(spec)
+    try:
+        ckpts = HubSource(spec).checkpoints()
+        for ckpt in ckpts:
+            folder = base / "snapshots" / (base / "refs" / ckpt.revision).read_text().strip()
+            if not (folder / "config.json").is_file():
+                return False
+            _weight_files_in(folder, ckpt)
+    except (OSError, CkptAnalysisError):
+        return False
+    return bool(ckpts)

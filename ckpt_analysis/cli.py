@@ -15,10 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt_analysis.config import ExecutorKind
+from ckpt_analysis.config import ExecutorKind, JobSpec
 from ckpt_analysis.errors import CkptAnalysisError
+from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 
 Params = ParamSpec("Params")
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     help=(
@@ -52,6 +54,10 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     if not sys.stderr.isatty():
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read when distributed is imported
+    # A LocalCluster's nanny warns "Worker process still alive after 4.0 seconds, killing" at every
+    # shutdown: workers that hold a loaded model exit slower than its timeout. Nothing is lost.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     for noisy in (
         "distributed",
         "httpx",
@@ -62,6 +68,16 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
         "matplotlib",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _offline_if_cached(spec: JobSpec) -> None:
+    """Go offline (``HF_HUB_OFFLINE=1``) when every Hub revision the job needs is cached: online,
+    each load would otherwise retry the network for optional files (seconds per revision)."""
+    from ckpt_analysis.checkpoints import hub_cache_complete
+
+    if "HF_HUB_OFFLINE" not in os.environ and hub_cache_complete(spec.checkpoints):
+        log.info("every revision of %s is cached: running offline (HF_HUB_OFFLINE=1)", spec.checkpoints.repo)
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _fail(exc: CkptAnalysisError) -> typer.Exit:
@@ -110,6 +126,7 @@ def run(
     from ckpt_analysis.run import run_job
 
     spec = load_job(job, output=output)
+    _offline_if_cached(spec)
     outcomes = run_job(spec, force=force, executor=executor, shard=shard, num_shards=num_shards, stage=stage)
 
     failed = [o for o in outcomes if not o.ok]
@@ -132,6 +149,7 @@ def plan(job: JobArg, output: OutputOpt = None, force: ForceOpt = False) -> None
     from ckpt_analysis.plan import prepare_store
 
     spec = load_job(job, output=output)
+    _offline_if_cached(spec)
     action = prepare_store(spec, force=force)
     out.print(f"{spec.output}: {'store exists, spec unchanged' if action == 'resume' else 'created'}")
 
@@ -162,6 +180,7 @@ def submit(
     from ckpt_analysis.submit import submit as submit_job
 
     spec = load_job(job, output=output)
+    _offline_if_cached(spec)
     submitted = submit_job(spec, job, dry_run=dry_run, wait=wait)
     table = Table("stage", "analyses", "units", "pending", "array tasks", "job id", title=spec.output)
     for s in submitted:
@@ -272,7 +291,7 @@ def alignment(
 def train_onehot(
     job: JobArg,
     lr: Annotated[float, typer.Option(help="Step size η of full-batch gradient descent.")] = 0.1,
-    steps: Annotated[int, typer.Option(help="Gradient steps from zero initialisation.")] = 100,
+    steps: Annotated[int, typer.Option(help="Gradient steps from zero initialisation.")] = ONEHOT_DEMO_STEPS,
     save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 5,
     layers: Annotated[int, typer.Option(help="Attention layers.")] = 1,
 ) -> None:

@@ -90,6 +90,12 @@ class EvalData:
         return texts, contexts
 
 
+def label_variable(column: str) -> str:
+    """The store variable of a label column: ``label_<column>``, or the column's own name when it
+    already starts with ``label`` (a column ``label`` is stored as ``label``, not ``label_label``)."""
+    return column if column.startswith("label") else f"label_{column}"
+
+
 def load_eval_data(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None, vocab_size: int
 ) -> EvalData:

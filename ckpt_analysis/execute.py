@@ -111,7 +111,6 @@ class DaskExecutor(Executor):
         import dask
         from dask.distributed import Client, as_completed
 
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # its import resets this
         with dask.config.set({_TRIM_KEY: None}), self.cluster() as cluster, Client(cluster) as client:
             futures: dict[int, Any] = {}
             for task in tasks:

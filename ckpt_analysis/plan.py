@@ -21,7 +21,7 @@ from ckpt_analysis.checkpoints import (
     file_digest,
 )
 from ckpt_analysis.config import JobSpec
-from ckpt_analysis.data import EvalData, load_eval_data
+from ckpt_analysis.data import EvalData, label_variable, load_eval_data
 from ckpt_analysis.errors import DataError, JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
 from ckpt_analysis.store import DONE, check_output, create_store, creation_lock
@@ -177,7 +177,7 @@ def _tables(plan: Plan) -> Columns:
         tables["token_text"] = (("token",), np.array(plan.token_text, dtype=object))
         tables["token_context"] = (("token",), np.array(plan.token_context, dtype=object))
     for name, values in data.token_labels().items():
-        tables[f"label_{name}"] = (("token",), values)
+        tables[label_variable(name)] = (("token",), values)
     if plan.sample is not None:
         sample_grid = ("sample_sequence", "sample_position")
         tables["sample_input_ids"] = (sample_grid, plan.sample.input_ids)

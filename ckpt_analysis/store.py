@@ -43,13 +43,35 @@ def open_results(path: str | Path, *, chunks: dict[str, int] | None = None) -> x
     Parameters
     ----------
     path
-        The store (a job's ``output``).
+        The store: a job's ``output`` folder.
     chunks
         ``None`` (default): lazily indexed arrays without dask, fastest for ``.sel`` of a few
         matrices. ``{}``: dask arrays on the store's chunks, for reductions over many steps.
 
-    Safe to call while a job is still writing: unfinished units read as NaN (floats) or −1
-    (counts); check ``unit_done`` for completeness.
+    Returns
+    -------
+    xarray.Dataset
+        Every variable of ``docs/results.md`` with its named dimensions and the ``step``,
+        ``revision``, ``tokens_seen``, ``layer``, ``site``, … coordinates. Nothing is read until
+        values are asked for.
+
+    Raises
+    ------
+    StoreError
+        ``path`` does not exist, is a file, or is a folder that is not a results store.
+
+    Notes
+    -----
+    Safe to call while a job is still writing, from any process: every unit owns whole chunks and
+    marks itself done last, so a reader sees each unit either finished or unwritten, never torn.
+    Unwritten units read as the fill value, NaN for floats and −1 for counts; ``unit_done``
+    says which units are complete. The dataset reflects the chunks present when each value is
+    read, so re-read (or re-open) to see units finished since.
+
+    Examples
+    --------
+    >>> ds = open_results("demo_out/covariance.zarr")  # doctest: +SKIP
+    >>> ds.act_cov.sel(step=300, site="resid_post", layer=1)  # doctest: +SKIP
     """
     import xarray as xr
 
@@ -62,13 +84,39 @@ _NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uin
 
 
 def read(path: str | Path, name: str, **labels: Any) -> np.ndarray:
-    """Read one labelled block of a variable, fast.
+    """Read one labelled block of a variable, fast, without xarray.
 
-    Example: ``read(path, "act_cov", step=1000, site="resid_post", layer=3)``.
-    Every dimension not named must span whole chunks. Labels are coordinate values where the
-    dimension has a coordinate, else integer positions. Uncompressed chunks are read straight from
-    their files (≈ 10× faster than zarr-python for one small block); other arrays go through zarr.
-    Like :func:`open_results`, safe while a job writes: unwritten blocks read as the fill value.
+    Parameters
+    ----------
+    path
+        The store.
+    name
+        A variable, e.g. ``"act_cov"``.
+    **labels
+        One value per dimension to select: a coordinate value where the dimension has a
+        coordinate (``step=1000``, ``site="resid_post"``), else an integer position (``layer=3``).
+        Every dimension not named must span whole chunks.
+
+    Returns
+    -------
+    numpy.ndarray
+        The block over the dimensions not named, e.g. a ``(dim, dim_b)`` covariance.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is not a results store, ``name`` is not one of its variables, a label is not in
+        its coordinate, or an unnamed dimension spans several chunks (the message lists them).
+
+    Notes
+    -----
+    Uncompressed chunks are read straight from their files (≈ 10× faster than zarr-python for one
+    small block); other arrays go through zarr. Like :func:`open_results`, safe while a job
+    writes: an unwritten block reads as the fill value (NaN for floats).
+
+    Examples
+    --------
+    >>> read("demo_out/covariance.zarr", "act_cov", step=300, site="resid_post", layer=1)  # doctest: +SKIP
     """
     root = os.fspath(path)
     require_store(path)

@@ -12,6 +12,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, suffix
+from ckpt_analysis.data import label_variable
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import (
     Analysis,
@@ -93,6 +94,11 @@ def normalise(curves: np.ndarray, mode: Literal["none", "zscore", "range"]) -> n
     return np.asarray((curves - low) / np.where(spread > 0, spread, 1.0))
 
 
+MIN_CLUSTERED = 3
+"""Fewer curves than this are all outliers: HDBSCAN needs min_cluster_size ≥ 2 plus one more point
+to tell a cluster from noise."""
+
+
 def hdbscan_labels(
     curves: np.ndarray, *, min_cluster_fraction: float, min_samples_fraction: float
 ) -> np.ndarray:
@@ -100,7 +106,7 @@ def hdbscan_labels(
     import hdbscan
 
     n = len(curves)
-    if n < 3:
+    if n < MIN_CLUSTERED:
         return np.full(n, OUTLIER)
     size = max(2, round(min_cluster_fraction * n))
     samples = max(1, round(min_samples_fraction * n))
@@ -256,12 +262,13 @@ class Clusters(Analysis[ClusterParams]):
         if not values:
             raise JobSpecError(
                 f"analyses.clusters.restrict = {restrict!r} needs restrict_values, the values of "
-                f"label_{restrict} whose tokens count (the data has {present}; the addition demo "
+                f"{label_variable(restrict)} whose tokens count (the data has {present}; the addition demo "
                 "uses [1, 2], its 10s and 100s places)"
             )
         if not set(values) & set(present):
             raise JobSpecError(
-                f"analyses.clusters.restrict_values = {values} match no token: label_{restrict} has {present}"
+                f"analyses.clusters.restrict_values = {values} match no token: "
+                f"{label_variable(restrict)} has {present}"
             )
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
@@ -344,7 +351,9 @@ class Clusters(Analysis[ClusterParams]):
         has_label = self._has_label(ctx)
         allowed = None
         if self.params.restrict:
-            allowed = np.isin(ctx.read(f"label_{self.params.restrict}"), self.params.restrict_values or [])
+            allowed = np.isin(
+                ctx.read(label_variable(self.params.restrict)), self.params.restrict_values or []
+            )
         results = [
             self._cluster(c, k, curve_steps, lag, tau, has_label, allowed)
             for c, k in zip(sets, kept, strict=True)
@@ -364,7 +373,7 @@ class Clusters(Analysis[ClusterParams]):
     def _has_label(self, ctx: UnitContext) -> np.ndarray | None:
         if not self.params.label:
             return None
-        return np.asarray(ctx.read(f"label_{self.params.label}") == self.params.label_value)
+        return np.asarray(ctx.read(label_variable(self.params.label)) == self.params.label_value)
 
     def _cluster(
         self,
@@ -377,7 +386,7 @@ class Clusters(Analysis[ClusterParams]):
         allowed: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         labels = np.full(len(curves), FILTERED)
-        if kept.sum() >= 3:
+        if kept.sum() >= MIN_CLUSTERED:
             labels[kept] = hdbscan_labels(
                 normalise(curves[kept], self.params.normalize),
                 min_cluster_fraction=self.params.min_cluster_fraction,

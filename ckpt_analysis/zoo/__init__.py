@@ -6,3 +6,8 @@ addition), ``onehot`` (the leading-term paper's one-hot attention model and its 
 ``onehot.register`` (so the one-hot model type loads like any other); nothing here is imported by
 ``config``, ``store``, ``plan``, ``run`` or ``execute``.
 """
+
+ONEHOT_DEMO_STEPS = 100
+"""Full-batch GD steps of the one-hot model in the demo and in ``train-onehot``: at η = 0.1 its
+weights are still on their leading terms (cosines ≥ 0.99), at η = 1 they have drifted
+(docs/leading_terms.md). Here, not in ``onehot``, so the CLI reads it without importing torch."""

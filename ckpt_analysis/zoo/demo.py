@@ -26,6 +26,7 @@ from ckpt_analysis.report import (
 )
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
 from ckpt_analysis.zoo.train import TrainConfig, answer_accuracy, train_addition
 
@@ -124,7 +125,7 @@ def _leading_terms(workdir: Path, lr: float, force: bool, outcomes: list[Outcome
     job_path.write_text(job_text("demo_leading_terms", lr=lr))
     job = load_job(job_path)
     run_dir = Path(str(job.checkpoints.path))
-    gd = GDConfig(lr=lr, steps=100, save_every=5)
+    gd = GDConfig(lr=lr, steps=ONEHOT_DEMO_STEPS, save_every=5)
     if force or not (run_dir / f"checkpoint-{gd.steps}").is_dir():
         train_onehot(*onehot_training_corpus(job), run_dir, gd)
     outcomes += run_job(job, force=force)

@@ -109,10 +109,15 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
     return answer_accuracy(model, tokenizer)
 
 
+HELD_OUT_SEED = 2**32 - 1
+"""Seed of the held-out accuracy problems: the last numpy seed, which no training step (seeded from
+``TrainConfig.seed`` upwards) reaches."""
+
+
 @torch.no_grad()
 def answer_accuracy(model: torch.nn.Module, tokenizer: object, n: int = 512) -> float:
     """Teacher-forced accuracy of the answer digits on held-out problems."""
-    a, b = addition.problems(n, seed=-1 % 2**32)
+    a, b = addition.problems(n, seed=HELD_OUT_SEED)
     ids = torch.from_numpy(addition.encode(tokenizer, a, b)).to(next(model.parameters()).device)  # type: ignore[arg-type]
     pos = torch.tensor(addition.ANSWER_POSITIONS, device=ids.device)
     pred = model(input_ids=ids).logits[:, pos - 1].argmax(-1)
