@@ -307,3 +307,18 @@ def test_save_pretrained_weights_as_state_dicts_are_refused_at_plan_time(
         CheckpointError, match=r"unexpected \['embed_out.weight'\].*checkpoints.source = 'local'"
     ):
         check_layout(source, source.checkpoints())
+
+
+def test_a_revision_without_weights_is_missing_for_prefetch_and_the_cache_incomplete(tmp_path: Path) -> None:
+    from ckpt_analysis.checkpoints import hub_cache_complete
+
+    cache = build_fake_hub(tmp_path, HUB_REPO, ["step0", "step1"])
+    spec = _hub_spec(cache, ["step0", "step1"])
+    assert hub_cache_complete(spec)
+    (weights,) = CheckpointSource.from_spec(spec).weight_files(
+        CheckpointSource.from_spec(spec).checkpoints()[1]
+    )
+    weights.unlink()  # config.json stays
+    assert prefetch(spec, offline=True) == (["step0"], ["step1"])
+    assert not hub_cache_complete(spec)
+    assert not hub_cache_complete(_hub_spec(cache, ["step0", "step2"]))

@@ -133,3 +133,46 @@ def test_an_analysis_without_options_says_so(run_dir: Path, tmp_path: Path) -> N
     )
     with pytest.raises(JobSpecError, match=r"\[analyses\.token_loss\] takes no options; remove 'dtype'"):
         build_analyses(job)
+
+
+def test_variables_are_declared_by_dimension_sizes_and_checked_once() -> None:
+    from ckpt_analysis.registry import Variable
+
+    var = Variable.of("x", {"step": 4, "site": 2, "dim": 8}, unit_axes=2, doc="d")
+    assert (var.dims, var.shape, var.chunks, np.isnan(var.fill)) == (
+        ("step", "site", "dim"),
+        (4, 2, 8),
+        (1, 1, 8),
+        True,
+    )
+    assert Variable.of("n", {"step": 4}, "int64").fill == -1
+    with pytest.raises(ValueError, match="do not fit"):
+        Variable(name="y", dims=("a",), shape=(3,), dtype="float32", chunks=(5,), fill=0)
+    with pytest.raises(ValueError, match="dims"):
+        Variable(name="z", dims=("a", "b"), shape=(3,), dtype="float32", chunks=(1,), fill=0)
+
+
+def test_an_analysis_takes_its_parameters_class_from_its_subscript() -> None:
+    from ckpt_analysis.analyses.hessian import BasisParams, HessianBasis
+    from ckpt_analysis.analyses.polca import Polca, PolcaParams
+
+    assert Polca.params_type is PolcaParams and HessianBasis.params_type is BasisParams
+    assert HessianBasis.from_spec({"k": 3}).params == BasisParams(k=3)
+
+
+def test_a_label_column_named_label_is_stored_as_label(tmp_path: Path) -> None:
+    import json
+
+    from builders import build_local_run
+
+    build_local_run(tmp_path / "run", [0])
+    rows = [{"ids": [3, 4, 5, 6], "label": [0, 1, 0, 1], "pos_tag": 7}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = {"source": "dataset", "path": str(tmp_path / "d.jsonl"), "ids_column": "ids", "seq_len": 4}
+    job = job_from_dict(
+        job_dict(tmp_path / "run", tmp_path / "l.zarr", data={**data, "label_columns": ["label", "pos_tag"]}),
+        base=tmp_path,
+    )
+    prepare_store(job, force=False)
+    ds = open_results(job.output)
+    assert ds.label.values.tolist() == [1, 0, 1] and ds.label_pos_tag.values.tolist() == [7, 7, 7]
