@@ -44,6 +44,32 @@ def _pick(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
     return np.argsort(-key, kind="stable")[:k]
 
 
+@dataclass(frozen=True)
+class _Krylov:
+    """What Lanczos steps leave: the tridiagonal (``alpha``, ``beta``), the Lanczos vectors Q (rows),
+    and the Arnoldi relation they satisfy exactly, A Q = Q H + r e_mᵀ.
+
+    H = ``projections`` holds every coefficient full reorthogonalisation removed (so it is T plus
+    the rounding Lanczos would otherwise lose), and ``remainder`` = ‖r‖, the part of the last
+    product outside span(Q).
+    """
+
+    alpha: list[float]
+    beta: list[float]
+    basis: torch.Tensor
+    projections: np.ndarray
+    remainder: float
+
+    def residuals(self, theta: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """‖A y − θ y‖ for the Ritz pairs y = Q s, with no product by A (docs/hessian.md, "Eigenpairs").
+
+        A y − θ y = Q (H s − θ s) + s_m r, and r ⊥ span(Q), so the norm is
+        √(‖H s − θ s‖² + (s_m ‖r‖)²).
+        """
+        inside = np.linalg.norm(self.projections @ s - s * theta, axis=0)
+        return np.asarray(np.hypot(inside, self.remainder * s[-1]))
+
+
 def _lanczos_steps(
     op: Matvec,
     start: torch.Tensor,
@@ -51,31 +77,33 @@ def _lanczos_steps(
     *,
     stop: Callable[[list[float], list[float], float], bool],
     project: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-) -> tuple[list[float], list[float], torch.Tensor]:
+) -> _Krylov:
     """Up to ``limit`` Lanczos steps with full reorthogonalisation.
 
     ``stop(alpha, beta, b)`` is asked after each step, ``b`` being the next off-diagonal.
-
-    Returns the tridiagonal's diagonal ``alpha`` and off-diagonal ``beta`` (len(alpha) − 1) and the
-    Lanczos vectors as rows.
     """
     basis = torch.zeros(limit + 1, start.numel(), dtype=start.dtype, device=start.device)
     basis[0] = start / start.norm()
+    projections = np.zeros((limit + 1, limit))
     alpha: list[float] = []
     beta: list[float] = []
     for j in range(limit):
         w = op(basis[j])
         alpha.append(float(w @ basis[j]))
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            c = basis[: j + 1] @ w
+            w = w - basis[: j + 1].T @ c
+            projections[: j + 1, j] += c.double().cpu().numpy()
         w = project(w)
         b = float(w.norm())
         scale = max(abs(a) for a in alpha) or 1.0
         if j + 1 == limit or stop(alpha, beta, b) or b <= 1e3 * np.finfo(np.float64).eps * scale:
             break
         beta.append(b)
+        projections[j + 1, j] = b
         basis[j + 1] = w / b
-    return alpha, beta, basis[: len(alpha)]
+    m = len(alpha)
+    return _Krylov(alpha, beta, basis[:m], projections[:m, :m], b)
 
 
 def lanczos(
@@ -112,14 +140,14 @@ def lanczos(
 
     limit = min(max_iter, n - (0 if deflate is None else deflate.shape[0]))
     start = project(torch.randn(n, generator=_generator(seed)).to(like))
-    alpha, beta, basis = _lanczos_steps(op, start, limit, stop=converged, project=project)
-    theta, s = _tridiagonal(alpha, beta)
+    krylov = _lanczos_steps(op, start, limit, stop=converged, project=project)
+    theta, s = _tridiagonal(krylov.alpha, krylov.beta)
     top = _pick(theta, k, which)
-    vectors = torch.from_numpy(s[:, top].T.copy()).to(like) @ basis
-    values = theta[top]
-    residuals = np.array([float((op(v) - lam * v).norm()) for v, lam in zip(vectors, values, strict=True)])
+    vectors = torch.from_numpy(s[:, top].T.copy()).to(like) @ krylov.basis
+    residuals = krylov.residuals(theta[top], s[:, top])
     scale = float(np.abs(theta).max())
-    return Eigenpairs(values, vectors, residuals, residuals <= tol * scale, len(alpha), len(alpha) + len(top))
+    steps = len(krylov.alpha)
+    return Eigenpairs(theta[top], vectors, residuals, residuals <= tol * scale, steps, steps)
 
 
 def hutchinson(
@@ -161,7 +189,7 @@ def slq(
     weights = np.zeros((probes, steps))
     for p in range(probes):
         start = _rademacher((n,), _generator(seed + p), like)
-        alpha, beta, _ = _lanczos_steps(matvec, start, min(steps, n), stop=lambda a, b, c: False)
-        theta, s = _tridiagonal(alpha, beta)
+        krylov = _lanczos_steps(matvec, start, min(steps, n), stop=lambda a, b, c: False)
+        theta, s = _tridiagonal(krylov.alpha, krylov.beta)
         nodes[p, : len(theta)], weights[p, : len(theta)] = theta, s[0] ** 2
     return nodes, weights

@@ -9,7 +9,7 @@ from builders import dense_hessian, tiny_model
 
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
-from ckpt_analysis.data import load_eval_data
+from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.zoo.tasks import addition
 
@@ -66,3 +66,25 @@ def test_patterns_matching_nothing_list_real_names() -> None:
         JobSpecError, match=r"match no parameter; names look like: gpt_neox\.embed_in\.weight"
     ):
         ParamLayout.from_model(tiny_model(**SMALL), ["transformer.h.*"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("steps", [10, 40])
+def test_lanczos_residuals_without_products_equal_explicit_hvps(
+    sample: EvalData, dtype: torch.dtype, steps: int
+) -> None:
+    """The stored residuals come from the Arnoldi relation, not from extra HVPs: they must equal
+    ‖Hv − λv‖ by explicit products, to rounding (float64) or within float32's HVP floor."""
+    from ckpt_analysis.spectral import lanczos
+
+    model = tiny_model(seed=2, **SMALL)
+    torch.nn.Module.to(model, dtype)  # transformers mis-types .to
+    op = HessianOperator(model, ParamLayout.from_model(model, ["*"]), sample, batch_size=6)
+    got = lanczos(op, op.n, 5, like=op.flat_params(), tol=1e-5, max_iter=steps)
+    assert op.matvecs == got.iterations
+    explicit = np.array(
+        [float((op(v) - lam * v).norm()) for v, lam in zip(got.vectors, got.values, strict=True)]
+    )
+    scale = np.abs(got.values).max()
+    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    np.testing.assert_allclose(got.residuals, explicit, rtol=1e-6, atol=floor * scale)
