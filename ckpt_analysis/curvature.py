@@ -1,15 +1,18 @@
-"""The Hessian operator: HVPs of the mean scored-token loss over a fixed sample (docs/hessian.md)."""
+"""Curvature operators (Hessian, GGN, empirical Fisher) of the mean token loss; the parameter layout."""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, jvp, vjp
 
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.data import EvalData
@@ -92,13 +95,20 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-class HessianOperator:
-    """``v ↦ H v`` for the mean cross-entropy over the scored tokens of a fixed sample.
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class CurvatureOperator(ABC):
+    """``v ↦ C v`` for a curvature matrix C of the mean cross-entropy over the scored tokens of a
+    fixed sample (docs/hessian.md, "Operators"), summed over the sample's batches.
 
     The model runs in eval mode with a plain differentiable attention; only parameters in
-    ``layout`` require grad. HVPs use double backward (reverse-over-reverse), never the dense
-    Hessian. ``matvecs`` counts HVPs. Not thread-safe: it toggles ``requires_grad`` on the model.
+    ``layout`` require grad. Matrix-free: C is never formed. ``matvecs`` counts products. Not
+    thread-safe: it toggles ``requires_grad`` on the model, and θ must not change while it is used.
     """
+
+    name: ClassVar[str]
 
     def __init__(self, model: nn.Module, layout: ParamLayout, sample: EvalData, *, batch_size: int) -> None:
         named = dict(model.named_parameters())
@@ -109,7 +119,7 @@ class HessianOperator:
         self.params = [named[n] for n in layout.names]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.batches = list(sample.batches(batch_size, self.device))
+        self.batches: list[Batch] = list(sample.batches(batch_size, self.device))  # type: ignore[arg-type]
         self.count = int(sample.score_mask.sum())
         self.matvecs = 0
 
@@ -120,7 +130,7 @@ class HessianOperator:
     def flat_params(self) -> torch.Tensor:
         return self.layout.flatten(self.model)
 
-    def _batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _batch_loss(self, batch: Batch) -> torch.Tensor:
         return scored_token_losses(self.model, *batch).sum() / self.count
 
     def loss(self) -> float:
@@ -138,14 +148,115 @@ class HessianOperator:
         return total
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        """H v by double backward, summed over the sample's batches."""
-        parts = list(self.layout.unflatten(v.to(self.dtype)).values())
+        """C v, summed over the sample's batches."""
+        tangent = self.layout.unflatten(v.to(self.dtype))
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         with differentiable_attention(self.model):
-            for batch in self.batches:
-                grads = torch.autograd.grad(self._batch_loss(batch), self.params, create_graph=True)
-                dot = torch.stack([(g * p).sum() for g, p in zip(grads, parts, strict=True)]).sum()
-                hv = torch.autograd.grad(dot, self.params)
-                total += torch.cat([h.reshape(-1) for h in hv])
+            for i, batch in enumerate(self.batches):
+                total += torch.cat([part.reshape(-1) for part in self._product(i, batch, tangent)])
         self.matvecs += 1
         return total
+
+    @abstractmethod
+    def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
+        """One batch's share of C v, per parameter tensor of the layout."""
+
+    def _functional(self, batch: Batch) -> tuple[Params, Callable[[Params], Any]]:
+        """The layout's parameters as a primal, and the model called on them (others held fixed)."""
+        base = {n: p.detach() for n, p in self.model.named_parameters()}
+        primal = {n: base[n] for n in self.layout.names}
+        ids, mask, _ = batch
+
+        def run(params: Params) -> Any:
+            return functional_call(
+                self.model, {**base, **params}, args=(), kwargs={"input_ids": ids, "attention_mask": mask}
+            )
+
+        return primal, run
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian H by double backward (reverse-over-reverse), never formed densely.
+
+    With ``cache_graph`` (default) each batch's gradient graph is built once, on the first product,
+    and every later product is one backward pass through it: one HVP then costs about 1.7–2.2×
+    one gradient instead of ~3× (docs/benchmarks.md). The price is memory: the graphs of every
+    batch of the sample stay alive, about 2–3× the activations of one training step per batch.
+    """
+
+    name = "hessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        sample: EvalData,
+        *,
+        batch_size: int,
+        cache_graph: bool = True,
+    ) -> None:
+        super().__init__(model, layout, sample, batch_size=batch_size)
+        self.cache_graph = cache_graph
+        self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
+        grads = self._graphs.get(index)
+        if grads is None:
+            grads = torch.autograd.grad(self._batch_loss(batch), self.params, create_graph=True)
+            if self.cache_graph:
+                self._graphs[index] = grads
+        parts = [tangent[n] for n in self.layout.names]
+        return torch.autograd.grad(grads, self.params, grad_outputs=parts, retain_graph=self.cache_graph)
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalised Gauss–Newton matrix G = (1/N) Σ_x J_xᵀ H_x J_x (docs/hessian.md, "Operators").
+
+    J_x is the Jacobian of token x's logits z_x, H_x = diag(p_x) − p_x p_xᵀ the Hessian of its
+    cross-entropy in z_x (p_x = softmax(z_x)). Positive semi-definite. A product is one forward-mode
+    pass (J v) and one reverse pass (Jᵀ u).
+    """
+
+    name = "ggn"
+
+    def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
+        primal, run = self._functional(batch)
+        scored = batch[2][:, 1:].bool()
+
+        def logits(params: Params) -> torch.Tensor:
+            return torch.as_tensor(run(params).logits[:, :-1][scored])
+
+        z, jv = jvp(logits, (primal,), ({n: tangent[n] for n in primal},))[:2]
+        p = torch.softmax(z, dim=-1)
+        u = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) / self.count
+        pullback = vjp(logits, primal)[1]
+        (grads,) = pullback(u)
+        return tuple(grads[n] for n in self.layout.names)
+
+
+class FisherOperator(CurvatureOperator):
+    """The empirical Fisher F = (1/N) Σ_x g_x g_xᵀ, g_x = ∇θ ℓ(x) (docs/hessian.md, "Operators").
+
+    Positive semi-definite; equal to the Hessian only where the model's predictive distribution
+    matches the data's, not away from a minimum. A product is one forward-mode pass (every
+    g_xᵀ v at once) and one reverse pass.
+    """
+
+    name = "fisher"
+
+    def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
+        primal, run = self._functional(batch)
+
+        def losses(params: Params) -> torch.Tensor:
+            return scored_token_losses(lambda **kw: run(params), *batch)  # type: ignore[arg-type]
+
+        slopes = jvp(losses, (primal,), ({n: tangent[n] for n in primal},))[1]
+        pullback = vjp(losses, primal)[1]
+        (grads,) = pullback(slopes / self.count)
+        return tuple(grads[n] for n in self.layout.names)
+
+
+OPERATORS: dict[str, type[CurvatureOperator]] = {
+    op.name: op for op in (HessianOperator, GGNOperator, FisherOperator)
+}
+"""The curvature operators a Hessian analysis can use (``operator = "hessian" | "ggn" | "fisher"``)."""

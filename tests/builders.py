@@ -272,3 +272,39 @@ def needs_slurm() -> Any:
     required = os.environ.get("CKPT_ANALYSIS_REQUIRE_SLURM") == "1"
     reason = "no idle SLURM here (CI starts one: slurm/local-cluster.sh)"
     return pytest.mark.skipif(not required and not slurm_ready(), reason=reason)
+
+
+def dense_ggn_and_fisher(
+    model: torch.nn.Module, names: tuple[str, ...], sample: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense GGN (1/N) Σ_x J_xᵀ (diag p_x − p_x p_xᵀ) J_x and empirical Fisher (1/N) Σ_x g_x g_xᵀ,
+    from full Jacobians of the scored logits and per-token gradients (ground truth)."""
+    from torch.func import functional_call
+
+    from ckpt_analysis.attention import differentiable_attention
+
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [base[n].shape for n in names]
+    flat = torch.cat([base[n].reshape(-1) for n in names])
+    ids, mask = torch.from_numpy(sample.input_ids), torch.from_numpy(sample.attention_mask)
+    scored = torch.from_numpy(sample.score_mask)[:, 1:].bool()
+    targets = ids[:, 1:][scored]
+
+    def logits(vector: torch.Tensor) -> torch.Tensor:
+        params, offset = dict(base), 0
+        for name, shape in zip(names, shapes, strict=True):
+            size = int(torch.tensor(shape).prod())
+            params[name] = vector[offset : offset + size].view(shape)
+            offset += size
+        with differentiable_attention(model):
+            out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask})
+        return torch.as_tensor(out.logits[:, :-1][scored])
+
+    z = logits(flat).detach()
+    jac = torch.autograd.functional.jacobian(logits, flat)  # (N, V, P)
+    p = torch.softmax(z, dim=-1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, V, V)
+    n = z.shape[0]
+    ggn = torch.einsum("nvp,nvw,nwq->pq", jac, h, jac) / n
+    per_token = torch.einsum("nv,nvp->np", p - torch.nn.functional.one_hot(targets, z.shape[1]).to(p), jac)
+    return ggn, per_token.T @ per_token / n

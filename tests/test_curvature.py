@@ -88,3 +88,37 @@ def test_lanczos_residuals_without_products_equal_explicit_hvps(
     scale = np.abs(got.values).max()
     floor = 1e-12 if dtype == torch.float64 else 1e-6
     np.testing.assert_allclose(got.residuals, explicit, rtol=1e-6, atol=floor * scale)
+
+
+@pytest.mark.parametrize("patterns", [["*"], ["*attention*"]])
+def test_ggn_and_fisher_products_equal_their_dense_float64_constructions(
+    sample: EvalData, patterns: list[str]
+) -> None:
+    from builders import dense_ggn_and_fisher
+
+    from ckpt_analysis.curvature import FisherOperator, GGNOperator
+
+    model = tiny_model(seed=2, **SMALL)
+    torch.nn.Module.to(model, torch.float64)
+    layout = ParamLayout.from_model(model.eval(), patterns)
+    ggn, fisher = dense_ggn_and_fisher(copy.deepcopy(model), layout.names, sample)
+    v = torch.randn(layout.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for operator, dense in ((GGNOperator, ggn), (FisherOperator, fisher)):
+        op = operator(model, layout, sample, batch_size=5)
+        np.testing.assert_allclose(op(v).numpy(), (dense @ v).numpy(), rtol=1e-9, atol=1e-12)
+        assert torch.linalg.eigvalsh(dense).min() > -1e-10  # both are positive semi-definite
+    hessian = dense_hessian(copy.deepcopy(model), layout.names, sample)
+    assert torch.linalg.eigvalsh(hessian).min() < -1e-6  # ... while this Hessian is indefinite
+
+
+def test_the_hessian_graph_cache_changes_no_number(sample: EvalData) -> None:
+    model = tiny_model(seed=2, **SMALL)
+    torch.nn.Module.to(model, torch.float64)
+    layout = ParamLayout.from_model(model.eval(), ["*"])
+    v = torch.randn(layout.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cached, fresh = (
+        HessianOperator(model, layout, sample, batch_size=5, cache_graph=c) for c in (True, False)
+    )
+    for _ in range(2):
+        assert torch.equal(cached(v), fresh(v))
+    assert len(cached._graphs) == len(cached.batches) and not fresh._graphs

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 import torch
 
-from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
+from ckpt_analysis.curvature import OPERATORS, CurvatureOperator, HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
@@ -24,8 +24,10 @@ class CurvatureParams:
     """Options shared by the Hessian analyses: which loss, which parameters, which solver settings."""
 
     params: list[str] = field(default_factory=lambda: ["*"])
+    operator: Literal["hessian", "ggn", "fisher"] = "hessian"
     dtype: Literal["float32", "float64"] = "float32"
     sample_sequences: int = 64
+    cache_graph: bool = True
     which: Which = "largest_algebraic"
     tol: float = 1e-5
     max_iter: int = 200
@@ -56,13 +58,17 @@ class BasisParams(CurvatureParams):
     rayleigh: bool = False
 
 
-def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> HessianOperator:
-    """The Hessian of the mean scored-token loss over the first ``sample_sequences`` sequences of the
-    job's ``[sample]`` (docs/hessian.md, "Options"), else of its analysed data."""
+def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> CurvatureOperator:
+    """The ``operator`` (Hessian, GGN or empirical Fisher) of the mean scored-token loss over the
+    first ``sample_sequences`` sequences of the job's ``[sample]``, else of its analysed data
+    (docs/hessian.md, "Operators" and "The Hessian sample")."""
     model = as_dtype(ctx.load_model(checkpoint), params.dtype)
     layout = ParamLayout.from_model(model, params.params)
     sample = ctx.hessian_data.head(params.sample_sequences)
-    return HessianOperator(model, layout, sample, batch_size=ctx.job.compute.batch_size)
+    size = ctx.job.compute.batch_size
+    if params.operator == HessianOperator.name:
+        return HessianOperator(model, layout, sample, batch_size=size, cache_graph=params.cache_graph)
+    return OPERATORS[params.operator](model, layout, sample, batch_size=size)
 
 
 C = TypeVar("C", bound=CurvatureParams)
@@ -95,12 +101,12 @@ class Hessian(_Curvature[HessianParams]):
         p, s = self.params, len(ctx.checkpoints)
         per_eig, per_method = {"step": s, "eig": p.k}, {"step": s, "trace_method": len(TRACE_METHODS)}
         out = [
-            Variable.of("hessian_eigval", per_eig, doc="top-k Ritz values"),
+            Variable.of("hessian_eigval", per_eig, doc=f"top-k Ritz values of the {p.operator} operator"),
             Variable.of("hessian_residual", per_eig, doc="‖Hv − λv‖ per pair"),
             Variable.of("hessian_converged", per_eig, "int8", doc="residual within tol"),
             Variable.of("hessian_iterations", {"step": s}, "int64", doc="Lanczos steps"),
             Variable.of("hessian_loss", {"step": s}, doc="mean scored-token loss of the Hessian sample"),
-            Variable.of("hessian_trace", per_method, doc="trace estimate"),
+            Variable.of("hessian_trace", per_method, doc=f"trace estimate of the {p.operator} operator"),
             Variable.of("hessian_trace_stderr", per_method, doc="standard error of the trace estimate"),
         ]
         if p.density:
@@ -181,7 +187,7 @@ class HessianBasis(_Curvature[BasisParams]):
         out = [
             Variable.of("basis_vectors", {**basis, "param": n}, p.dtype, doc="Algorithm-1 basis vectors"),
             Variable.of("basis_step", basis, "int64", doc="checkpoint step of origin"),
-            Variable.of("basis_eigval", basis, doc="Ritz value of Π⊥HΠ⊥"),
+            Variable.of("basis_eigval", basis, doc=f"Ritz value of Π⊥CΠ⊥, C the {p.operator} operator"),
             Variable.of("basis_residual", basis, doc="‖Π⊥HΠ⊥v − λv‖"),
             Variable.of("basis_converged", basis, "int8", doc="residual within tol"),
         ]

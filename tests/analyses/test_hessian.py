@@ -147,3 +147,38 @@ def test_a_separate_sample_set_feeds_the_hessian_not_the_analysed_tokens(tmp_pat
     with torch.no_grad():
         expected = scored_token_losses(model, *batch).mean().item()
     np.testing.assert_allclose(ds.hessian_loss.values[1], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher"])
+def test_ggn_and_fisher_eigenpairs_and_basis_match_their_dense_matrices(
+    tmp_path: Path, operator: str
+) -> None:
+    from builders import dense_ggn_and_fisher
+
+    run = build_local_run(tmp_path / "run", [0, 100], seed=4, **SMALL)
+    solver = {**SOLVER, "operator": operator}
+    analyses = {
+        "hessian": {**solver, "k": 3, "trace_probes": 6},
+        "hessian_basis": {**solver, "k": 2, "random": False, "axis": 0},
+    }
+    job = job_from_dict(
+        job_dict(run, tmp_path / "g.zarr", analyses=analyses, data={"num_examples": 24, "seed": 11}),
+        base=tmp_path,
+    )
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    assert operator in ds.hessian_eigval.attrs["description"]
+    sample = EvalData(ds.input_ids.values, ds.attention_mask.values, ds.score_mask.values.astype(bool)).head(
+        12
+    )
+    names = tuple(ds.param_name.values.tolist())
+    source = CheckpointSource.from_spec(job.checkpoints)
+    model = source.load(source.checkpoints()[0])
+    torch.nn.Module.to(model, torch.float64)
+    ggn, fisher = dense_ggn_and_fisher(model, names, sample)
+    dense = ggn if operator == "ggn" else fisher
+    values, vectors = torch.linalg.eigh(dense)
+    np.testing.assert_allclose(ds.hessian_eigval.isel(step=0).values, values.flip(0)[:3].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ds.basis_eigval.values[:2], values.flip(0)[:2].numpy(), rtol=1e-6)
+    cosines = np.abs(np.sum(ds.basis_vectors.values[:2] * vectors.flip(1)[:, :2].T.numpy(), axis=1))
+    assert cosines.min() >= 0.9999
