@@ -222,6 +222,15 @@ _UNHASHED_KEYS = {
 }
 
 
+def require_distinct(values: list[Any], where: str) -> None:
+    """A list option that must name at least one item, each once (e.g. activation sites)."""
+    if not values:
+        raise JobSpecError(f"{where} is empty; name at least one")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise JobSpecError(f"{where} names {', '.join(repeated)} more than once")
+
+
 def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 

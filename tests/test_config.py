@@ -138,3 +138,29 @@ def test_relative_tokenizer_resolves_against_the_job_file(tmp_path: Path) -> Non
         tmp_path / "jobs" / "j.toml", Path("run"), Path("o.zarr"), checkpoints={"tokenizer": "tok"}
     )
     assert load_job(path).checkpoints.tokenizer == str(tmp_path / "jobs" / "tok")
+
+
+@pytest.mark.parametrize(
+    ("analysis", "sites", "message"),
+    [
+        ("covariance", [], r"analyses\.covariance\.sites is empty"),
+        ("covariance", ["resid_pre", "resid_pre"], r"names resid_pre more than once"),
+        ("token_cov", [], r"analyses\.token_cov\.sites is empty"),
+    ],
+)
+def test_empty_or_repeated_sites_are_refused_before_a_store_exists(
+    tmp_path: Path, analysis: str, sites: list[str], message: str
+) -> None:
+    from ckpt_analysis.registry import get_analysis
+
+    with pytest.raises(JobSpecError, match=message):
+        get_analysis(analysis).from_spec({"sites": sites})
+
+
+def test_an_error_is_one_plain_line() -> None:
+    from ckpt_analysis.errors import one_line
+
+    exc = RuntimeError(
+        "\x1b[31mCUDA out of memory.\x1b[0m Tried to allocate 2 GiB\n  at frame 1\n  at frame 2"
+    )
+    assert one_line(exc) == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"

@@ -48,3 +48,24 @@ def test_dask_workers_as_slurm_jobs_give_the_same_store_as_in_process(tmp_path: 
     assert_same_results(tmp_path / "s.zarr", reference.output)
     record = read_sidecar(tmp_path / "s.zarr", "covariance/step=0")
     assert record is not None and record.get("SLURM_JOB_ID")
+
+
+def test_worker_scripts_keep_every_sbatch_line_with_quotes_and_substitutions_in_options(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+
+    spec = SlurmSpec(
+        partition="gpu", sbatch_args=["--comment=$(touch /tmp/x)", "--comment='q'"], interface="lo"
+    )
+    executor = SlurmDaskExecutor(workers=1, threads_per_worker=1, slurm=spec, log_directory=str(tmp_path))
+    with executor.job_cluster() as cluster:
+        script = cluster.job_script()
+    (tmp_path / "w.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "w.sbatch")], check=False).returncode == 0
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    first_command = next(
+        i for i, line in enumerate(script.splitlines()[1:], 1) if line and not line.startswith("#")
+    )
+    assert all(script.splitlines().index(line) < first_command for line in header)
+    assert {"#SBATCH --comment=$(touch /tmp/x)", "#SBATCH -p gpu"} <= set(header)

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ckpt_analysis.config import require_distinct
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.sites import SITES, Site, capture
 
@@ -79,6 +80,9 @@ class CovarianceParams:
     positions: Positions = "scored"
     store_dtype: Literal["float32", "float64"] = "float32"
     gram_dtype: Literal["float64", "float32"] = "float64"
+
+    def __post_init__(self) -> None:
+        require_distinct(self.sites, "analyses.covariance.sites")
 
 
 @register

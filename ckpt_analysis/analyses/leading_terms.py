@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ckpt_analysis.config import require_distinct
 from ckpt_analysis.corpus import (
     check_right_padded,
     corpus_statistics,
@@ -218,6 +219,9 @@ class TokenCovParams:
     sites: list[TokenSite] = field(default_factory=lambda: list(TOKEN_SITES))
     bos: bool = False
     store_dtype: Literal["float32", "float64"] = "float32"
+
+    def __post_init__(self) -> None:
+        require_distinct(self.sites, "analyses.token_cov.sites")
 
 
 @register

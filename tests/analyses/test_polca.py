@@ -241,3 +241,24 @@ def test_simpson_midpoint_moves_the_whole_model_when_a_parameter_subset_is_analy
         grads = torch.autograd.grad(loss, [params[n] for n in layout.names])
         expected[:, x] = (basis @ torch.cat([g.reshape(-1) for g in grads])).numpy()
     np.testing.assert_allclose(ds.proj_grad_mid.values[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_polca_computes_in_the_jobs_dtype_unless_told(tmp_path: Path) -> None:
+    """checkpoints.dtype = float64 makes D = ⟨b, Δθ⟩ exact to float64 rounding, not float32's."""
+    run = build_local_run(tmp_path / "run", [0, 10], seed=9, **SMALL)
+    analyses = {
+        "hessian_basis": {"k": 2, "every": 10, "sample_sequences": 8, "random": False, "axis": 0},
+        "token_loss": {},
+        "polca": {},
+    }
+    raw = job_dict(run, tmp_path / "d.zarr", analyses=analyses, data={"num_examples": 8})
+    raw["checkpoints"]["dtype"] = "float64"
+    job = job_from_dict(raw, base=tmp_path)
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    source = CheckpointSource.from_spec(job.checkpoints)
+    first, second = (source.load(c) for c in source.checkpoints())
+    layout = ParamLayout.from_model(first, ["*"])
+    step = (layout.flatten(second) - layout.flatten(first)).numpy()
+    expected = ds.basis_vectors.values.astype(np.float64) @ step
+    np.testing.assert_allclose(ds.step_proj.values[0], expected, rtol=1e-12)
