@@ -126,6 +126,18 @@ def write_job(path: Path, run_dir: Path, output: Path, **overrides: Any) -> Path
     return path
 
 
+def _with_flat(
+    base: dict[str, torch.Tensor], names: tuple[str, ...], shapes: list[torch.Size], vector: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``base`` with the named parameters replaced by consecutive slices of ``vector``."""
+    params, offset = dict(base), 0
+    for name, shape in zip(names, shapes, strict=True):
+        size = int(torch.tensor(shape).prod())
+        params[name] = vector[offset : offset + size].view(shape)
+        offset += size
+    return params
+
+
 def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -> torch.Tensor:
     """The dense Hessian of the mean scored-token loss w.r.t. the named parameters (ground truth)."""
     from torch.func import functional_call
@@ -139,11 +151,7 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
     batch = [torch.from_numpy(a) for a in (sample.input_ids, sample.attention_mask, sample.score_mask)]
 
     def loss(vector: torch.Tensor) -> torch.Tensor:
-        params, offset = dict(base), 0
-        for name, shape in zip(names, shapes, strict=True):
-            size = int(torch.tensor(shape).prod())
-            params[name] = vector[offset : offset + size].view(shape)
-            offset += size
+        params = _with_flat(base, names, shapes, vector)
 
         def call(**kwargs: Any) -> Any:
             return functional_call(model, params, args=(), kwargs=kwargs)
@@ -291,11 +299,7 @@ def dense_ggn_and_fisher(
     targets = ids[:, 1:][scored]
 
     def logits(vector: torch.Tensor) -> torch.Tensor:
-        params, offset = dict(base), 0
-        for name, shape in zip(names, shapes, strict=True):
-            size = int(torch.tensor(shape).prod())
-            params[name] = vector[offset : offset + size].view(shape)
-            offset += size
+        params = _with_flat(base, names, shapes, vector)
         with differentiable_attention(model):
             out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask})
         return torch.as_tensor(out.logits[:, :-1][scored])
