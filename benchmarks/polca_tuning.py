@@ -20,6 +20,7 @@ from ckpt_analysis.analyses.clusters import (
     passes_restriction,
     trajectory_curves,
 )
+from ckpt_analysis.data import label_variable
 from ckpt_analysis.store import open_results
 
 SETTINGS = [
@@ -60,8 +61,8 @@ def best_homogeneity(
 
 def main(path: str, label: str, restrict: str, values: list[int]) -> None:
     ds = open_results(path)
-    has_label = ds[f"label_{label}"].values == 1
-    allowed = np.isin(ds[f"label_{restrict}"].values, values)
+    has_label = ds[label_variable(label)].values == 1
+    allowed = np.isin(ds[label_variable(restrict)].values, values)
     rows = []
     for trajectory in ("polca", "polca_axis", "exact_loss"):
         curves, kept = trajectory_curves(trajectory, lambda name: ds[name].values)
