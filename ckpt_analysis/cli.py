@@ -263,6 +263,34 @@ def clusters(
 
 @app.command()
 @_reports_errors
+def validity(
+    store: StoreArg,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw errors and ‖Δθ‖ per interval as a PNG.")
+    ] = None,
+) -> None:
+    """Where POLCA's Taylor terms hold: per checkpoint interval, ‖Δθ‖, the exact change of the mean
+    token loss, and each computed second-order variant's relative error in predicting it
+    (docs/polca.md, "Per-interval validity"). An error near or above 1 means the expansion does
+    not hold over that interval: checkpoints too far apart for the step size."""
+    from ckpt_analysis.report import plot_validity, validity_rows
+    from ckpt_analysis.store import open_results
+
+    ds = open_results(store)
+    if "polca_interval_change" not in ds:
+        raise CkptAnalysisError(f"{store} has no POLCA intervals; run a job with [analyses.polca]")
+    rows = validity_rows(ds)
+    variants = list(rows[0][3])
+    table = Table("from step", "‖Δθ‖", "exact change", *(f"error: {v}" for v in variants), title=str(store))
+    for step, norm, change, errors in rows:
+        table.add_row(str(step), f"{norm:.3g}", f"{change:+.3g}", *(f"{errors[v]:.2g}" for v in variants))
+    out.print(table)
+    if plot is not None:
+        out.print(f"plot: {plot_validity(ds, plot)}", highlight=False)
+
+
+@app.command()
+@_reports_errors
 def alignment(
     store: StoreArg,
     plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,

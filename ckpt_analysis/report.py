@@ -99,6 +99,51 @@ def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
     return paths
 
 
+def validity_rows(ds: xr.Dataset) -> list[tuple[int, float, float, dict[str, float]]]:
+    """Per checkpoint interval: start step, ‖Δθ‖, the exact change of the mean token loss and each
+    computed variant's relative prediction error |predicted − exact| / |exact| (docs/polca.md,
+    "Per-interval validity")."""
+    change, norm = ds.polca_interval_change.values[:-1], ds.step_norm.values[:-1]
+    predicted = ds.polca_interval_predicted.values[:-1]
+    variants = [str(v) for v in ds.variant.values]
+    computed = [i for i, _ in enumerate(variants) if np.isfinite(predicted[:, i]).any()]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        errors = np.abs(predicted - change[:, None]) / np.abs(change[:, None])
+    return [
+        (int(step), float(n), float(c), {variants[i]: float(errors[t, i]) for i in computed})
+        for t, (step, n, c) in enumerate(zip(ds.step.values[:-1], norm, change, strict=True))
+    ]
+
+
+def plot_validity(ds: xr.Dataset, path: Path) -> Path:
+    """Where the Taylor terms hold: each variant's relative error in the interval's loss change
+    (log scale; 1 = as large as the change itself) above ‖Δθ‖ per interval (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = validity_rows(ds)
+    steps = [r[0] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    for variant in rows[0][3]:
+        top.plot(steps, [r[3][variant] for r in rows], marker=".", label=variant)
+    top.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    top.set_yscale("log")
+    top.set_ylabel("|predicted − exact| / |exact|")
+    top.set_title("per-interval validity: error in the change of the mean token loss")
+    top.legend(fontsize=8, title="second_order")
+    bottom.plot(steps, [r[1] for r in rows], marker=".", color="black")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("‖θ_{t+1} − θ_t‖")
+    bottom.set_xlabel("training step at the start of the interval")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @dataclass(frozen=True)
 class ClusterExample:
     """One cluster, for reading: its numbers and the tokens nearest its medoid, in context."""

@@ -94,6 +94,12 @@ def explained_fraction(token_loss: np.ndarray, polca: np.ndarray) -> tuple[np.nd
     return per_token, float(allocated.sum() / change.sum())
 
 
+def interval_changes(token_loss: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """docs/polca.md, "Per-interval validity": per interval t, the exact change of the mean token
+    loss, mean_x [ℓ(x;θ_{t+1}) − ℓ(x;θ_t)], and the change a variant predicts, mean_x Σ_b POLCA[t,b,x]."""
+    return np.diff(token_loss, axis=0).mean(axis=1), total.sum(axis=1).mean(axis=1)
+
+
 def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """docs/polca.md: keep b iff mean_x L_b(x, end) < 0; for kept b keep tokens with L_b(x, end) ≤ 0."""
     end = projected[-1]
@@ -215,7 +221,15 @@ class Polca(Analysis[PolcaParams]):
         self._check(ctx)
         if len(ctx.checkpoints) < 2:
             raise JobSpecError("analyses.polca needs at least two checkpoints")
-        return [v for b, (dim, k) in self.sizes(ctx).items() for v in self._basis_variables(ctx, b, dim, k)]
+        s = {"step": len(ctx.checkpoints)}
+        shared = [
+            Variable.of("step_norm", s, doc="‖θ_{t+1} − θ_t‖ over the basis's parameters (last step NaN)"),
+            Variable.of("polca_interval_change", s, unit_axes=0, doc="exact change of the mean token loss"),
+        ]
+        per_basis = [
+            v for b, (dim, k) in self.sizes(ctx).items() for v in self._basis_variables(ctx, b, dim, k)
+        ]
+        return shared + per_basis
 
     def _basis_variables(self, ctx: PlanContext, basis: str, dim: str, k: int) -> list[Variable]:
         s, n, x = len(ctx.checkpoints), ctx.num_tokens, suffix(basis)
@@ -248,6 +262,12 @@ class Polca(Analysis[PolcaParams]):
                 "int64",
                 unit_axes=0,
                 doc="paper variant: step pairs with |ΔḠ| ≤ 1e-12 (term set to 0)",
+            ),
+            Variable.of(
+                f"polca_interval_predicted{x}",
+                {"step": s, "variant": len(VARIANTS)},
+                unit_axes=0,
+                doc="change of the mean token loss over [t, t+1] each variant predicts (NaN: not computed)",
             ),
             Variable.of(f"basis_kept{x}", {dim: k}, "int8", unit_axes=0, doc="mean L_b(x, end) < 0"),
             Variable.of(f"token_kept{x}", {dim: k, "token": n}, "int8", doc="L_b(x, end) ≤ 0"),
@@ -316,7 +336,11 @@ class Polca(Analysis[PolcaParams]):
                 if midpoint is not None:
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
-        return [Write(v, (t,), np.concatenate(blocks)) for v, blocks in parts.items()]
+        norm = np.array(np.nan if step is None else float(step.norm()))
+        return [
+            Write("step_norm", (t,), norm),
+            *(Write(v, (t,), np.concatenate(b)) for v, b in parts.items()),
+        ]
 
     def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
         curv, mid = self._needs()
@@ -339,6 +363,10 @@ class Polca(Analysis[PolcaParams]):
         per_token = fractions[self.params.second_order][0]
         kept, tokens = filters(projected)
         explained = [fractions[v][1] if v in fractions else np.nan for v in VARIANTS]
+        change = interval_changes(loss, first)[0]
+        predicted = np.full((len(change) + 1, len(VARIANTS)), np.nan)
+        for v, total in totals.items():
+            predicted[:-1, VARIANTS.index(v)] = interval_changes(loss, total)[1]
 
         def padded(values: np.ndarray) -> np.ndarray:  # step pairs → steps (last step NaN)
             return np.concatenate([values, np.full((1, *values.shape[1:]), np.nan)]).astype(np.float32)
@@ -352,6 +380,8 @@ class Polca(Analysis[PolcaParams]):
             Write(f"polca_residual{x}", everything, padded(conservation_residual(loss, chosen))),
             Write(f"polca_explained_token{x}", everything, per_token.astype(np.float32)),
             Write(f"polca_explained{x}", everything, np.array(explained)),
+            Write(f"polca_interval_predicted{x}", everything, predicted),
+            Write("polca_interval_change", everything, padded(change)),
             Write(f"polca_paper_guarded{x}", everything, guarded),
             Write(f"basis_kept{x}", everything, kept.astype(np.int8)),
             Write(f"token_kept{x}", everything, tokens.astype(np.int8)),

@@ -23,6 +23,7 @@ from ckpt_analysis.report import (
     cluster_table,
     plot_alignment,
     plot_clusters,
+    plot_validity,
 )
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
@@ -114,7 +115,11 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
         participation=participation_ratio(cov),
         scores=cluster_table(polca_ds),
         explained=float(polca_ds.polca_explained.sel(variant="none")),
-        plots=[*plot_clusters(polca_ds, workdir / "plots"), lt_plot],
+        plots=[
+            *plot_clusters(polca_ds, workdir / "plots"),
+            plot_validity(polca_ds, workdir / "plots" / "polca_validity.png"),
+            lt_plot,
+        ],
         alignment={lr: alignment_table(ds) for lr, ds in lt_runs.items()},
     )
 

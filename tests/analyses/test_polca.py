@@ -1,5 +1,6 @@
 """POLCA: formulas on quadratic losses with known answers, filters, and the pipeline end to end."""
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,42 @@ def test_polca_computes_in_the_jobs_dtype_unless_told(tmp_path: Path) -> None:
     step = (layout.flatten(second) - layout.flatten(first)).numpy()
     expected = ds.basis_vectors.values.astype(np.float64) @ step
     np.testing.assert_allclose(ds.step_proj.values[0], expected, rtol=1e-12)
+
+
+def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from ckpt_analysis.report import plot_validity, validity_rows
+
+    job, ds = polca_store
+    loss = ds.token_loss.values.astype(np.float64)
+    np.testing.assert_allclose(
+        ds.polca_interval_change.values[:3], np.diff(loss, axis=0).mean(axis=1), rtol=1e-5
+    )
+    predicted = ds.polca_interval_predicted.sel(variant="none").values[:3]
+    np.testing.assert_allclose(
+        predicted, ds.polca_first.values[:3].astype(np.float64).sum(axis=1).mean(axis=1), rtol=1e-4
+    )
+    assert np.isfinite(ds.polca_interval_predicted.values[:3]).all()  # measure_all_variants: every variant
+    source = CheckpointSource.from_spec(job.checkpoints)
+    models = [source.load(c) for c in source.checkpoints()]
+    layout = ParamLayout.from_model(models[0], ["*"])
+    norms = [float((layout.flatten(b) - layout.flatten(a)).norm()) for a, b in itertools.pairwise(models)]
+    np.testing.assert_allclose(ds.step_norm.values[:3], norms, rtol=1e-5)
+    rows = validity_rows(ds)
+    assert [r[0] for r in rows] == [0, 10, 20] and set(rows[0][3]) == {
+        "none",
+        "exact",
+        "paper",
+        "trapezoid",
+        "simpson",
+    }
+    assert plot_validity(ds, tmp_path / "v.png").stat().st_size > 0
+    cli = subprocess.run(
+        [sys.executable, "-m", "ckpt_analysis", "validity", job.output],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cli.returncode == 0 and "error: none" in cli.stdout, cli.stderr
