@@ -6,30 +6,45 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 
 - ``long``: the demo model (hidden 64, 2 layers), 3× the steps (1800, checkpoints every 20);
 - ``big``: hidden 128, 3 layers, 4 heads (≈ 4× the parameters), 1200 steps every 20;
+- ``small`` (issue 15): the demo model in a regime of small steps, as the paper trains — AdamW
+  betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps, batch 64 — at lr 3e-4 (10× below the
+  demo's) for 6000 steps (10× more), checkpoints every 50;
 - ``paper`` (only with ``--paper``, on a CUDA machine): the paper's scale, hidden 512, 3 layers,
   8 heads (9.5M parameters), 3000 steps every 20 — not yet run (no GPU has been lent).
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
-Run: ``python benchmarks/polca_scale_up.py demo_out [--paper]`` (about 25 minutes on 2 cores
-without ``--paper``; finished settings are reused).
+Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
+2 cores for ``long`` and ``big``, 15 for ``small``; finished settings are reused). Each setting also
+writes its per-interval validity figure to ``WORKDIR/<setting>/validity.png``.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from common import CARRY_HEADER, carry_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
+from ckpt_analysis.report import plot_validity
 from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import polca_job, train_or_reuse
 from ckpt_analysis.zoo.train import TrainConfig
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
     "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
+    "small": TrainConfig(
+        steps=6000,
+        save_every=50,
+        batch_size=64,
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        warmup_steps=100,
+    ),
 }
 PAPER = TrainConfig(
     steps=3000, save_every=20, lr=1e-3, hidden_size=512, num_layers=3, num_heads=8, device="cuda"
@@ -42,18 +57,26 @@ def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]
     accuracy = train_or_reuse(folder / "run", train)
     (folder / "polca.toml").write_text(polca_job(train))  # basis spacing and lag as the demo's
     run_job(load_job(folder / "polca.toml"))
+    plot_validity(open_results(folder / "polca.zarr"), folder / "validity.png")
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
-def main(workdir: Path, *, paper: bool) -> None:
+def main(workdir: Path, *, paper: bool, only: list[str]) -> None:
     hf_logging.disable_progress_bar()
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
     for name, train in {**SETTINGS, **({"paper": PAPER} if paper else {})}.items():
-        rows += run_setting(workdir, name, train)
+        if not only or name in only:
+            rows += run_setting(workdir, name, train)
     header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--paper"]
-    main(Path(args[0] if args else "demo_out"), paper="--paper" in sys.argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("workdir", nargs="?", default="demo_out")
+    parser.add_argument("--paper", action="store_true", help="also the 9.5M-parameter setting (CUDA)")
+    parser.add_argument("--only", nargs="+", default=[], help="run only these settings")
+    args = parser.parse_args()
+    main(Path(args.workdir), paper=args.paper, only=args.only)

@@ -28,6 +28,10 @@ class TrainConfig:
     save_every: int = 50
     batch_size: int = 128
     lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate from 0 over this many steps (the POLCA paper: 100)."""
     seed: int = 0
     hidden_size: int = 64
     num_layers: int = 2
@@ -93,7 +97,12 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
     )
     torch.nn.Module.to(model, resolve_device(config.device))  # transformers mis-types .to
     device = next(model.parameters()).device
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    )
     out.mkdir(parents=True, exist_ok=True)
     _save(model, tokenizer, out, 0)
     with progress(config.steps, "training") as advance:
@@ -103,6 +112,7 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            warmup.step()
             if step % config.save_every == 0:
                 _save(model, tokenizer, out, step)
             advance(f"loss {loss.item():.3f}", True)
