@@ -135,7 +135,7 @@ def plot_validity(ds: xr.Dataset, path: Path) -> Path:
     top.legend(fontsize=8, title="second_order")
     bottom.plot(steps, [r[1] for r in rows], marker=".", color="black")
     bottom.set_yscale("log")
-    bottom.set_ylabel("‖θ_{t+1} − θ_t‖")
+    bottom.set_ylabel(r"$\|\theta_{t+1} - \theta_t\|$")
     bottom.set_xlabel("training step at the start of the interval")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
