@@ -281,7 +281,8 @@ def validity(
         raise CkptAnalysisError(f"{store} has no POLCA intervals; run a job with [analyses.polca]")
     rows = validity_rows(ds)
     variants = list(rows[0][3])
-    table = Table("from step", "‖Δθ‖", "exact change", *(f"error: {v}" for v in variants), title=str(store))
+    title = f"{store}: relative error of each prediction of the interval's loss change"
+    table = Table("from step", "‖Δθ‖", "exact change", *variants, title=title)
     for step, norm, change, errors in rows:
         table.add_row(str(step), f"{norm:.3g}", f"{change:+.3g}", *(f"{errors[v]:.2g}" for v in variants))
     out.print(table)

@@ -105,7 +105,9 @@ def validity_rows(ds: xr.Dataset) -> list[tuple[int, float, float, dict[str, flo
     "Per-interval validity")."""
     change, norm = ds.polca_interval_change.values[:-1], ds.step_norm.values[:-1]
     predicted = ds.polca_interval_predicted.values[:-1]
-    variants = [str(v) for v in ds.variant.values]
+    taylor = ds.taylor_change.values[:-1]
+    predicted = np.concatenate([taylor, predicted], axis=1)
+    variants = [f"gradient, {v}" for v in ds.taylor.values] + [f"basis, {v}" for v in ds.variant.values]
     computed = [i for i, _ in enumerate(variants) if np.isfinite(predicted[:, i]).any()]
     with np.errstate(divide="ignore", invalid="ignore"):
         errors = np.abs(predicted - change[:, None]) / np.abs(change[:, None])
@@ -132,7 +134,7 @@ def plot_validity(ds: xr.Dataset, path: Path) -> Path:
     top.set_yscale("log")
     top.set_ylabel("|predicted − exact| / |exact|")
     top.set_title("per-interval validity: error in the change of the mean token loss")
-    top.legend(fontsize=8, title="second_order")
+    top.legend(fontsize=7, title="prediction")
     bottom.plot(steps, [r[1] for r in rows], marker=".", color="black")
     bottom.set_yscale("log")
     bottom.set_ylabel(r"$\|\theta_{t+1} - \theta_t\|$")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ckpt_analysis.analyses.hessian import HessianBasis
-from ckpt_analysis.curvature import ParamLayout, as_dtype
+from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_token_losses
@@ -98,6 +98,26 @@ def interval_changes(token_loss: np.ndarray, total: np.ndarray) -> tuple[np.ndar
     """docs/polca.md, "Per-interval validity": per interval t, the exact change of the mean token
     loss, mean_x [ℓ(x;θ_{t+1}) − ℓ(x;θ_t)], and the change a variant predicts, mean_x Σ_b POLCA[t,b,x]."""
     return np.diff(token_loss, axis=0).mean(axis=1), total.sum(axis=1).mean(axis=1)
+
+
+TAYLOR = ("first", "trapezoid")
+"""Basis-free predictions of an interval's loss change from the full gradient (docs/polca.md,
+"Per-interval validity"): ⟨g_t, Δθ_t⟩ and ½⟨g_t + g_{t+1}, Δθ_t⟩, g the mean token loss's gradient."""
+
+
+def taylor_predictions(
+    model: torch.nn.Module, following: torch.nn.Module, layout: ParamLayout, ctx: UnitContext
+) -> np.ndarray:
+    """:data:`TAYLOR` for the interval from ``model`` (θ_t) to ``following`` (θ_{t+1}), over the layout."""
+    grads = [
+        HessianOperator(
+            m, layout, ctx.eval_data, batch_size=ctx.job.compute.batch_size, cache_graph=False
+        ).gradient()
+        for m in (model, following)
+    ]
+    step = layout.flatten(following) - layout.flatten(model)
+    first = float(grads[0] @ step)
+    return np.array([first, 0.5 * (first + float(grads[1] @ step))])
 
 
 def filters(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +244,11 @@ class Polca(Analysis[PolcaParams]):
         s = {"step": len(ctx.checkpoints)}
         shared = [
             Variable.of("step_norm", s, doc="‖θ_{t+1} − θ_t‖ over the basis's parameters (last step NaN)"),
+            Variable.of(
+                "taylor_change",
+                {**s, "taylor": len(TAYLOR)},
+                doc="loss change predicted by the full gradient: ⟨g_t, Δθ⟩, ½⟨g_t + g_{t+1}, Δθ⟩",
+            ),
             Variable.of("polca_interval_change", s, unit_axes=0, doc="exact change of the mean token loss"),
         ]
         per_basis = [
@@ -280,7 +305,7 @@ class Polca(Analysis[PolcaParams]):
         return out
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        return {"variant": np.array(VARIANTS, dtype=object)}
+        return {"variant": np.array(VARIANTS, dtype=object), "taylor": np.array(TAYLOR, dtype=object)}
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         basis = self._basis(ctx)
@@ -337,8 +362,14 @@ class Polca(Analysis[PolcaParams]):
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
         norm = np.array(np.nan if step is None else float(step.norm()))
+        taylor = (
+            np.full(len(TAYLOR), np.nan)
+            if following is None
+            else taylor_predictions(model, following, layout, ctx)
+        )
         return [
             Write("step_norm", (t,), norm),
+            Write("taylor_change", (t,), taylor),
             *(Write(v, (t,), np.concatenate(b)) for v, b in parts.items()),
         ]
 

@@ -24,6 +24,7 @@ from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.plan import prepare_store
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
@@ -287,13 +288,19 @@ def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) 
     norms = [float((layout.flatten(b) - layout.flatten(a)).norm()) for a, b in itertools.pairwise(models)]
     np.testing.assert_allclose(ds.step_norm.values[:3], norms, rtol=1e-5)
     rows = validity_rows(ds)
-    assert [r[0] for r in rows] == [0, 10, 20] and set(rows[0][3]) == {
-        "none",
-        "exact",
-        "paper",
-        "trapezoid",
-        "simpson",
-    }
+    variants = {f"basis, {v}" for v in ("none", "exact", "paper", "trapezoid", "simpson")}
+    assert [r[0] for r in rows] == [0, 10, 20]
+    assert set(rows[0][3]) == {"gradient, first", "gradient, trapezoid"} | variants
+    batch = [torch.from_numpy(ds[n].values) for n in ("input_ids", "attention_mask", "score_mask")]
+    losses = [scored_token_losses(m, *batch).mean() for m in models]
+    grads = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(m.parameters()))])
+        for loss, m in zip(losses, models, strict=True)
+    ]
+    for t in range(3):
+        step = layout.flatten(models[t + 1]) - layout.flatten(models[t])
+        first, after = float(grads[t] @ step), float(grads[t + 1] @ step)
+        np.testing.assert_allclose(ds.taylor_change.values[t], [first, 0.5 * (first + after)], rtol=1e-4)
     assert plot_validity(ds, tmp_path / "v.png").stat().st_size > 0
     cli = subprocess.run(
         [sys.executable, "-m", "ckpt_analysis", "validity", job.output],
@@ -301,4 +308,6 @@ def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) 
         text=True,
         check=False,
     )
-    assert cli.returncode == 0 and "error: none" in cli.stdout, cli.stderr
+    assert cli.returncode == 0 and "relative error of each prediction" in " ".join(cli.stdout.split()), (
+        cli.stderr
+    )
