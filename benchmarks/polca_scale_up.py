@@ -14,7 +14,7 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
 Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
-2 cores for ``long`` and ``big``, 15 for ``small``; finished settings are reused). Each setting also
+2 cores for ``long`` and ``big``, about 20 for ``small``; finished settings are reused). Each setting also
 writes its per-interval validity figure to ``WORKDIR/<setting>/validity.png``.
 """
 
