@@ -465,9 +465,9 @@ def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str,
         _blame_minority(ckpts, values, functools.partial(_config_value, key, values))
     layouts = [read_layout(source.weight_files(c), c.revision) for c in ckpts]
     source.check_keys(ckpts[0], layouts[0])
-    _blame_minority(
-        ckpts, [json.dumps(sorted(x.items())) for x in layouts], functools.partial(_layout_entry, layouts)
-    )
+    signatures = [json.dumps(sorted(x.items())) for x in layouts]
+    usual = layouts[_majority_index(signatures)]
+    _blame_minority(ckpts, signatures, functools.partial(_layout_entry, layouts, usual))
     return configs[_majority_index([json.dumps(c, sort_keys=True, default=str) for c in configs])]
 
 
@@ -475,8 +475,9 @@ def _config_value(key: str, values: list[str], i: int, minority: int) -> str:
     return f"{key} = {values[i]}"
 
 
-def _layout_entry(layouts: list[dict[str, tuple[int, ...]]], i: int, minority: int) -> str:
-    usual = layouts[_majority_index([json.dumps(sorted(x.items())) for x in layouts])]
+def _layout_entry(
+    layouts: list[dict[str, tuple[int, ...]]], usual: dict[str, tuple[int, ...]], i: int, minority: int
+) -> str:
     name = sorted(set(layouts[minority].items()) ^ set(usual.items()))[0][0]
     return f"parameter {name!r} with shape {layouts[i].get(name, 'absent')}"
 

@@ -119,8 +119,11 @@ def read(path: str | Path, name: str, **labels: Any) -> np.ndarray:
     >>> read("demo_out/covariance.zarr", "act_cov", step=300, site="resid_post", layer=1)  # doctest: +SKIP
     """
     root = os.fspath(path)
-    require_store(path)
-    token = os.stat(os.path.join(root, "zarr.json")).st_mtime_ns  # changes when a store is replaced
+    try:  # one stat on the hot path; the full check only to word the error
+        token = os.stat(os.path.join(root, "zarr.json")).st_mtime_ns  # changes when a store is replaced
+    except OSError:
+        require_store(path)
+        raise
     meta = _array_meta(root, name, token)
     dims, shape, chunks = meta["dims"], meta["shape"], meta["chunks"]
     unknown = sorted(set(labels) - set(dims))
@@ -211,7 +214,7 @@ def require_store(path: str | Path) -> None:
         raise StoreError(f"{path} does not exist")
     if not path.is_dir():
         raise StoreError(f"{path} is a file, not a results store (a job's output folder)")
-    if not (path / "zarr.json").is_file() or not (path / DONE / "zarr.json").is_file():
+    if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is a folder but not a results store")
 
 
