@@ -25,7 +25,7 @@ from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.run import run_job
 from ckpt_analysis.spectral import Matvec, lanczos
-from ckpt_analysis.zoo.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 TOL, TOP = 1e-3, 10
 
@@ -72,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        accuracy = train_addition(tmp / "run", TrainConfig())
+        accuracy = train_arithmetic(tmp / "run", TrainConfig())
         spec = CheckpointsSpec(source="local", path=str(tmp / "run"), device="cpu")
         source = CheckpointSource.from_spec(spec)
         ckpts = source.checkpoints()

@@ -43,7 +43,7 @@ from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.spectral import hutchinson, hutchpp, lanczos
-from ckpt_analysis.zoo.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 TOP, GOAL, REPEATS, PROBES, SEEDS = 10, 1e-4, 3, 30, 5
 
@@ -79,7 +79,7 @@ def timed(fn: Callable[[], Run]) -> Run:
 
 
 def setup(tmp: Path) -> tuple[torch.nn.Module, EvalData]:
-    train_addition(tmp / "run", TrainConfig())
+    train_arithmetic(tmp / "run", TrainConfig())
     source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp / "run"), device="cpu"))
     ckpt = source.checkpoints()[-1]
     model = source.load(ckpt)

@@ -26,7 +26,7 @@ from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
-from ckpt_analysis.zoo.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 PROBLEMS, K, STEPS, EVERY = 250, 16, 320, 20
 PER_PASS, PASS_SIZES = ComputeSpec().vectors_per_pass, (1, 4, 8, 16)  # the default, and those compared
@@ -147,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        accuracy = train_addition(tmp / "run", TrainConfig(steps=STEPS, save_every=EVERY))
+        accuracy = train_arithmetic(tmp / "run", TrainConfig(steps=STEPS, save_every=EVERY))
         print(machine(), "\n")
         print(
             f"demo model: GPTNeoX hidden 64, 2 layers, trained {STEPS} steps "

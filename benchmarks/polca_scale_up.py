@@ -31,20 +31,12 @@ from ckpt_analysis.report import plot_validity
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import polca_job, train_or_reuse
-from ckpt_analysis.zoo.train import TrainConfig
+from ckpt_analysis.zoo.train import TrainConfig, with_paper_optimiser
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
     "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
-    "small": TrainConfig(
-        steps=6000,
-        save_every=50,
-        batch_size=64,
-        lr=3e-4,
-        betas=(0.9, 0.95),
-        weight_decay=0.1,
-        warmup_steps=100,
-    ),
+    "small": with_paper_optimiser(TrainConfig(steps=6000, save_every=50, batch_size=64, lr=3e-4)),
 }
 PAPER = TrainConfig(
     steps=3000, save_every=20, lr=1e-3, hidden_size=512, num_layers=3, num_heads=8, device="cuda"

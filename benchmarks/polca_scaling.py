@@ -24,7 +24,7 @@ from ckpt_analysis.config import CheckpointsSpec, DataSpec
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
-from ckpt_analysis.zoo.train import TrainConfig, train_addition
+from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 TOKENS = (250, 500, 1000, 2000)
 BASIS = (4, 8, 16, 32)
@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         start = time.perf_counter()
-        train_addition(tmp / "run", TrainConfig(steps=620, save_every=20))
+        train_arithmetic(tmp / "run", TrainConfig(steps=620, save_every=20))
         print(f"(trained the demo model with 32 checkpoints in {time.perf_counter() - start:.0f} s)")
         rows = []
         for problems in (t // 4 for t in TOKENS):

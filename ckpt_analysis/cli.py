@@ -272,8 +272,15 @@ def validity(
     """Where POLCA's Taylor terms hold: per checkpoint interval, ‖Δθ‖, the exact change of the mean
     token loss, and each computed second-order variant's relative error in predicting it
     (docs/polca.md, "Per-interval validity"). An error near or above 1 means the expansion does
-    not hold over that interval: checkpoints too far apart for the step size."""
-    from ckpt_analysis.report import plot_validity, validity_rows
+    not hold over that interval: checkpoints too far apart for the step size. Last, per basis, the
+    fraction of the whole run's loss change each variant explains (1 = conserved)."""
+    from ckpt_analysis.report import (
+        chosen_second_order,
+        conservation,
+        conservation_table,
+        plot_validity,
+        validity_rows,
+    )
     from ckpt_analysis.store import open_results
 
     ds = open_results(store)
@@ -286,6 +293,7 @@ def validity(
     for step, norm, change, errors in rows:
         table.add_row(str(step), f"{norm:.3g}", f"{change:+.3g}", *(f"{errors[v]:.2g}" for v in variants))
     out.print(table)
+    out.print(conservation_table(conservation(ds), chosen_second_order(store)))
     if plot is not None:
         out.print(f"plot: {plot_validity(ds, plot)}", highlight=False)
 
@@ -341,6 +349,62 @@ def train_onehot(
     out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
 
 
+@app.command("train-arithmetic")
+@_reports_errors
+def train_arithmetic(
+    job: JobArg,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 600,
+    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 20,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (the POLCA paper: 1e-5).")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(help="Fresh problems per step (the paper: 64).")] = 128,
+    paper_optimiser: Annotated[
+        bool,
+        typer.Option(help="The POLCA paper's AdamW: betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps."),
+    ] = False,
+    hidden_size: Annotated[int, typer.Option(help="Model width (the paper: 512).")] = 64,
+    layers: Annotated[int, typer.Option(help="Transformer layers (the paper: 3).")] = 2,
+    heads: Annotated[int, typer.Option(help="Attention heads (the paper: 8).")] = 4,
+    seed: Annotated[int, typer.Option(help="Initialisation and training-problem seed.")] = 0,
+) -> None:
+    """Train a small GPTNeoX on a job's arithmetic task (data.source = "addition" or
+    "subtraction"), writing checkpoint-<step> folders into the job's checkpoints.path.
+
+    Every step draws fresh problems; the answer digits are the loss. The defaults are the demo's
+    run; jobs/polca_small_steps.toml gives the small-step settings. Then `ckpt-analysis run`."""
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.zoo.train import TrainConfig, with_paper_optimiser
+    from ckpt_analysis.zoo.train import train_arithmetic as train
+
+    spec = load_job(job)
+    task = spec.data.source
+    if task != "addition" and task != "subtraction":
+        raise CkptAnalysisError(
+            f"{job}: data.source = {task!r}; train-arithmetic trains 'addition' or 'subtraction'"
+        )
+    if spec.checkpoints.source != "local":
+        raise CkptAnalysisError(f"{job}: checkpoints.source must be 'local' to train into checkpoints.path")
+    config = TrainConfig(
+        task=task,
+        steps=steps,
+        save_every=save_every,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        hidden_size=hidden_size,
+        num_layers=layers,
+        num_heads=heads,
+        device=spec.checkpoints.device,
+    )
+    if paper_optimiser:
+        config = with_paper_optimiser(config)
+    accuracy = train(Path(str(spec.checkpoints.path)), config)
+    out.print(
+        f"answer-digit accuracy {accuracy:.3f}; checkpoints in {spec.checkpoints.path}; "
+        f"next: ckpt-analysis run {job}",
+        highlight=False,
+    )
+
+
 @app.command()
 @_reports_errors
 def prefetch(job: JobArg) -> None:
@@ -373,7 +437,13 @@ def demo(
     POLCA (Hessian basis, projections, HDBSCAN clusters) and its baselines, printing carry scores;
     last, train the leading-term paper's one-hot model at two step sizes and show how its weights
     align with the corpus-statistics predictions."""
-    from ckpt_analysis.report import carry_scores_table, onehot_alignment_table, variance_table
+    from ckpt_analysis.report import (
+        carry_scores_table,
+        chosen_second_order,
+        conservation_table,
+        onehot_alignment_table,
+        variance_table,
+    )
     from ckpt_analysis.zoo.demo import run_demo
     from ckpt_analysis.zoo.train import TrainConfig
 
@@ -381,10 +451,8 @@ def demo(
     result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
     out.print(variance_table(result.steps, result.total_variance, result.participation))
     out.print(carry_scores_table(result.scores))
-    out.print(
-        f"final answer-digit accuracy {result.accuracy:.3f}; POLCA (first order) explains "
-        f"{result.explained:.2f} of the loss change"
-    )
+    out.print(conservation_table(result.explained, chosen_second_order(result.polca_store)))
+    out.print(f"final answer-digit accuracy {result.accuracy:.3f}")
     out.print(onehot_alignment_table(result.alignment))
     out.print(
         f"stores: {result.covariance_store}, {result.polca_store}; plots: "

@@ -11,7 +11,7 @@ import numpy as np
 
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.errors import DataError, one_line
-from ckpt_analysis.zoo.tasks import addition, topics
+from ckpt_analysis.zoo.tasks import arithmetic, topics
 
 if TYPE_CHECKING:
     import torch
@@ -100,8 +100,8 @@ def load_eval_data(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None, vocab_size: int
 ) -> EvalData:
     """Build the token set named by ``spec``, checking it fits the model's context and vocabulary."""
-    if spec.source == "addition":
-        data = _addition(spec, tokenizer)
+    if spec.source == "addition" or spec.source == "subtraction":
+        data = _arithmetic(spec, spec.source, tokenizer)
     elif spec.source == "topics":
         data = _topics(spec, vocab_size)
     else:
@@ -111,21 +111,24 @@ def load_eval_data(
         raise DataError(
             f"sequences of {length} tokens exceed the model context of {max_positions} positions; "
             f"set data.seq_len (now {spec.seq_len}) to at most {max_positions}"
-            if spec.source != "addition"
-            else f"addition problems of {length} tokens exceed the model context of {max_positions}"
+            if spec.source not in arithmetic.OPERATIONS
+            else f"{spec.source} problems of {length} tokens exceed the model context of {max_positions}"
         )
     if data.input_ids.max() >= vocab_size or data.input_ids.min() < 0:
         raise DataError(f"token ids fall outside the model vocabulary of {vocab_size}")
     return data
 
 
-def _addition(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
-    a, b = addition.problems(spec.num_examples, spec.seed)
+def _arithmetic(
+    spec: DataSpec, operation: arithmetic.Operation, tokenizer: PreTrainedTokenizerBase
+) -> EvalData:
+    a, b = arithmetic.problems(spec.num_examples, spec.seed, operation)
     try:
-        ids = addition.encode(tokenizer, a, b)  # type: ignore[arg-type]
+        ids = arithmetic.encode(tokenizer, a, b, operation)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise DataError(f"data.source = 'addition' needs the addition tokenizer: {exc}") from exc
-    return EvalData(ids, np.ones_like(ids, dtype=np.int8), addition.score_mask(len(a)), addition.labels(a, b))
+        raise DataError(f"data.source = {operation!r} needs the arithmetic tokenizer: {exc}") from exc
+    labels = arithmetic.labels(a, b, operation)
+    return EvalData(ids, np.ones_like(ids, dtype=np.int8), arithmetic.score_mask(len(a)), labels)
 
 
 def _topics(spec: DataSpec, vocab_size: int) -> EvalData:

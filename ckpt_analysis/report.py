@@ -117,6 +117,27 @@ def validity_rows(ds: xr.Dataset) -> list[tuple[int, float, float, dict[str, flo
     ]
 
 
+def conservation(ds: xr.Dataset) -> dict[str, dict[str, float]]:
+    """Per basis in the store, per second-order variant: the fraction of the aggregate loss change
+    (first → last checkpoint) that Σ_t Σ_b POLCA explains (``polca_explained``; NaN: not computed)."""
+    from ckpt_analysis.analyses.polca import BASIS_VARIABLES, suffix
+
+    names = {basis: f"polca_explained{suffix(basis)}" for basis in BASIS_VARIABLES}
+    return {
+        basis: {str(v): float(x) for v, x in ds[name].to_series().items()}
+        for basis, name in names.items()
+        if name in ds
+    }
+
+
+def chosen_second_order(store: Path) -> str:
+    """The ``second_order`` variant the job that wrote ``store`` chose (its default included)."""
+    from ckpt_analysis.analyses.polca import Polca
+    from ckpt_analysis.store import store_meta
+
+    return Polca.from_spec(store_meta(store)["job_spec"]["analyses"][Polca.name]).params.second_order
+
+
 def plot_validity(ds: xr.Dataset, path: Path) -> Path:
     """Where the Taylor terms hold: each variant's relative error in the interval's loss change
     (log scale; 1 = as large as the change itself) above ‖Δθ‖ per interval (log scale)."""
@@ -280,6 +301,20 @@ def variance_table(steps: np.ndarray, total_variance: np.ndarray, participation:
     )
     for step, var, pr in zip(steps, total_variance, participation, strict=True):
         table.add_row(str(step), *(f"{v:8.2f} / {p:5.2f}" for v, p in zip(var, pr, strict=True)))
+    return table
+
+
+def conservation_table(explained: dict[str, dict[str, float]], chosen: str) -> Table:
+    """:func:`conservation` per basis and variant, "—" where a variant was not computed."""
+    variants = list(next(iter(explained.values())))
+    table = Table(
+        "basis",
+        *variants,
+        title=f"fraction of the loss change each second-order variant explains (1 = conserved; this "
+        f"job's second_order = {chosen!r}; docs/polca.md, 'Second-order variants')",
+    )
+    for basis, row in explained.items():
+        table.add_row(basis, *("—" if np.isnan(x) else f"{x:.3f}" for x in row.values()))
     return table
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from ckpt_analysis.zoo.tasks.addition import VOCAB, build_tokenizer
+from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import tiny_gpt_neox
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}

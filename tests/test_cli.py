@@ -174,6 +174,8 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
         "exact_loss",
         "fisher",
         "final answer-digit accuracy",
+        "each second-order variant explains",
+        "simpson",
         "one-hot attention model",
         "W_qk_T",
     ):
@@ -188,6 +190,46 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
     assert shown.returncode == 0 and "vector 0 cluster 0" in shown.stdout and "⟨" in shown.stdout
     missing = cli("clusters", tmp_path / "covariance.zarr")
     assert missing.returncode == 2 and "has no 'polca' clusters" in missing.stderr
+
+
+def test_the_small_step_subtraction_job_trains_runs_and_scores_borrows(tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / "jobs" / "polca_small_steps_subtraction.toml").read_text()
+    small = {
+        "../small_steps/": "small_steps/",
+        "steps = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 5500, 6000]": "steps = [10, 20]",
+        "axis = 50": "axis = 4",
+        "num_examples = 250": "num_examples = 24",
+        "lag = 100": "lag = 10",
+    }
+    for old, new in small.items():
+        assert old in example, old
+        example = example.replace(old, new)
+    job = tmp_path / "sub.toml"
+    job.write_text(example)
+    trained = cli("train-arithmetic", job, "--steps", "30", "--save-every", "10", "--paper-optimiser")
+    assert trained.returncode == 0, trained.stderr
+    assert "answer-digit accuracy" in trained.stdout
+    run = tmp_path / "small_steps" / "subtraction_run"
+    assert sorted(p.name for p in run.iterdir()) == [f"checkpoint-{s}" for s in (0, 10, 20, 30)]
+    assert cli("run", job).returncode == 0
+    ds = open_results(tmp_path / "small_steps" / "subtraction.zarr")
+    assert set(np.unique(ds.label_borrow.values)) == {0, 1}
+    assert "label_carry" not in ds and ds.cluster_label.sizes["trajectory"] == 6
+    shown = cli("validity", tmp_path / "small_steps" / "subtraction.zarr")
+    assert shown.returncode == 0 and "hessian" in shown.stdout and "axis" in shown.stdout
+
+
+def test_train_arithmetic_refuses_a_job_without_an_arithmetic_task(tmp_path: Path) -> None:
+    job = {
+        "output": str(tmp_path / "o.zarr"),
+        "checkpoints": {"source": "local", "path": str(tmp_path / "run")},
+        "data": {"source": "topics"},
+        "analyses": {"covariance": {}},
+    }
+    (tmp_path / "job.toml").write_text(to_toml(job))
+    result = cli("train-arithmetic", tmp_path / "job.toml", "--steps", "2")
+    assert result.returncode == 2 and "train-arithmetic trains 'addition' or 'subtraction'" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_toy_leading_terms_job_trains_runs_and_reads_back(tmp_path: Path) -> None:

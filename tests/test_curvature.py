@@ -11,7 +11,7 @@ from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
-from ckpt_analysis.zoo.tasks import addition
+from ckpt_analysis.zoo.tasks import arithmetic
 
 SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 
@@ -20,9 +20,9 @@ SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 def sample():  # type: ignore[no-untyped-def]
     return load_eval_data(
         DataSpec(source="addition", num_examples=12, seed=3),
-        addition.build_tokenizer(),
+        arithmetic.build_tokenizer(),
         max_positions=32,
-        vocab_size=len(addition.VOCAB),
+        vocab_size=len(arithmetic.VOCAB),
     )
 
 

@@ -1,4 +1,4 @@
-"""Evaluation data: the addition task's labels, dataset sources, masks, and their errors."""
+"""Evaluation data: the arithmetic tasks' labels, dataset sources, masks, and their errors."""
 
 import json
 from pathlib import Path
@@ -9,27 +9,65 @@ import pytest
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import DataError
-from ckpt_analysis.zoo.tasks import addition
+from ckpt_analysis.zoo.tasks import arithmetic
 
 
 @pytest.fixture
 def tokenizer():  # type: ignore[no-untyped-def]
-    return addition.build_tokenizer()
+    return arithmetic.build_tokenizer()
 
 
 def test_addition_carry_labels_match_column_arithmetic() -> None:
-    a, b = addition.problems(500, seed=7)
-    labels = addition.labels(a, b)
+    a, b = arithmetic.problems(500, seed=7)
+    labels = arithmetic.labels(a, b)
     for i in range(len(a)):
         x, y, carry = int(a[i]), int(b[i]), 0
         expected = []
         for place in range(4):  # ones … thousands, carrying by hand
             expected.append(carry)
             carry = int((x // 10**place % 10) + (y // 10**place % 10) + carry >= 10)
-        got = [labels["carry"][i, pos] for pos in reversed(addition.ANSWER_POSITIONS)]
+        got = [labels["carry"][i, pos] for pos in reversed(arithmetic.ANSWER_POSITIONS)]
         assert got == expected, (x, y)
-    assert (labels["place"][:, list(addition.ANSWER_POSITIONS)] == [3, 2, 1, 0]).all()
+    assert (labels["place"][:, list(arithmetic.ANSWER_POSITIONS)] == [3, 2, 1, 0]).all()
     assert (labels["carry"][:, :9] == -1).all()
+
+
+def test_subtraction_borrow_labels_match_column_arithmetic() -> None:
+    a, b = arithmetic.problems(500, seed=8, operation="subtraction")
+    assert (a >= b).all()
+    labels = arithmetic.labels(a, b, "subtraction")
+    answers = arithmetic.texts(a, b, "subtraction")
+    for i in range(len(a)):
+        x, y, borrow = int(a[i]), int(b[i]), 0
+        expected, digits = [], []
+        for place in range(4):  # ones … thousands, borrowing by hand
+            expected.append(borrow)
+            digit = (x // 10**place % 10) - (y // 10**place % 10) - borrow
+            borrow = int(digit < 0)
+            digits.append(digit % 10)
+        got = [labels["borrow"][i, pos] for pos in reversed(arithmetic.ANSWER_POSITIONS)]
+        assert got == expected, (x, y)
+        assert answers[i].endswith("=" + "".join(map(str, reversed(digits))) + "<eos>")
+    assert "carry" not in labels
+    assert labels["borrow"][:, 9].max() == 0  # a ≥ b: the thousands digit never borrows
+
+
+def test_subtraction_needs_a_tokenizer_that_spells_minus() -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    old = arithmetic.build_tokenizer()
+    vocab = {t: i for t, i in old.get_vocab().items() if t != "-"}
+    from tokenizers import Tokenizer, models
+
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = old.backend_tokenizer.pre_tokenizer
+    plus_only = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>")
+    spec = DataSpec(source="subtraction", num_examples=4)
+    with pytest.raises(DataError, match=r"subtraction.*lacks '-'"):
+        load_eval_data(spec, plus_only, max_positions=32, vocab_size=len(vocab))
+    spec = DataSpec(source="addition", num_examples=4)
+    added = load_eval_data(spec, plus_only, max_positions=32, vocab_size=16)
+    assert added.input_ids.shape == (4, arithmetic.SEQ_LEN)
 
 
 def test_addition_scores_only_answer_digits(tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -37,11 +75,11 @@ def test_addition_scores_only_answer_digits(tokenizer) -> None:  # type: ignore[
         DataSpec(source="addition", num_examples=10),
         tokenizer,
         max_positions=32,
-        vocab_size=len(addition.VOCAB),
+        vocab_size=len(arithmetic.VOCAB),
     )
     _, pos = data.token_index
     assert data.num_tokens == 40
-    assert set(pos.tolist()) == set(addition.ANSWER_POSITIONS)
+    assert set(pos.tolist()) == set(arithmetic.ANSWER_POSITIONS)
     texts, contexts = data.token_strings(tokenizer)
     assert contexts[0].startswith("<bos>") and contexts[0].endswith("=")
     assert all(t.isdigit() for t in texts)
@@ -54,7 +92,7 @@ def test_text_file_is_tokenized_truncated_and_padded(tmp_path: Path, tokenizer) 
         DataSpec(source="dataset", path=str(path), seq_len=8),
         tokenizer,
         max_positions=32,
-        vocab_size=len(addition.VOCAB),
+        vocab_size=len(arithmetic.VOCAB),
     )
     assert data.input_ids.shape == (3, 8)
     assert data.attention_mask.sum(axis=1).tolist() == [8, 5, 8]
@@ -83,7 +121,7 @@ def test_pretokenized_ids_carry_masks_and_labels(tmp_path: Path, tokenizer) -> N
         label_columns=["kind", "doc"],
         seq_len=4,
     )
-    data = load_eval_data(spec, tokenizer, max_positions=32, vocab_size=len(addition.VOCAB))
+    data = load_eval_data(spec, tokenizer, max_positions=32, vocab_size=len(arithmetic.VOCAB))
     assert data.token_index[1].tolist() == [2, 3, 1, 2]
     labels = data.token_labels()
     assert labels["kind"].tolist() == [7, 6, 4, 3]

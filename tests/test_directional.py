@@ -11,7 +11,7 @@ from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.losses import scored_token_losses
-from ckpt_analysis.zoo.tasks import addition
+from ckpt_analysis.zoo.tasks import arithmetic
 
 SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 
@@ -20,9 +20,9 @@ SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 def setup():  # type: ignore[no-untyped-def]
     data = load_eval_data(
         DataSpec(source="addition", num_examples=6, seed=5),
-        addition.build_tokenizer(),
+        arithmetic.build_tokenizer(),
         max_positions=32,
-        vocab_size=len(addition.VOCAB),
+        vocab_size=len(arithmetic.VOCAB),
     )
     model = tiny_model(seed=7, **SMALL).double().eval()
     layout = ParamLayout.from_model(model, ["*"])

@@ -23,6 +23,7 @@ from ckpt_analysis.registry import (
     Write,
     register,
 )
+from ckpt_analysis.zoo.tasks import arithmetic
 
 Trajectory = Literal["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"]
 PROJECTED = {"polca": "hessian", "polca_random": "random", "polca_axis": "axis", "fisher": "hessian"}
@@ -331,7 +332,10 @@ class Clusters(Analysis[ClusterParams]):
         return out
 
     def _label_names(self, ctx: PlanContext) -> list[str]:
-        return ["place", "carry"] if ctx.job.data.source == "addition" else list(ctx.job.data.label_columns)
+        source = ctx.job.data.source
+        if source == "addition" or source == "subtraction":
+            return ["place", arithmetic.LABEL[source]]
+        return list(ctx.job.data.label_columns)
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         deps = [u.id for u in TokenLoss.from_spec({}).units(ctx)]

@@ -185,7 +185,9 @@ class PolcaParams:
 
     bases: list[Basis] = field(default_factory=lambda: ["hessian"])
     second_order: SecondOrder = "none"
-    measure_all_variants: bool = False
+    measure_all_variants: bool | list[Basis] = False
+    """``true``: compute c and the midpoints on every basis, so ``polca_explained`` reports every
+    variant; a list: on those bases only (e.g. ``["hessian"]``, the cheap way to see them all)."""
     dtype: Literal["float32", "float64"] | None = None
     """``None``: the job's ``checkpoints.dtype`` (float32 where that is a half type)."""
 
@@ -205,9 +207,10 @@ class Polca(Analysis[PolcaParams]):
     def requires(self) -> tuple[type[Analysis[Any]], ...]:
         return (HessianBasis, TokenLoss)
 
-    def _needs(self) -> tuple[bool, bool]:
-        """Whether units compute c (exact) and midpoint projections (simpson)."""
-        every = self.params.measure_all_variants
+    def _needs(self, basis: str) -> tuple[bool, bool]:
+        """Whether units compute c (exact) and midpoint projections (simpson) on ``basis``."""
+        measured = self.params.measure_all_variants
+        every = measured is True or (isinstance(measured, list) and basis in measured)
         return every or self.params.second_order == "exact", every or self.params.second_order == "simpson"
 
     @staticmethod
@@ -224,6 +227,13 @@ class Polca(Analysis[PolcaParams]):
             raise JobSpecError("analyses.polca.bases has 'random' but hessian_basis.random = false")
         if "axis" in self.params.bases and not basis.axis:
             raise JobSpecError("analyses.polca.bases has 'axis' but hessian_basis.axis = 0")
+        measured = self.params.measure_all_variants
+        stray = sorted(set(measured) - set(self.params.bases)) if isinstance(measured, list) else []
+        if stray:
+            raise JobSpecError(
+                f"analyses.polca.measure_all_variants names {', '.join(map(repr, stray))}, not in "
+                f"bases = {self.params.bases}"
+            )
         if self.params.second_order == "paper" and self.params.bases != ["hessian"] and not basis.rayleigh:
             raise JobSpecError(
                 "second_order = 'paper' on the random or axis basis needs their λ_b: "
@@ -259,7 +269,7 @@ class Polca(Analysis[PolcaParams]):
     def _basis_variables(self, ctx: PlanContext, basis: str, dim: str, k: int) -> list[Variable]:
         s, n, x = len(ctx.checkpoints), ctx.num_tokens, suffix(basis)
         grid, pairs = {"step": s, dim: k, "token": n}, {"step": s, "token": n}
-        curv, mid = self._needs()
+        curv, mid = self._needs(basis)
         out = [
             Variable.of(f"proj_grad{x}", grid, "float32", doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
             Variable.of(f"step_proj{x}", {"step": s, dim: k}, doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"),
@@ -328,7 +338,6 @@ class Polca(Analysis[PolcaParams]):
 
     def _project(self, ctx: UnitContext, t: int) -> list[Write]:
         patterns = self._check(ctx)
-        curv, mid = self._needs()
         last = t + 1 == len(ctx.checkpoints)
         dtype = self._dtype(ctx)
         following = None if last else as_dtype(ctx.load_model(t + 1), dtype)
@@ -346,10 +355,11 @@ class Polca(Analysis[PolcaParams]):
             vectors_per_pass=compute.vectors_per_pass,
         )
         step = None if theta_next is None else theta_next - theta
+        mid = any(self._needs(b)[1] for b in self.params.bases)
         midpoint = _midpoint(model, following) if mid and following is not None else None
         parts: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
-            x = suffix(name)
+            x, (curv, at_midpoint) = suffix(name), self._needs(name)
             for rows in _stream(ctx, BASIS_VARIABLES[name][0], compute.vectors_per_pass):
                 chunk = torch.from_numpy(rows).to(theta)
                 here = project(chunk, second=curv)
@@ -358,7 +368,7 @@ class Polca(Analysis[PolcaParams]):
                     parts.setdefault(f"proj_curv{x}", []).append(here.second.cpu().numpy())
                 if step is not None:
                     parts.setdefault(f"step_proj{x}", []).append((chunk @ step).cpu().numpy())
-                if midpoint is not None:
+                if midpoint is not None and at_midpoint:
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
         norm = np.array(np.nan if step is None else float(step.norm()))
@@ -374,7 +384,7 @@ class Polca(Analysis[PolcaParams]):
         ]
 
     def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
-        curv, mid = self._needs()
+        curv, mid = self._needs(basis)
         x = suffix(basis)
         p = ctx.read(f"proj_grad{x}").astype(np.float64)
         d = ctx.read(f"step_proj{x}")[:-1]

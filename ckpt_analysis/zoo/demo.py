@@ -21,6 +21,7 @@ from ckpt_analysis.report import (
     TrajectoryScores,
     alignment_table,
     cluster_table,
+    conservation,
     plot_alignment,
     plot_clusters,
     plot_validity,
@@ -29,7 +30,8 @@ from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
-from ckpt_analysis.zoo.train import TrainConfig, answer_accuracy, train_addition
+from ckpt_analysis.zoo.tasks import arithmetic
+from ckpt_analysis.zoo.train import TrainConfig, answer_accuracy, train_arithmetic
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ class DemoResult:
     participation: np.ndarray
     """``(step, layer)`` at ``resid_post``: trace of the covariance and its participation ratio."""
     scores: list[TrajectoryScores]
-    explained: float
+    explained: dict[str, dict[str, float]]
+    """Per basis and second-order variant, the fraction of the loss change POLCA explains."""
     plots: list[Path]
     alignment: dict[float, list[AlignmentRow]]
     """Leading-term alignment of the one-hot model per step size η."""
@@ -68,13 +71,12 @@ def train_or_reuse(run_dir: Path, train: TrainConfig, *, force: bool = False) ->
     last = run_dir / f"checkpoint-{train.steps - train.steps % train.save_every}"
     if force or not last.is_dir():
         log.info("training the tiny addition model into %s", run_dir)
-        return train_addition(run_dir, train)
+        return train_arithmetic(run_dir, train)
     from transformers import AutoModelForCausalLM
 
-    from ckpt_analysis.zoo.tasks.addition import build_tokenizer
-
     quiet_transformers_bars()
-    return answer_accuracy(AutoModelForCausalLM.from_pretrained(last), build_tokenizer())
+    model = AutoModelForCausalLM.from_pretrained(last)
+    return answer_accuracy(model, arithmetic.build_tokenizer(), train.task)
 
 
 def polca_job(train: TrainConfig) -> str:
@@ -83,7 +85,8 @@ def polca_job(train: TrainConfig) -> str:
     spacing = train.save_every
     basis_every = spacing * max(1, train.steps // (16 * spacing))
     lag = spacing * max(1, min(100, train.steps // 8) // spacing)
-    return job_text("demo_polca", basis_every=basis_every, lag=lag)
+    label = arithmetic.LABEL[train.task]
+    return job_text("demo_polca", basis_every=basis_every, lag=lag, task=train.task, label=label)
 
 
 def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = False) -> DemoResult:
@@ -114,7 +117,7 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
         total_variance=np.trace(cov, axis1=-2, axis2=-1),
         participation=participation_ratio(cov),
         scores=cluster_table(polca_ds),
-        explained=float(polca_ds.polca_explained.sel(variant="none")),
+        explained=conservation(polca_ds),
         plots=[
             *plot_clusters(polca_ds, workdir / "plots"),
             plot_validity(polca_ds, workdir / "plots" / "polca_validity.png"),

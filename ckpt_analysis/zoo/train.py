@@ -1,10 +1,10 @@
-"""A tiny trainer: a small GPTNeoX learns 3-digit addition and saves HF checkpoints as it goes."""
+"""A tiny trainer: a small GPTNeoX learns 3-digit addition or subtraction, saving HF checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -12,7 +12,7 @@ import torch
 
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.progress import progress, quiet_transformers_bars
-from ckpt_analysis.zoo.tasks import addition
+from ckpt_analysis.zoo.tasks import arithmetic
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM
@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Model size and optimisation settings of the tiny addition run."""
+    """Task, model size and optimisation settings of the tiny arithmetic run."""
 
+    task: arithmetic.Operation = "addition"
     steps: int = 600
     save_every: int = 50
     batch_size: int = 128
@@ -37,6 +38,11 @@ class TrainConfig:
     num_layers: int = 2
     num_heads: int = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def with_paper_optimiser(config: TrainConfig) -> TrainConfig:
+    """``config`` with the POLCA paper's AdamW: betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps."""
+    return replace(config, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=100)
 
 
 def tiny_gpt_neox(
@@ -69,7 +75,7 @@ def tiny_gpt_neox(
 def answer_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer digits only."""
     logits = model(input_ids=ids).logits
-    pos = torch.tensor(addition.ANSWER_POSITIONS, device=ids.device)
+    pos = torch.tensor(arithmetic.ANSWER_POSITIONS, device=ids.device)
     return torch.nn.functional.cross_entropy(logits[:, pos - 1].flatten(0, 1), ids[:, pos].flatten())
 
 
@@ -80,16 +86,16 @@ def _save(model: torch.nn.Module, tokenizer: object, out: Path, step: int) -> No
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
 
 
-def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
+def train_arithmetic(out: Path, config: TrainConfig = TrainConfig()) -> float:
     """Train on fresh random problems each step, saving ``checkpoint-<N>`` every ``save_every``.
 
     Returns the final answer-digit accuracy on held-out problems.
     """
 
     quiet_transformers_bars()
-    tokenizer = addition.build_tokenizer()
+    tokenizer = arithmetic.build_tokenizer()
     model = tiny_gpt_neox(
-        len(addition.VOCAB),
+        len(arithmetic.VOCAB),
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
@@ -107,8 +113,9 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
     _save(model, tokenizer, out, 0)
     with progress(config.steps, "training") as advance:
         for step in range(1, config.steps + 1):
-            a, b = addition.problems(config.batch_size, seed=config.seed * 1_000_003 + step)
-            loss = answer_loss(model, torch.from_numpy(addition.encode(tokenizer, a, b)).to(device))
+            a, b = arithmetic.problems(config.batch_size, config.seed * 1_000_003 + step, config.task)
+            ids = arithmetic.encode(tokenizer, a, b, config.task)
+            loss = answer_loss(model, torch.from_numpy(ids).to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -116,7 +123,7 @@ def train_addition(out: Path, config: TrainConfig = TrainConfig()) -> float:
             if step % config.save_every == 0:
                 _save(model, tokenizer, out, step)
             advance(f"loss {loss.item():.3f}", True)
-    return answer_accuracy(model, tokenizer)
+    return answer_accuracy(model, tokenizer, config.task)
 
 
 HELD_OUT_SEED = 2**32 - 1
@@ -125,10 +132,13 @@ HELD_OUT_SEED = 2**32 - 1
 
 
 @torch.no_grad()
-def answer_accuracy(model: torch.nn.Module, tokenizer: object, n: int = 512) -> float:
+def answer_accuracy(
+    model: torch.nn.Module, tokenizer: object, task: arithmetic.Operation = "addition", n: int = 512
+) -> float:
     """Teacher-forced accuracy of the answer digits on held-out problems."""
-    a, b = addition.problems(n, seed=HELD_OUT_SEED)
-    ids = torch.from_numpy(addition.encode(tokenizer, a, b)).to(next(model.parameters()).device)  # type: ignore[arg-type]
-    pos = torch.tensor(addition.ANSWER_POSITIONS, device=ids.device)
+    a, b = arithmetic.problems(n, HELD_OUT_SEED, task)
+    encoded = arithmetic.encode(tokenizer, a, b, task)  # type: ignore[arg-type]
+    ids = torch.from_numpy(encoded).to(next(model.parameters()).device)
+    pos = torch.tensor(arithmetic.ANSWER_POSITIONS, device=ids.device)
     pred = model(input_ids=ids).logits[:, pos - 1].argmax(-1)
     return float((pred == ids[:, pos]).float().mean())

@@ -189,6 +189,24 @@ def test_random_and_axis_bases_run_through_the_same_pipeline(polca_store) -> Non
         assert np.isfinite(ds[f"basis_{x}_eigval"].values).all(), x
 
 
+def test_all_variants_can_be_measured_on_chosen_bases_only(polca_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job, full = polca_store
+    polca = {"bases": ["hessian", "random"], "measure_all_variants": ["hessian"]}
+    analyses = {**job.analyses, "polca": polca}
+    run = Path(str(job.checkpoints.path))
+    raw = job_dict(run, tmp_path / "h.zarr", analyses=analyses, data={"num_examples": 16})
+    run_job(job_from_dict(raw, base=tmp_path))
+    ds = open_results(tmp_path / "h.zarr")
+    np.testing.assert_allclose(ds.polca_explained.values, full.polca_explained.values, rtol=1e-6)
+    assert "proj_curv" in ds and "proj_curv_random" not in ds and "proj_grad_mid_random" not in ds
+    random = ds.polca_explained_random.to_series()
+    assert random[["exact", "simpson"]].isna().all() and random[["none", "trapezoid"]].notna().all()
+    analyses["polca"] = {"bases": ["hessian"], "measure_all_variants": ["axis"]}
+    raw = job_dict(run, tmp_path / "x.zarr", analyses=analyses)
+    with pytest.raises(JobSpecError, match=r"measure_all_variants names 'axis', not in bases"):
+        prepare_store(job_from_dict(raw, base=tmp_path), force=False)
+
+
 def test_paper_variant_on_other_bases_needs_their_rayleigh_quotients(polca_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     job, _ = polca_store
     analyses = {
@@ -308,6 +326,8 @@ def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) 
         text=True,
         check=False,
     )
-    assert cli.returncode == 0 and "relative error of each prediction" in " ".join(cli.stdout.split()), (
-        cli.stderr
-    )
+    printed = " ".join(cli.stdout.split())
+    assert cli.returncode == 0 and "relative error of each prediction" in printed, cli.stderr
+    assert "each second-order variant explains" in printed and "second_order = 'trapezoid'" in printed
+    for basis in ("hessian", "random", "axis"):
+        assert f"│ {basis} " in cli.stdout, basis
