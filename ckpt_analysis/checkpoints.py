@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PYTHIA_TOKENS_PER_STEP = 2_097_152
+
+
+def is_pythia(repo: str | None) -> bool:
+    """Whether ``repo`` is one of the Pythia suite's (``EleutherAI/pythia-*``), all trained on
+    batches of 1024 × 2048 tokens."""
+    return repo is not None and repo.lower().startswith("eleutherai/pythia-")
+
+
 # docs/jobs.md: step0, step1, step2, step4, ..., step512, then step1000 ... step143000 every 1000.
 PYTHIA_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
 PYTHIA_REVISIONS: tuple[str, ...] = tuple(f"step{s}" for s in PYTHIA_STEPS)
@@ -155,7 +163,7 @@ class HubSource(CheckpointSource):
     def _checkpoint(self, revision: str) -> Checkpoint:
         step = self._step(revision)
         per_step = self.spec.tokens_per_step
-        if per_step is None and self.spec.revisions == "pythia":
+        if per_step is None and (self.spec.revisions == "pythia" or is_pythia(self.spec.repo)):
             per_step = PYTHIA_TOKENS_PER_STEP
         seen = None if per_step is None else step * per_step
         return Checkpoint(step=step, revision=revision, ref=revision, tokens_seen=seen)

@@ -174,8 +174,13 @@ def _load_dataset(spec: DataSpec) -> Dataset:
         loaded = loaded[split]
     if len(loaded) == 0:
         raise DataError(f"the dataset at {spec.path} is empty")
+    if spec.num_sequences is not None and spec.num_sequences > len(loaded):
+        raise DataError(
+            f"data.num_sequences = {spec.num_sequences} but {spec.path} has only {len(loaded)} sequences; "
+            "lower it, or leave it out to use them all"
+        )
     if spec.num_sequences is not None:
-        loaded = loaded.select(range(min(spec.num_sequences, len(loaded))))
+        loaded = loaded.select(range(spec.num_sequences))
     return loaded
 
 

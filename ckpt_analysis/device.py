@@ -14,3 +14,18 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device = 'cuda' was asked for but CUDA is not available")
     return device
+
+
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs a job on ``device`` may spread its local workers over: ``CUDA_VISIBLE_DEVICES``
+    as set (ids or UUIDs), else every card torch sees; none when the job runs on the CPU."""
+    import os
+
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]

@@ -88,17 +88,22 @@ class DaskExecutor(Executor):
 
     Each worker process runs ``threads_per_worker`` tasks at once; tasks set torch's own thread
     count themselves (the Dask nanny sets ``OMP_NUM_THREADS=1``). Workers start without the
-    nanny's ``MALLOC_TRIM_THRESHOLD_`` (see ``_TRIM_KEY``).
+    nanny's ``MALLOC_TRIM_THRESHOLD_`` (see ``_TRIM_KEY``). With ``gpus`` (device ids), worker i
+    sees only ``gpus[i % len(gpus)]`` through its own ``CUDA_VISIBLE_DEVICES``, so each worker's
+    ``cuda`` is its own card; more workers than cards share them round-robin.
     """
 
-    def __init__(self, *, workers: int, threads_per_worker: int) -> None:
+    def __init__(self, *, workers: int, threads_per_worker: int, gpus: Sequence[str] = ()) -> None:
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.gpus = tuple(gpus)
 
     def cluster(self) -> Any:
         """A started cluster (a context manager) that the tasks' client connects to."""
         from dask.distributed import LocalCluster
 
+        if self.gpus:
+            return self._pinned_cluster()
         return LocalCluster(
             n_workers=self.workers,
             threads_per_worker=self.threads_per_worker,
@@ -106,6 +111,26 @@ class DaskExecutor(Executor):
             dashboard_address=None,
             silence_logs=logging.WARNING,
         )
+
+    def _pinned_cluster(self) -> Any:
+        """A local cluster of nanny-started workers, each with its own ``CUDA_VISIBLE_DEVICES``."""
+        from dask.distributed import Nanny, Scheduler, SpecCluster
+
+        if self.workers > len(self.gpus):
+            log.warning("%d workers share %d GPUs round-robin", self.workers, len(self.gpus))
+        workers = {
+            i: {
+                "cls": Nanny,
+                "options": {
+                    "nthreads": self.threads_per_worker,
+                    "env": {"CUDA_VISIBLE_DEVICES": self.gpus[i % len(self.gpus)]},
+                    "silence_logs": logging.WARNING,
+                },
+            }
+            for i in range(self.workers)
+        }
+        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
 
     def run(self, tasks: Sequence[Task], fn: TaskFn, on_done: OnDone) -> list[Outcome]:
         import dask
@@ -179,8 +204,10 @@ def make_executor(
     threads_per_worker: int,
     slurm: SlurmSpec | None = None,
     log_directory: str = ".",
+    gpus: Sequence[str] = (),
 ) -> Executor:
-    """The executor named by ``compute.executor`` (``slurm`` takes its resources from ``slurm``)."""
+    """The executor named by ``compute.executor`` (``slurm`` takes its resources from ``slurm``;
+    a local cluster pins one of ``gpus`` to each worker)."""
     if kind == "inprocess":
         return InProcessExecutor()
     if kind == "slurm":
@@ -188,4 +215,4 @@ def make_executor(
         return SlurmDaskExecutor(
             workers=workers, threads_per_worker=threads_per_worker, slurm=spec, log_directory=log_directory
         )
-    return DaskExecutor(workers=workers, threads_per_worker=threads_per_worker)
+    return DaskExecutor(workers=workers, threads_per_worker=threads_per_worker, gpus=gpus)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
 from ckpt_analysis.config import ExecutorKind, JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
+from ckpt_analysis.device import visible_gpus
 from ckpt_analysis.errors import StoreError, one_line
 from ckpt_analysis.execute import Outcome, Task, make_executor
 from ckpt_analysis.plan import content_digests, prepare_store, stored_units, unit_stages, versions
@@ -119,6 +120,34 @@ def _provenance() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), **env}
 
 
+def _memory() -> dict[str, float]:
+    """Peak memory so far: the process's resident set (its lifetime peak, so an upper bound for
+    the unit) and, on CUDA, the unit's own peak of allocated GPU memory (reset at its start)."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def failure_reason(exc: BaseException, job: JobSpec) -> str:
+    """One line for a failed unit; running out of memory names the knobs that bound it."""
+    import torch
+
+    error = one_line(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+        c = job.compute
+        error = (
+            f"out of {where} memory ({error}); lower compute.batch_size (now {c.batch_size}) or "
+            f"compute.vectors_per_pass (now {c.vectors_per_pass}), or the analysis's sample size"
+        )
+    return error
+
+
 def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
@@ -154,6 +183,8 @@ def _run_locked(
         write_sidecar(store, unit.id, {"unit": unit.id, "status": "failed", "error": error, **_provenance()})
         return Outcome(index, unit.id, "failed", error)
     torch.set_num_threads(torch_threads)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
     earlier = read_sidecar(store, unit.id) if flags[index] else None
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
@@ -164,7 +195,7 @@ def _run_locked(
         writes = list(analysis.compute(unit, worker.context))
     except Exception as exc:
         wall = time.time() - start
-        error = one_line(exc)
+        error = failure_reason(exc, worker.job)
         failed = {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()}
         if earlier is not None:  # --force: the earlier result stays, with the failed attempt beside it
             failed = {**earlier, "forced_recompute": {**failed, "wall_s": wall}}
@@ -176,7 +207,8 @@ def _run_locked(
         write_block(store, write)
     set_done(store, index, True)
     wall = time.time() - start
-    write_sidecar(store, unit.id, {**record, "status": "done", "wall_s": wall, "versions": versions()})
+    done = {**record, "status": "done", "wall_s": wall, **_memory(), "versions": versions()}
+    write_sidecar(store, unit.id, done)
     return Outcome(index, unit.id, "done", None, wall)
 
 
@@ -218,6 +250,7 @@ def run_job(
         threads_per_worker=job.compute.threads_per_worker,
         slurm=job.slurm,
         log_directory=str(Path(store) / "slurm" / "dask-workers"),
+        gpus=visible_gpus(job.checkpoints.device),
     )
     fn = functools.partial(_run_unit_fn, store, job_json, job.compute.torch_threads, force)
     with progress(len(tasks), f"{job.name}") as advance:

@@ -87,6 +87,16 @@ def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
     assert check_layout(source, ckpts)["model_type"] == "gpt_neox"
 
 
+def test_pythia_repos_fill_tokens_seen_whatever_revisions_are_listed(tmp_path: Path) -> None:
+    build_fake_hub(tmp_path, "EleutherAI/pythia-70m", ["step0", "step1000"])
+    spec = CheckpointsSpec(
+        source="hub", repo="EleutherAI/pythia-70m", revisions=["step0", "step1000"], cache_dir=str(tmp_path)
+    )
+    assert [c.tokens_seen for c in CheckpointSource.from_spec(spec).checkpoints()] == [0, 2_097_152_000]
+    other = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(tmp_path))
+    assert CheckpointSource.from_spec(other).checkpoints()[0].tokens_seen is None
+
+
 def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
     spec = CheckpointsSpec(
         source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache)

@@ -70,6 +70,16 @@ def test_subtraction_needs_a_tokenizer_that_spells_minus() -> None:
     assert added.input_ids.shape == (4, arithmetic.SEQ_LEN)
 
 
+def test_asking_for_more_sequences_than_the_data_holds_names_both_counts(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["1+1=2", "2+2=4", "3+3=6"]) + "\n")
+    spec = DataSpec(source="dataset", path=str(path), num_sequences=5)
+    with pytest.raises(DataError, match=r"num_sequences = 5 but .* has only 3 sequences"):
+        load_eval_data(spec, tokenizer, max_positions=32, vocab_size=len(arithmetic.VOCAB))
+    spec = DataSpec(source="dataset", path=str(path), num_sequences=2, seq_len=6)
+    assert load_eval_data(spec, tokenizer, max_positions=32, vocab_size=16).input_ids.shape[0] == 2
+
+
 def test_addition_scores_only_answer_digits(tokenizer) -> None:  # type: ignore[no-untyped-def]
     data = load_eval_data(
         DataSpec(source="addition", num_examples=10),

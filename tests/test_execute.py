@@ -1,12 +1,15 @@
 """Executors: the dask-jobqueue SLURM executor's worker script (golden file) and a real SLURM run."""
 
+import os
 import re
 from pathlib import Path
 
+import pytest
 from builders import assert_same_results, build_local_run, job_dict, needs_slurm
 
 from ckpt_analysis.config import SlurmSpec, job_from_dict
-from ckpt_analysis.execute import SlurmDaskExecutor
+from ckpt_analysis.device import visible_gpus
+from ckpt_analysis.execute import DaskExecutor, Outcome, SlurmDaskExecutor, Task
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import done_flags, read_sidecar
 
@@ -69,3 +72,25 @@ def test_worker_scripts_keep_every_sbatch_line_with_quotes_and_substitutions_in_
     )
     assert all(script.splitlines().index(line) < first_command for line in header)
     assert {"#SBATCH --comment=$(touch /tmp/x)", "#SBATCH -p gpu"} <= set(header)
+
+
+def _own_gpu() -> str:
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_each_local_worker_sees_only_its_own_gpu() -> None:
+    from dask.distributed import Client
+
+    executor = DaskExecutor(workers=3, threads_per_worker=1, gpus=("0", "GPU-b"))
+    with executor.cluster() as cluster, Client(cluster) as client:
+        seen = client.run(_own_gpu)
+        outcomes = executor.run(
+            [Task(0, "a"), Task(1, "b", (0,))], lambda i: Outcome(i, "x", "done"), lambda o: None
+        )
+    assert sorted(seen.values()) == ["0", "0", "GPU-b"]  # round-robin, one card per worker
+    assert [o.status for o in outcomes] == ["done", "done"]
+
+
+def test_a_cpu_job_spreads_over_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert visible_gpus("cpu") == []

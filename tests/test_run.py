@@ -21,7 +21,7 @@ from builders import (
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.execute import InProcessExecutor, Outcome, Task
 from ckpt_analysis.plan import prepare_store
-from ckpt_analysis.run import run_job
+from ckpt_analysis.run import failure_reason, run_job
 from ckpt_analysis.store import done_flags, open_results, read_sidecar, unit_states
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]
@@ -44,7 +44,18 @@ def test_dask_local_cluster_gives_the_same_store_as_in_process(
     outcomes = run_job(job)
     assert [o.status for o in outcomes] == ["done"] * 6
     assert_same_results(job.output, reference)
-    assert (read_sidecar(job.output, "covariance/step=0") or {})["pid"] != os.getpid()
+    record = read_sidecar(job.output, "covariance/step=0") or {}
+    assert record["pid"] != os.getpid() and record["peak_rss_mb"] > 50  # torch alone is more
+
+
+def test_running_out_of_memory_names_the_knobs_that_bound_it(run_dir: Path, tmp_path: Path) -> None:
+    compute = {"batch_size": 7, "vectors_per_pass": 3}
+    job = job_from_dict(job_dict(run_dir, tmp_path / "m.zarr", compute=compute), base=tmp_path)
+    reason = failure_reason(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), job)
+    assert reason.startswith("out of GPU memory (OutOfMemoryError: CUDA out of memory.")
+    assert "compute.batch_size (now 7)" in reason and "compute.vectors_per_pass (now 3)" in reason
+    assert failure_reason(MemoryError(), job).startswith("out of host memory")
+    assert failure_reason(ValueError("bad"), job) == "ValueError: bad"
 
 
 def test_rerun_skips_done_units_and_force_recomputes(run_dir: Path, tmp_path: Path) -> None:
