@@ -194,6 +194,41 @@ def submit(
 
 @app.command()
 @_reports_errors
+def resubmit(
+    store: StoreArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would run and write the scripts only.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Return when the last stage has finished.")] = False,
+) -> None:
+    """Submit again only a store's failed, missing and interrupted units, as SLURM arrays.
+
+    Lists each such unit with its reason (as `status` does), then submits the stages that hold
+    them with the job the store was created with (written to STORE/slurm/job.toml). Repair the
+    cause first (a corrupted checkpoint, a too-small --mem): `status STORE` names it. If the job's
+    files have moved since, use `ckpt-analysis submit JOB --output STORE` instead."""
+    from ckpt_analysis.submit import resubmit as resubmit_store
+
+    pending, submitted = resubmit_store(store, dry_run=dry_run, wait=wait)
+    if not pending:
+        out.print(f"{store}: every unit is done; nothing to submit")
+        return
+    table = Table("unit", "state", "reason", title=f"{store}: {len(pending)} units not done")
+    for s in pending:
+        table.add_row(s.unit_id, s.state, s.detail)
+    out.print(table)
+    for stage in submitted:
+        out.print(
+            f"stage {stage.number}: {stage.pending} of {stage.units} units in {stage.tasks} array tasks"
+            + (f", job {stage.job_id}" if stage.job_id else " (dry run)"),
+            highlight=False,
+        )
+    if wait:
+        status(store)
+
+
+@app.command()
+@_reports_errors
 def status(store: StoreArg) -> None:
     """Show which units are done, failed (with the reason), running or missing."""
     from ckpt_analysis.store import unit_states

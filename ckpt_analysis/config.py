@@ -292,6 +292,36 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def to_toml(job: dict[str, Any]) -> str:
+    """A job mapping (e.g. :meth:`JobSpec.to_dict`) as TOML that :func:`load_job` reads back to the
+    same spec; ``None`` values are left out (they are every such option's default)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                tables.append((f"{prefix}{key}", value))
+            elif value is not None:
+                lines.append(f"{json.dumps(key)} = {_toml_value(value)}")
+
+    emit("", job)
+    while tables:
+        name, table = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        emit(f"{name}.", table)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """TOML for a scalar or list; JSON's strings, numbers and arrays are TOML's."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def load_job(path: str | Path, *, output: str | None = None) -> JobSpec:
     """Read and validate a job TOML; relative paths resolve against the job file's folder."""
     path = Path(path)

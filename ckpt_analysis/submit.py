@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import shutil
 import subprocess
@@ -12,11 +13,11 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ckpt_analysis.config import JobSpec, SlurmSpec
+from ckpt_analysis.config import JobSpec, SlurmSpec, job_from_dict, to_toml
 from ckpt_analysis.errors import SubmitError
 from ckpt_analysis.plan import prepare_store, stored_units, unit_stages
 from ckpt_analysis.registry import Unit
-from ckpt_analysis.store import done_flags, store_meta
+from ckpt_analysis.store import UnitState, done_flags, store_meta, unit_states
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,29 @@ class Stage:
 
 
 def stages(units: list[Unit], done: list[bool], *, shards: int) -> list[Stage]:
-    """Group units by :func:`~ckpt_analysis.plan.unit_stages`, with their pending counts."""
+    """Group units by :func:`~ckpt_analysis.plan.unit_stages`, with their pending counts.
+
+    A stage gets at most ``shards`` array tasks and no more than it has pending units: task i runs
+    the stage's units j with j % tasks == i, skipping those already done.
+    """
     numbers = unit_stages(units)
     out = []
     for number in range(max(numbers, default=-1) + 1):
         members = [i for i, s in enumerate(numbers) if s == number]
         analyses = tuple(dict.fromkeys(units[i].analysis for i in members))
         pending = sum(not done[i] for i in members)
-        out.append(Stage(number, len(members), pending, analyses, min(shards, len(members))))
+        out.append(Stage(number, len(members), pending, analyses, min(shards, max(1, pending))))
     return out
+
+
+def max_array_size() -> int | None:
+    """The cluster's ``MaxArraySize`` (array indices run 0 … MaxArraySize − 1), if ``scontrol`` says."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    shown = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True, check=False)
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown.stdout, flags=re.MULTILINE)
+    return int(found.group(1)) if found else None
 
 
 def render_stage(
@@ -107,7 +122,10 @@ def submit(job: JobSpec, job_path: Path, *, dry_run: bool = False, wait: bool = 
     prepare_store(job, force=False)
     store = Path(job.output)
     units = stored_units(store_meta(store))
-    plan = stages(units, [bool(d) for d in done_flags(store)], shards=job.slurm.shards)
+    shards = min(job.slurm.shards, max_array_size() or job.slurm.shards)
+    if shards < job.slurm.shards:
+        log.info("slurm.shards = %d exceeds the cluster's MaxArraySize; using %d", job.slurm.shards, shards)
+    plan = stages(units, [bool(d) for d in done_flags(store)], shards=shards)
     todo = [s for s in plan if s.pending]
     (store / SCRIPTS_DIR / "logs").mkdir(parents=True, exist_ok=True)
     out: list[Stage] = []
@@ -125,6 +143,25 @@ def submit(job: JobSpec, job_path: Path, *, dry_run: bool = False, wait: bool = 
             stage = replace(stage, job_id=job_id)
         out.append(stage)
     return out
+
+
+def resubmit(
+    store: Path, *, dry_run: bool = False, wait: bool = False
+) -> tuple[list[UnitState], list[Stage]]:
+    """Submit again the units of ``store`` that are not done: failed, missing and interrupted.
+
+    The job is the one the store was created with (its root attributes), written to
+    ``STORE/slurm/job.toml`` for the array tasks; returns the units not done (with their reasons
+    from :func:`~ckpt_analysis.store.unit_states`) and the stages submitted. A unit still running
+    under an earlier submission is waited for by its lock, then skipped.
+    """
+    store = Path(store).resolve()
+    job = job_from_dict({**store_meta(store)["job_spec"], "output": str(store)}, base=store.parent)
+    job_path = store / SCRIPTS_DIR / "job.toml"
+    job_path.parent.mkdir(exist_ok=True)
+    job_path.write_text(to_toml(job.to_dict()))
+    pending = [s for s in unit_states(store) if s.state != "done"]
+    return pending, (submit(job, job_path, dry_run=dry_run, wait=wait) if pending else [])
 
 
 def _write_script(job: JobSpec, job_path: Path, stage: Stage, *, last_stage: int) -> Path:

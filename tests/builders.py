@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from ckpt_analysis.config import to_toml
 from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import tiny_gpt_neox
 
@@ -75,32 +75,6 @@ def build_fake_hub(cache_dir: Path, repo: str, revisions: list[str], *, seed: in
         (base / "refs" / revision).write_text(commit)  # no trailing newline, as the Hub writes it
     (base / "refs" / "main").write_text((base / "refs" / revisions[-1]).read_text())
     return cache_dir
-
-
-def to_toml(job: dict[str, Any]) -> str:
-    """Serialise a job mapping (scalars, lists, nested tables) as TOML."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(prefix: str, table: dict[str, Any]) -> None:
-        for key, value in table.items():
-            if isinstance(value, dict):
-                tables.append((f"{prefix}{key}", value))
-            else:
-                lines.append(f"{key} = {_value(value)}")
-
-    emit("", job)
-    while tables:
-        name, table = tables.pop(0)
-        lines.append(f"\n[{name}]")
-        emit(f"{name}.", table)
-    return "\n".join(lines) + "\n"
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)
 
 
 def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:

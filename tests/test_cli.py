@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from builders import build_local_run, save_checkpoint, tiny_model, to_toml, write_job
+from builders import build_local_run, save_checkpoint, tiny_model, write_job
 
+from ckpt_analysis.config import to_toml
 from ckpt_analysis.store import open_results
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]

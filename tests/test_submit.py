@@ -1,22 +1,24 @@
 """SLURM submission: stages, rendered sbatch scripts (golden files), and a real single-node SLURM run."""
 
+import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from builders import assert_same_results, build_local_run, job_dict, needs_slurm, write_job
+from builders import assert_same_results, build_fake_hub, build_local_run, job_dict, needs_slurm, write_job
 
 from ckpt_analysis.config import SlurmSpec, job_from_dict, load_job
 from ckpt_analysis.errors import SubmitError
-from ckpt_analysis.plan import unit_stages
+from ckpt_analysis.plan import prepare_store, unit_stages
 from ckpt_analysis.registry import Unit
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import done_flags, read_array, read_sidecar, unit_states
-from ckpt_analysis.submit import Stage, render_stage, submit
+from ckpt_analysis.submit import Stage, render_stage, resubmit, submit
 
 GOLDEN = Path(__file__).parent / "golden"
 CLI = [sys.executable, "-m", "ckpt_analysis"]
@@ -207,3 +209,90 @@ def test_a_newline_in_the_job_name_never_reaches_a_script(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "name = 'sweep\\ntouch /tmp/X\\n' holds a control character" in result.stderr
     assert not (tmp_path / "ok.zarr").exists()
+
+
+def test_resubmit_dry_run_lists_what_is_not_done_and_only_its_stages(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "again")
+    prepare_store(load_job(path), force=False)
+    run_job(load_job(path), stage=0, shard=0, num_shards=1)
+    run_job(load_job(path), stage=3, shard=0, num_shards=1)  # fails: its inputs are not done
+    pending, stages = resubmit(tmp_path / "again.zarr", dry_run=True)
+    assert {s.state for s in pending} == {"failed", "missing"}
+    assert [s.number for s in stages] == [1, 2, 3, 4]
+    assert all(s.tasks == min(2, s.pending) for s in stages)
+    written = load_job(tmp_path / "again.zarr" / "slurm" / "job.toml")
+    assert written == load_job(path, output=str((tmp_path / "again.zarr").resolve()))
+
+
+def _hub_job(tmp_path: Path, name: str) -> Path:
+    cache = build_fake_hub(tmp_path / "hub", "org/neox", ["step0", "step1", "step2"])
+    checkpoints = {"source": "hub", "repo": "org/neox", "revisions": ["step0", "step1", "step2"]}
+    overrides = {
+        "checkpoints": {**checkpoints, "cache_dir": str(cache)},
+        "analyses": {"covariance": {"sites": ["resid_post"]}, "token_loss": {}},
+        "data": {"num_examples": 16},
+        "slurm": {"shards": 4},
+    }
+    return write_job(tmp_path / f"{name}.toml", tmp_path, tmp_path / f"{name}.zarr", name=name, **overrides)
+
+
+def _cli(*args: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+
+
+@needs_slurm()
+def test_resubmit_after_repairing_a_corrupted_checkpoint_recomputes_only_its_units(tmp_path: Path) -> None:
+    path = _hub_job(tmp_path, "hub")
+    store = tmp_path / "hub.zarr"
+    repo = tmp_path / "hub" / "models--org--neox"
+    commit = (repo / "refs" / "step1").read_text().strip()
+    weights = (repo / "snapshots" / commit / "model.safetensors").resolve()  # the blob
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + bytes(64))
+    first = _cli("submit", path, "--wait")
+    assert first.returncode == 1 and "2 failed" in first.stdout, first.stdout + first.stderr
+    failed = [s for s in unit_states(store) if s.state == "failed"]
+    assert failed and all("is corrupt" in s.detail for s in failed), failed
+    assert sum(done_flags(store)) == len(done_flags(store)) - len(failed)
+    kept = {s.unit_id: read_sidecar(store, s.unit_id) for s in unit_states(store) if s.state == "done"}
+    weights.write_bytes(good)  # the repair
+    again = _cli("resubmit", store, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert all(s.unit_id in again.stdout for s in failed)
+    assert done_flags(store).all()
+    for unit, record in kept.items():  # done units were not recomputed
+        assert read_sidecar(store, unit) == record, unit
+    reference = load_job(path, output=str(tmp_path / "ref.zarr"))
+    run_job(reference)
+    assert_same_results(store, reference.output)
+
+
+@needs_slurm()
+def test_scancel_mid_run_then_resubmit_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    path = _staged_job(tmp_path, "cancelled")
+    store = tmp_path / "cancelled.zarr"
+    started = _cli("submit", path)
+    assert started.returncode == 0, started.stdout + started.stderr
+    for _ in range(600):
+        if done_flags(store).any():
+            break
+        time.sleep(0.2)
+    names = [f"cancelled-stage{i}" for i in range(5)]
+    for name in reversed(names):  # later stages first: cancelling one releases its dependants
+        subprocess.run(["scancel", "-n", name], check=True)
+    for _ in range(300):
+        queue = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, check=False)
+        if not set(queue.stdout.split()) & set(names):
+            break
+        time.sleep(0.2)
+    assert not done_flags(store).all()  # interrupted part-way
+    again = _cli("resubmit", store, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert done_flags(store).all()
+    reference = job_from_dict(
+        job_dict(tmp_path / "run", tmp_path / "ref.zarr", analyses=ANALYSES, data={"num_examples": 16}),
+        base=tmp_path,
+    )
+    run_job(reference)
+    assert_same_results(store, reference.output)
