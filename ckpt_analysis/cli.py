@@ -143,15 +143,87 @@ def run(
 
 @app.command()
 @_reports_errors
-def plan(job: JobArg, output: OutputOpt = None, force: ForceOpt = False) -> None:
-    """Validate a job and create its store without computing (SLURM shards need this first)."""
+def plan(
+    job: JobArg,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Print time, memory and store size per analysis and for the whole sweep; create nothing.",
+        ),
+    ] = False,
+    calibrate: Annotated[
+        bool, typer.Option(help="With --estimate: time analyses no finished unit measured yet.")
+    ] = True,
+) -> None:
+    """Validate a job and create its store without computing (SLURM shards need this first).
+
+    With --estimate, nothing is created: per analysis it prints units, time and peak memory per
+    unit, store size, and totals for the sweep on this device. Times come from the store's
+    finished units when there are some, else from running each analysis's first unit here
+    (--no-calibrate skips that). Example: `ckpt-analysis plan jobs/pythia_covariance.toml --estimate`."""
     from ckpt_analysis.config import load_job
     from ckpt_analysis.plan import prepare_store
 
     spec = load_job(job, output=output)
     _offline_if_cached(spec)
+    if estimate:
+        _print_estimate(spec, calibrate=calibrate)
+        return
     action = prepare_store(spec, force=force)
     out.print(f"{spec.output}: {'store exists, spec unchanged' if action == 'resume' else 'created'}")
+
+
+def _print_estimate(spec: JobSpec, *, calibrate: bool) -> None:
+    from ckpt_analysis.estimate import device_name, estimate
+
+    rows = estimate(spec, calibrate=calibrate)
+    table = Table(
+        "analysis",
+        "units",
+        "s / unit",
+        "unit-hours",
+        "peak RSS / unit",
+        "peak GPU / unit",
+        "store",
+        "from",
+        title=f"{spec.name} on this device ({device_name(spec.checkpoints.device)})",
+    )
+    for r in rows:
+        table.add_row(
+            r.analysis,
+            str(r.units),
+            "—" if r.seconds is None else f"{r.seconds:.3g}",
+            "—" if r.total_seconds is None else f"{r.total_seconds / 3600:.3g}",
+            _size(r.peak_rss_mb, 2**20),
+            _size(r.gpu_peak_mb, 2**20),
+            _size(r.store_bytes, 1),
+            r.source,
+        )
+    out.print(table)
+    hours = sum(r.total_seconds or 0.0 for r in rows) / 3600
+    unmeasured = [r.analysis for r in rows if r.seconds is None]
+    out.print(
+        f"sweep: {hours:.3g} unit-hours"
+        + (f" (without {', '.join(unmeasured)})" if unmeasured else "")
+        + f", about {hours / spec.compute.workers:.3g} h on {spec.compute.workers} local workers; "
+        f"store {_size(sum(r.store_bytes for r in rows), 1)}",
+        highlight=False,
+    )
+
+
+def _size(value: float | None, unit: int) -> str:
+    """``value`` × ``unit`` bytes in B … TB."""
+    if value is None:
+        return "—"
+    size = value * unit
+    for prefix in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {prefix}"
+        size /= 1000
+    return f"{size:.3g} TB"
 
 
 @app.command()

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -220,6 +221,7 @@ def run_job(
     shard: int | None = None,
     num_shards: int = 1,
     stage: int | None = None,
+    only: Collection[str] | None = None,
 ) -> list[Outcome]:
     """Plan (or resume) ``job``'s store, then run its units; returns one Outcome per unit run.
 
@@ -227,6 +229,7 @@ def run_job(
     units ``i`` with ``i % num_shards == shard`` run, in-process; with ``stage`` too, the units of
     that stage (:func:`~ckpt_analysis.plan.unit_stages`) are numbered alone and sharded so. A unit
     whose dependencies are not done fails with that reason (in its sidecar) and writes no data.
+    ``only`` restricts the run to those unit ids (``plan --estimate``'s calibration).
     """
     store = job.output
     if shard is None:
@@ -243,6 +246,8 @@ def run_job(
         tasks = [t for t, s in zip(tasks, unit_stages(worker.units), strict=True) if s == stage]
     if shard is not None:
         tasks = [t for position, t in enumerate(tasks) if position % num_shards == shard]
+    if only is not None:
+        tasks = [t for t in tasks if t.name in only]
     kind = "inprocess" if shard is not None else executor or job.compute.executor
     runner = make_executor(
         kind,
