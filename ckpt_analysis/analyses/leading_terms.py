@@ -35,7 +35,10 @@ CORPORA = ("real", "shuffled")
 STATS = ("bigram", "context", "interchange", "value", "g", "qk")
 ACTIVATION_COMPARISONS = ("value_resid_pre", "value_resid_mid", "value_resid_post", "qk", "qk_T")
 WEIGHT_COMPARISONS = ("WO_bigram", "V_value", "W_qk", "W_qk_T", "P_delta")
+TARGETS = ("value", "qk", "qk_T")
+"""The alignment targets, computed once per job by ``lt_alignment/targets`` (docs/leading_terms.md)."""
 _TOKEN_BATCH = 1024
+TARGETS_UNIT = "targets"
 
 
 # --- docs/leading_terms.md formulas ---
@@ -52,6 +55,23 @@ def rownorm(m: torch.Tensor) -> torch.Tensor:
     """Each row scaled to unit Euclidean norm; all-zero rows stay zero (docs/leading_terms.md)."""
     norm = m.norm(dim=1, keepdim=True)
     return m / torch.where(norm > 0, norm, 1.0)
+
+
+def attention_rowcov(pre: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``rowcov(A_tok)``, ``A_tok = E_pre M E_preᵀ`` (docs/leading_terms.md, "Alignment"), without
+    forming A_tok: centring each row of A_tok over its K columns gives E_pre M Ẽᵀ with
+    Ẽ = E_pre − 1ēᵀ (ē the token mean), so rowcov(A_tok) = E_pre W E_preᵀ with
+    W = M ẼᵀẼ Mᵀ / (K − 1). O(K²d + Kd²) instead of O(K³)."""
+    pre, m = pre.to(torch.float64), m.to(torch.float64)
+    centred = pre - pre.mean(dim=0, keepdim=True)
+    w = m @ (centred.T @ centred) @ m.T / (pre.shape[0] - 1)
+    return pre @ w @ pre.T
+
+
+def alignment_targets(value: torch.Tensor, qk: torch.Tensor) -> list[torch.Tensor]:
+    """The prediction side of docs/leading_terms.md, "Alignment": rowcov(rownorm(·)) of V*, Q̄
+    and Q̄ᵀ, in :data:`TARGETS` order."""
+    return [rowcov(rownorm(t.to(torch.float64))) for t in (value, qk, qk.T)]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,7 +236,10 @@ def _check_token_model(ctx: PlanContext, analysis: str) -> None:
 class TokenCovParams:
     """``[analyses.token_cov]`` options."""
 
-    sites: list[TokenSite] = field(default_factory=lambda: list(TOKEN_SITES))
+    sites: list[TokenSite] = field(default_factory=lambda: ["resid_post"])
+    form: Literal["factor", "cov"] = "factor"
+    """``factor``: the activations E (K × d), whose ``numpy.cov`` is the matrix, d/K of its size;
+    ``cov``: the K × K matrix itself (docs/leading_terms.md, "Token-indexed covariance")."""
     bos: bool = False
     store_dtype: Literal["float32", "float64"] = "float32"
 
@@ -226,7 +249,8 @@ class TokenCovParams:
 
 @register
 class TokenCov(Analysis[TokenCovParams]):
-    """``token_cov`` (step, layer, token_site, vocab, vocab_b): rowcov of token-indexed activations."""
+    """Token-indexed activations ``token_act`` (step, layer, token_site, vocab, hidden), or their
+    row covariance ``token_cov`` (step, layer, token_site, vocab, vocab_b) with ``form = "cov"``."""
 
     name = "token_cov"
 
@@ -243,9 +267,14 @@ class TokenCov(Analysis[TokenCovParams]):
             "layer": int(ctx.model_config["num_hidden_layers"]),
             "token_site": len(self.params.sites),
             "vocab": k,
-            "vocab_b": k,
         }
-        return [_k_by_k("token_cov", sizes, self.params.store_dtype, "numpy.cov(E), tokens as variables")]
+        dtype = self.params.store_dtype
+        if self.params.form == "cov":
+            doc = "numpy.cov(E), tokens as variables"
+            return [_k_by_k("token_cov", {**sizes, "vocab_b": k}, dtype, doc)]
+        hidden = int(ctx.model_config["hidden_size"])
+        doc = "E: each vocabulary token's activation, fed alone; numpy.cov(E) is token_cov"
+        return [Variable.of("token_act", {**sizes, "hidden": hidden}, dtype, unit_axes=1, doc=doc)]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         _check_token_model(ctx, self.name)
@@ -255,11 +284,17 @@ class TokenCov(Analysis[TokenCovParams]):
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
         acts = token_activations(model, ctx.read("vocab_id"), bos=_bos(model, self.params.bos))
-        cov = [
-            [rowcov(acts[s][layer]).cpu().numpy() for s in self.params.sites]
+        keep = rowcov if self.params.form == "cov" else _float64
+        values = [
+            [keep(acts[s][layer]).cpu().numpy() for s in self.params.sites]
             for layer in range(len(acts["resid_pre"]))
         ]
-        return [Write("token_cov", (unit.checkpoint,), np.array(cov))]
+        name = "token_cov" if self.params.form == "cov" else "token_act"
+        return [Write(name, (unit.checkpoint,), np.array(values))]
+
+
+def _float64(e: torch.Tensor) -> torch.Tensor:
+    return e.to(torch.float64)
 
 
 def _bos(model: nn.Module, wanted: bool) -> int | None:
@@ -298,7 +333,10 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
         return WEIGHT_COMPARISONS if self.mode(ctx.model_config) == "weights" else ACTIVATION_COMPARISONS
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        return {"comparison": np.array(self._comparisons(ctx), dtype=object)}
+        coords = {"comparison": np.array(self._comparisons(ctx), dtype=object)}
+        if self.mode(ctx.model_config) == "activations":
+            coords["lt_target"] = np.array(TARGETS, dtype=object)
+        return coords
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         sizes = {
@@ -308,7 +346,13 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
             "corpus": len(CORPORA),
         }
         doc = "uncentred cosine with the leading-term prediction (docs/leading_terms.md)"
-        return [Variable.of("lt_score", sizes, doc=doc)]
+        score = Variable.of("lt_score", sizes, doc=doc)
+        if self.mode(ctx.model_config) == "weights":
+            return [score]
+        stats = CorpusStatsAnalysis.from_spec(ctx.job.analyses[CorpusStatsAnalysis.name]).params
+        k = stats.vocab_size
+        grid = {"corpus": len(CORPORA), "lt_target": len(TARGETS), "vocab": k, "vocab_b": k}
+        return [score, _k_by_k("lt_target_cov", grid, stats.store_dtype, "rowcov(rownorm(·)) of V*, Q̄, Q̄ᵀ")]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         mode = self.mode(ctx.model_config)
@@ -324,10 +368,16 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
                     "include step 0 in the checkpoint selection"
                 )
         deps = ("corpus_stats/corpus",)
-        return [Unit(self.name, f"step={c.step}", i, deps) for i, c in enumerate(ctx.checkpoints)]
+        shared: list[Unit] = []
+        if mode == "activations":  # the targets, once per job (docs/leading_terms.md, "Alignment")
+            shared = [Unit(self.name, TARGETS_UNIT, None, deps)]
+            deps = (shared[0].id,)
+        per_step = [Unit(self.name, f"step={c.step}", i, deps) for i, c in enumerate(ctx.checkpoints)]
+        return shared + per_step
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
-        assert unit.checkpoint is not None
+        if unit.checkpoint is None:
+            return self._targets(ctx)
         model = ctx.load_model(unit.checkpoint)
         vocab = ctx.read("vocab_id")
         if self.mode(ctx.model_config) == "weights":
@@ -336,21 +386,30 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
             scores = self._activations(model, vocab, ctx)
         return [Write("lt_score", (unit.checkpoint,), scores)]
 
-    def _activations(self, model: nn.Module, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
-        """(layer, comparison, corpus) scores against rowcov(rownorm(·)) of V*, Q̄ and Q̄ᵀ."""
+    def _targets(self, ctx: UnitContext) -> list[Write]:
+        """``lt_target_cov``: the targets of both corpora, on the job's device, once per job."""
+        device = resolve_device(ctx.job.checkpoints.device)
         value, qk = ctx.read("lt_value"), ctx.read("lt_qk")
-        targets = [
-            [rowcov(rownorm(torch.from_numpy(m).to(torch.float64))) for m in (value[r], qk[r], qk[r].T)]
-            for r in range(len(CORPORA))
-        ]
+        writes = []
+        for r in range(len(CORPORA)):
+            v, q = (torch.from_numpy(m[r]).to(device) for m in (value, qk))
+            for j, target in enumerate(alignment_targets(v, q)):
+                writes.append(Write("lt_target_cov", (r, j), target.cpu().numpy()))
+        return writes
+
+    def _activations(self, model: nn.Module, vocab: np.ndarray, ctx: UnitContext) -> np.ndarray:
+        """(layer, comparison, corpus) scores against the job's stored targets, on the model's device."""
+        device = next(model.parameters()).device
+        stored = torch.from_numpy(ctx.read("lt_target_cov")).to(device, torch.float64)
+        targets = [stored[r] for r in range(len(CORPORA))]
         acts = token_activations(model, vocab, bos=_bos(model, self.params.bos))
         out = []
         for index, layer in enumerate(decoder_layers(model)):
             pre = acts["resid_pre"][index]
             pre = layer_norm_input(pre, layer) if self.params.fold_ln else pre.to(torch.float64)
             m = query_key_matrix(layer, fold_ln=self.params.fold_ln).to(pre.device)
-            attn = rowcov(pre @ m @ pre.T).cpu()  # A_tok = E_pre M E_preᵀ (docs/leading_terms.md)
-            covs = [rowcov(acts[s][index]).cpu() for s in TOKEN_SITES]
+            attn = attention_rowcov(pre, m)
+            covs = [rowcov(acts[s][index]) for s in TOKEN_SITES]
             out.append(
                 [[*(cosine(c, t[0]) for c in covs), cosine(attn, t[1]), cosine(attn, t[2])] for t in targets]
             )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from builders import build_local_run, dense_corpus_statistics, independent_activations, job_dict
 
+from ckpt_analysis.analyses.leading_terms import attention_rowcov
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.corpus import shuffle_tokens, vocab_index
@@ -36,7 +37,8 @@ NeoxStore = tuple[Path, JobSpec]
 def neox_store(tmp_path_factory: pytest.TempPathFactory) -> NeoxStore:
     root = tmp_path_factory.mktemp("lt")
     run_dir = build_local_run(root / "run", [0, 10])
-    analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {}, "lt_alignment": {}}
+    sites = ["resid_pre", "resid_mid", "resid_post"]
+    analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {"sites": sites}, "lt_alignment": {}}
     job = leading_terms_job(run_dir, root / "lt.zarr", analyses)
     assert all(o.ok for o in run_job(job))
     return root / "lt.zarr", job
@@ -70,17 +72,36 @@ def _token_acts(
     return model, acts
 
 
-def test_token_cov_equals_numpy_cov_of_independently_captured_activations(neox_store: NeoxStore) -> None:
+def test_token_activations_equal_independently_captured_ones_and_give_numpy_cov(
+    neox_store: NeoxStore,
+) -> None:
     store, job = neox_store
     ds = open_results(store)
     vocab = ds.vocab_id.values
+    assert "token_cov" not in ds  # the factor form is the default
     for step_index in range(2):
         _, acts = _token_acts(job, step_index, vocab)
         for layer in range(2):
             for site in ("resid_pre", "resid_mid", "resid_post"):
+                got = ds.token_act.isel(step=step_index).sel(layer=layer, token_site=site).values
+                np.testing.assert_allclose(got, acts[site][layer], rtol=1e-5, atol=1e-6)
                 expected = np.cov(acts[site][layer])
-                got = ds.token_cov.isel(step=step_index).sel(layer=layer, token_site=site).values
-                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+                cov = np.cov(got.astype(np.float64))
+                np.testing.assert_allclose(cov, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_token_cov_in_cov_form_equals_numpy_cov(neox_store: NeoxStore, tmp_path: Path) -> None:
+    _, job = neox_store
+    analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {"form": "cov"}}
+    cov_job = leading_terms_job(Path(str(job.checkpoints.path)), tmp_path / "c.zarr", analyses)
+    assert all(o.ok for o in run_job(cov_job))
+    ds = open_results(tmp_path / "c.zarr")
+    assert ds.token_cov.dims == ("step", "layer", "token_site", "vocab", "vocab_b")
+    assert ds.token_site.values.tolist() == ["resid_post"]
+    _, acts = _token_acts(job, 1, ds.vocab_id.values)
+    expected = np.cov(acts["resid_post"][1])
+    got = ds.token_cov.isel(step=1).sel(layer=1, token_site="resid_post").values
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -181,3 +202,10 @@ def test_token_cov_names_the_supported_models(tmp_path: Path) -> None:
     )
     with pytest.raises(JobSpecError, match="not supported \\(supported: 'gpt_neox'\\)"):
         make_plan(job)
+
+
+def test_attention_rowcov_equals_the_dense_k_by_k_formula() -> None:
+    gen = torch.Generator().manual_seed(3)
+    pre, m = torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.randn(6, 6, generator=gen)
+    dense = np.cov((pre @ m.double() @ pre.T).numpy())
+    np.testing.assert_allclose(attention_rowcov(pre, m).numpy(), dense, rtol=1e-10, atol=1e-10)
