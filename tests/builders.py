@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from ckpt_analysis.config import to_toml
+from ckpt_analysis.zoo.standin import write_hub_revision
 from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import tiny_gpt_neox
 
@@ -54,25 +54,11 @@ def build_local_run(
 
 
 def build_fake_hub(cache_dir: Path, repo: str, revisions: list[str], *, seed: int = 0) -> Path:
-    """A Hugging Face cache holding ``repo`` at ``revisions`` as the Hub writes it: ``refs/`` →
-    commit, ``snapshots/<commit>/<file>`` symlinks into ``blobs/``, each blob named by its content
-    (sha256 for weights, git's blob sha1 for small files)."""
-    base = cache_dir / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True, exist_ok=True)
-    (base / "blobs").mkdir(exist_ok=True)
+    """A Hugging Face cache holding ``repo`` at ``revisions`` of a tiny model's trajectory, laid out
+    as the Hub writes it (:func:`~ckpt_analysis.zoo.standin.write_hub_revision`)."""
     for revision, model in zip(revisions, trajectory(len(revisions), seed=seed), strict=True):
-        commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
-        snapshot = save_checkpoint(model, base / "snapshots" / commit)
-        for file in sorted(snapshot.iterdir()):
-            data = file.read_bytes()
-            if file.suffix in (".safetensors", ".bin"):
-                blob = hashlib.sha256(data).hexdigest()
-            else:
-                blob = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
-            (base / "blobs" / blob).write_bytes(data)
-            file.unlink()
-            file.symlink_to(Path("..") / ".." / "blobs" / blob)
-        (base / "refs" / revision).write_text(commit)  # no trailing newline, as the Hub writes it
+        write_hub_revision(cache_dir, repo, revision, model, build_tokenizer())
+    base = cache_dir / ("models--" + repo.replace("/", "--"))
     (base / "refs" / "main").write_text((base / "refs" / revisions[-1]).read_text())
     return cache_dir
 

@@ -97,6 +97,32 @@ def test_pythia_repos_fill_tokens_seen_whatever_revisions_are_listed(tmp_path: P
     assert CheckpointSource.from_spec(other).checkpoints()[0].tokens_seen is None
 
 
+def test_the_pythia_70m_standin_loads_its_float16_weights_in_the_jobs_dtype(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from ckpt_analysis.zoo.standin import pythia_standin
+
+    cache = pythia_standin(tmp_path, ["step0", "step1000"])
+    spec = CheckpointsSpec(
+        source="hub",
+        repo="EleutherAI/pythia-70m",
+        select=["step0", "step1000"],
+        cache_dir=str(cache),
+        dtype="float32",
+        device="cpu",
+    )
+    source = CheckpointSource.from_spec(spec)
+    ckpts = source.checkpoints()
+    assert [c.tokens_seen for c in ckpts] == [0, 1000 * 2_097_152]
+    (weights,) = source.weight_files(ckpts[1])
+    with safe_open(str(weights), "pt") as stored:
+        assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"F16"}  # noqa: SIM118
+    model = source.load(ckpts[1])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert sum(p.numel() for p in model.parameters()) == 70_426_624  # Pythia-70M's count
+    assert check_layout(source, ckpts)["use_parallel_residual"] is True
+
+
 def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
     spec = CheckpointsSpec(
         source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache)
