@@ -1,12 +1,11 @@
-"""POLCA costs and the choice of default second-order variant (docs/polca.md, §8).
+"""POLCA projection costs (docs/benchmarks.md, "POLCA projections").
 
 1. Projections P for N tokens and K directions: forward mode (one JVP per direction, all tokens)
    vs per-token reverse mode (one backward per token, then B·g); values must agree.
 2. Cost per checkpoint relative to K plain forward passes: first order, and with exact c.
-3. Conservation on a demo-scale run (addition model, checkpoints every 20 steps, Algorithm-1
-   basis): fraction of the aggregate loss change each variant explains.
 
-Run: ``python benchmarks/polca.py`` (about 5 minutes on 2 cores).
+The choice of second-order variant is measured over seeds and spacings by
+``benchmarks/polca_variants.py``. Run: ``python benchmarks/polca.py`` (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,13 +18,11 @@ from common import machine, median_time, table
 
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec, job_from_dict
+from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.losses import scored_token_losses
-from ckpt_analysis.run import run_job
-from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 PROBLEMS, K, STEPS, EVERY = 250, 16, 320, 20
@@ -114,35 +111,6 @@ def costs(run: Path) -> None:
     print(f"\nmax |forward − reverse| / max |reverse| = {err:.1e} (bar: 1e-5)\n")
 
 
-def variants(run: Path, tmp: Path) -> None:
-    raw = {
-        "name": "polca-variants",
-        "output": str(tmp / "v.zarr"),
-        "checkpoints": {"source": "local", "path": str(run)},
-        "data": {"source": "addition", "num_examples": PROBLEMS, "seed": 99},
-        "analyses": {
-            "hessian_basis": {"k": 1, "every": EVERY, "random": False, "axis": 0, "sample_sequences": 64},
-            "token_loss": {},
-            "polca": {"measure_all_variants": True},
-        },
-        "compute": {"executor": "local", "workers": 2, "batch_size": PROBLEMS},
-    }
-    run_job(job_from_dict(raw, base=tmp))
-    ds = open_results(tmp / "v.zarr")
-    explained = ds.polca_explained.to_series()
-    print(
-        f"Conservation: {ds.sizes['step']} checkpoints every {EVERY} steps, "
-        f"{ds.sizes['basis']} basis vectors "
-        f"(k = 1 per checkpoint), {ds.sizes['token']} tokens; fraction of the aggregate loss change "
-        "(first → last checkpoint) that Σ_t Σ_b POLCA explains\n"
-    )
-    print(table(["variant", "explained"], [[v, f"{x:.3f}"] for v, x in explained.items()]))
-    print(
-        f"\nbest-conserving: {(explained - 1).abs().idxmin()}; Ritz values "
-        f"{ds.basis_eigval.values.min():.1f} … {ds.basis_eigval.values.max():.1f}"
-    )
-
-
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -154,7 +122,6 @@ def main() -> None:
             f"(answer accuracy {accuracy:.2f})\n"
         )
         costs(tmp / "run")
-        variants(tmp / "run", tmp)
 
 
 if __name__ == "__main__":

@@ -407,6 +407,30 @@ def validity(
 
 @app.command()
 @_reports_errors
+def plot(
+    store: StoreArg,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the PNGs and index.html (default: STORE_plots).")
+    ] = None,
+) -> None:
+    """Draw every analysis present in a store: covariance spectra, Hessian eigenvalues and trace ±
+    stderr, intrinsic dimension, diagnostics by label, POLCA validity and clusters, leading-term
+    alignment; as PNGs plus one index.html that shows them with captions saying what each axis is.
+    Steps spanning decades (Pythia's schedule) get a log step axis; missing values are gaps."""
+    from ckpt_analysis.plots import plot_store
+    from ckpt_analysis.store import open_results
+
+    target = out_dir or store.with_name(f"{store.name.removesuffix('.zarr')}_plots")
+    figures = plot_store(open_results(store), target)
+    if not figures:
+        raise CkptAnalysisError(f"{store} holds no analysis that has figures yet")
+    for figure in figures:
+        out.print(str(figure.path), highlight=False)
+    out.print(f"open {target / 'index.html'}", highlight=False)
+
+
+@app.command()
+@_reports_errors
 def alignment(
     store: StoreArg,
     plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,

@@ -303,7 +303,7 @@ def to_toml(job: dict[str, Any]) -> str:
             if isinstance(value, dict):
                 tables.append((f"{prefix}{key}", value))
             elif value is not None:
-                lines.append(f"{json.dumps(key)} = {_toml_value(value)}")
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
 
     emit("", job)
     while tables:
@@ -311,6 +311,11 @@ def to_toml(job: dict[str, Any]) -> str:
         lines.append(f"\n[{name}]")
         emit(f"{name}.", table)
     return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else a quoted one."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def _toml_value(value: Any) -> str:

@@ -90,6 +90,14 @@ class EvalData:
         return texts, contexts
 
 
+def label_names(spec: DataSpec) -> list[str]:
+    """The per-token label columns a token set has: ``place`` and ``carry``/``borrow`` for the
+    arithmetic tasks, ``data.label_columns`` for a dataset, none for ``topics``."""
+    if spec.source == "addition" or spec.source == "subtraction":
+        return ["place", arithmetic.LABEL[spec.source]]
+    return list(spec.label_columns) if spec.source == "dataset" else []
+
+
 def label_variable(column: str) -> str:
     """The store variable of a label column: ``label_<column>``, or the column's own name when it
     already starts with ``label`` (a column ``label`` is stored as ``label``, not ``label_label``)."""

@@ -6,13 +6,19 @@ import torch
 from torch import nn
 
 
+def scored_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits predicting each scored target and the targets, in row-major (sequence, position)
+    order. docs/jobs.md: ``score_mask[s, t]`` marks token t, predicted by the logits at t − 1."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    scored = score_mask[:, 1:].bool()
+    return logits[:, :-1][scored], input_ids[:, 1:][scored]
+
+
 def scored_token_losses(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Next-token cross-entropy of each scored target, in row-major (sequence, position) order.
-
-    docs/jobs.md: ``score_mask[s, t]`` marks token t, predicted by the logits at position t − 1.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    scored = score_mask[:, 1:].bool()
-    return nn.functional.cross_entropy(logits[:, :-1][scored], input_ids[:, 1:][scored], reduction="none")
+    """Next-token cross-entropy of each scored target (:func:`scored_logits`' order)."""
+    logits, targets = scored_logits(model, input_ids, attention_mask, score_mask)
+    return nn.functional.cross_entropy(logits, targets, reduction="none")

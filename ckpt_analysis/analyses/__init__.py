@@ -1,5 +1,5 @@
 """Built-in analyses; importing this package registers them."""
 
-from ckpt_analysis.analyses import clusters, covariance, hessian, leading_terms, polca
+from ckpt_analysis.analyses import clusters, covariance, diagnostics, geometry, hessian, leading_terms, polca
 
-__all__ = ["clusters", "covariance", "hessian", "leading_terms", "polca"]
+__all__ = ["clusters", "covariance", "diagnostics", "geometry", "hessian", "leading_terms", "polca"]

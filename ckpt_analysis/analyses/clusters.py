@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, suffix
-from ckpt_analysis.data import label_variable
+from ckpt_analysis.data import label_names, label_variable
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import (
     Analysis,
@@ -23,7 +23,6 @@ from ckpt_analysis.registry import (
     Write,
     register,
 )
-from ckpt_analysis.zoo.tasks import arithmetic
 
 Trajectory = Literal["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"]
 PROJECTED = {"polca": "hessian", "polca_random": "random", "polca_axis": "axis", "fisher": "hessian"}
@@ -254,10 +253,10 @@ class Clusters(Analysis[ClusterParams]):
         restrict, values = self.params.restrict, self.params.restrict_values
         if restrict is None:
             return
-        if restrict not in self._label_names(ctx):
+        if restrict not in label_names(ctx.job.data):
             raise JobSpecError(
                 f"analyses.clusters.restrict {restrict!r} is not a label of the data; "
-                f"labels: {self._label_names(ctx) or 'none'}"
+                f"labels: {label_names(ctx.job.data) or 'none'}"
             )
         present = sorted(set(ctx.eval_data.token_labels()[restrict].tolist()) - {-1})
         if not values:
@@ -275,10 +274,10 @@ class Clusters(Analysis[ClusterParams]):
     def variables(self, ctx: PlanContext) -> list[Variable]:
         self._check_lag(np.array([c.step for c in ctx.checkpoints]))
         self._check_restriction(ctx)
-        if self.params.label and self.params.label not in self._label_names(ctx):
+        if self.params.label and self.params.label not in label_names(ctx.job.data):
             raise JobSpecError(
                 f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
-                f"labels: {self._label_names(ctx) or 'none'}"
+                f"labels: {label_names(ctx.job.data) or 'none'}"
             )
         r, v, n, m = (
             len(self.params.trajectories),
@@ -330,12 +329,6 @@ class Clusters(Analysis[ClusterParams]):
                 ),
             ]
         return out
-
-    def _label_names(self, ctx: PlanContext) -> list[str]:
-        source = ctx.job.data.source
-        if source == "addition" or source == "subtraction":
-            return ["place", arithmetic.LABEL[source]]
-        return list(ctx.job.data.label_columns)
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         deps = [u.id for u in TokenLoss.from_spec({}).units(ctx)]

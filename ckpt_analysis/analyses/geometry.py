@@ -1,0 +1,153 @@
+"""Representation geometry per checkpoint, site and layer: TwoNN intrinsic dimension, PCA
+dimensions and participation ratio of a seeded token sample (docs/geometry.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ckpt_analysis.analyses.covariance import participation_ratio
+from ckpt_analysis.config import require_distinct
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.sites import Site, capture
+
+PCA_FRACTIONS = (0.9, 0.95)
+_DISTANCE_ROWS = 256
+
+
+# --- docs/geometry.md formulas ---
+
+
+def nearest_two(points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's distances r1 ≤ r2 to its first and second nearest other point, exact
+    (differences, not the ‖x‖² − 2x·y + ‖y‖² shortcut, so a duplicate is at distance 0)."""
+    points = points.to(torch.float64)
+    r = torch.empty(points.shape[0], 2, dtype=torch.float64)
+    for start in range(0, points.shape[0], _DISTANCE_ROWS):
+        rows = points[start : start + _DISTANCE_ROWS]
+        dist = torch.cdist(rows, points, compute_mode="donot_use_mm_for_euclid_dist")
+        dist[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = float("inf")
+        r[start : start + len(rows)] = dist.topk(2, dim=1, largest=False).values.cpu()
+    return r[:, 0].numpy(), r[:, 1].numpy()
+
+
+def two_nn(r1: np.ndarray, r2: np.ndarray, *, discard: float = 0.1) -> tuple[float, int]:
+    """docs/geometry.md, "TwoNN": the intrinsic dimension and the number of points dropped.
+
+    μ = r2/r1 per point; points with r1 = 0 (duplicates) are dropped and counted; of the N left,
+    the n = ⌊N(1 − discard)⌋ smallest μ are kept; d is the least-squares slope through the origin
+    of −log(1 − F) on log μ, F_i = i/N. NaN when fewer than two points are kept.
+    """
+    distinct = r1 > 0
+    mu = np.sort(r2[distinct] / r1[distinct])
+    n = len(mu)
+    keep = int(n * (1 - discard))
+    if keep < 2:
+        return float("nan"), int((~distinct).sum())
+    x = np.log(mu[:keep])
+    y = -np.log(1 - np.arange(1, keep + 1) / n)
+    return float(x @ y / (x @ x)), int((~distinct).sum())
+
+
+def pca_dimension(eigvals: np.ndarray, fraction: float) -> int:
+    """docs/geometry.md, "PCA dimension": the fewest principal components whose variances sum to
+    at least ``fraction`` of the total."""
+    share = np.cumsum(np.sort(eigvals)[::-1]) / eigvals.sum()
+    return int(np.searchsorted(share, fraction - 1e-12) + 1)
+
+
+@dataclass(frozen=True)
+class GeometryParams:
+    """``[analyses.geometry]`` options."""
+
+    sites: list[Site] = field(default_factory=lambda: ["resid_post"])
+    sample_tokens: int = 2000
+    seed: int = 0
+    discard_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        require_distinct(self.sites, "analyses.geometry.sites")
+        if self.sample_tokens < 3:
+            raise JobSpecError(f"analyses.geometry.sample_tokens = {self.sample_tokens} must be at least 3")
+        if not 0 <= self.discard_fraction < 1:
+            raise JobSpecError(
+                f"analyses.geometry.discard_fraction = {self.discard_fraction} must be in [0, 1)"
+            )
+
+
+@register
+class Geometry(Analysis[GeometryParams]):
+    """TwoNN, PCA dimensions and participation ratio over (step, geom_site, layer), one unit per
+    checkpoint, on the same seeded sample of scored tokens at every checkpoint."""
+
+    name = "geometry"
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        return {
+            "geom_site": np.array(self.params.sites, dtype=object),
+            "pca_fraction": np.array(PCA_FRACTIONS),
+        }
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        grid = {
+            "step": len(ctx.checkpoints),
+            "geom_site": len(self.params.sites),
+            "layer": int(ctx.model_config["num_hidden_layers"]),
+        }
+        return [
+            Variable.of("geom_twonn", grid, doc="TwoNN intrinsic dimension of the token sample"),
+            Variable.of("geom_twonn_dropped", grid, "int64", doc="points dropped: nearest neighbour at 0"),
+            Variable.of(
+                "geom_pca_dim",
+                {**grid, "pca_fraction": len(PCA_FRACTIONS)},
+                "int64",
+                doc="principal components for 90 % / 95 % of the variance",
+            ),
+            Variable.of("geom_participation", grid, doc="participation ratio (tr Σ)² / tr Σ²"),
+            Variable.of("geom_points", grid, "int64", doc="token vectors in the sample"),
+        ]
+
+    def sample(self, ctx: PlanContext | UnitContext) -> np.ndarray:
+        """``(sequences, positions)`` mask of the sampled scored tokens: the same at every checkpoint."""
+        seq, pos = ctx.eval_data.token_index
+        rng = np.random.default_rng(self.params.seed)
+        pick = rng.choice(len(seq), size=min(self.params.sample_tokens, len(seq)), replace=False)
+        mask = np.zeros(ctx.eval_data.score_mask.shape, dtype=bool)
+        mask[seq[pick], pos[pick]] = True
+        return mask
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+        assert unit.checkpoint is not None
+        model = ctx.load_model(unit.checkpoint)
+        device = next(model.parameters()).device
+        sites = tuple(self.params.sites)
+        mask = torch.from_numpy(self.sample(ctx))
+        rows = mask[:0]
+        parts: dict[tuple[Site, int], list[torch.Tensor]] = {}
+
+        def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
+            parts.setdefault((site, layer), []).append(acts[rows.to(acts.device)].to(torch.float64).cpu())
+
+        batch, start = ctx.job.compute.batch_size, 0
+        with torch.inference_mode(), capture(model, sites, collect):
+            for ids, attn, _ in ctx.eval_data.batches(batch, device):
+                rows = mask[start : start + len(ids)]
+                start += len(ids)
+                model.base_model(input_ids=ids, attention_mask=attn)
+        layers = int(ctx.model_config["num_hidden_layers"])
+        grid = [[self._measure(torch.cat(parts[(s, i)])) for i in range(layers)] for s in sites]
+        names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
+        return [
+            Write(name, (unit.checkpoint,), np.array([[cell[k] for cell in row] for row in grid]))
+            for k, name in enumerate(names)
+        ]
+
+    def _measure(self, points: torch.Tensor) -> tuple[float, int, list[int], float, int]:
+        dimension, dropped = two_nn(*nearest_two(points), discard=self.params.discard_fraction)
+        cov = np.cov(points.numpy(), rowvar=False)
+        eigvals = np.clip(np.linalg.eigvalsh(cov), 0, None)
+        pca = [pca_dimension(eigvals, f) for f in PCA_FRACTIONS]
+        return dimension, dropped, pca, float(participation_ratio(cov)), len(points)

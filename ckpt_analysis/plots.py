@@ -1,0 +1,211 @@
+"""Figures for every analysis in a store, and one ``index.html`` that shows them with captions."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ckpt_analysis.analyses.covariance import participation_ratio
+from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity
+
+DECADES = 2.0
+"""Steps spanning more than this many decades get a symmetric-log step axis (step 0 stays visible)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A written PNG and what its axes are."""
+
+    path: Path
+    caption: str
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _step_axis(ax: Any, steps: np.ndarray) -> None:
+    """Label the training-step axis; symmetric-log when the steps span decades (Pythia's schedule)."""
+    positive = steps[steps > 0]
+    if positive.size and np.log10(steps.max() / positive.min()) > DECADES:
+        ax.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
+    ax.set_xlabel("training step")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
+    plt = _pyplot()
+    sites = ds.site.values.tolist()
+    fig, axes = plt.subplots(2, len(sites), figsize=(3.6 * len(sites), 5.6), squeeze=False, sharex=True)
+    cov = ds.act_cov.values.astype(np.float64)  # (step, site, layer, d, d)
+    total, pr = np.trace(cov, axis1=-2, axis2=-1), participation_ratio(cov)
+    for j, site in enumerate(sites):
+        for layer in ds.layer.values.tolist():
+            axes[0][j].plot(ds.step, pr[:, j, layer], marker=".", label=f"layer {layer}")
+            axes[1][j].plot(ds.step, total[:, j, layer], marker=".")
+        axes[0][j].set_title(site)
+        axes[1][j].set_yscale("log")
+        _step_axis(axes[1][j], ds.step.values)
+    axes[0][0].set_ylabel("participation ratio (dims)")
+    axes[1][0].set_ylabel("total variance tr Σ (log)")
+    axes[0][-1].legend(fontsize=7)
+    caption = (
+        "Covariance spectra over training: top, the participation ratio (tr Σ)²/tr Σ² of each layer's "
+        "activation covariance, in dimensions; bottom, the total variance tr Σ (log scale)."
+    )
+    return [Figure(_save(fig, out / "covariance.png"), caption)]
+
+
+def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k in ds.eig.values.tolist():
+        top.plot(ds.step, ds.hessian_eigval.sel(eig=k), marker=".", label=f"λ{k + 1}")
+    top.set_yscale("symlog", linthresh=1e-3)
+    top.set_ylabel("Ritz value (symlog)")
+    top.set_title("top eigenvalues of the curvature operator", fontsize=8)
+    for method in ds.trace_method.values.tolist():
+        value = ds.hessian_trace.sel(trace_method=method)
+        error = ds.hessian_trace_stderr.sel(trace_method=method)
+        bottom.errorbar(ds.step, value, yerr=error, marker=".", capsize=2, label=method)
+    bottom.set_ylabel("trace estimate ± 1 standard error")
+    bottom.set_title("trace (a stochastic estimate, not a sum of eigenvalues)", fontsize=8)
+    for ax in (top, bottom):
+        _step_axis(ax, ds.step.values)
+        ax.legend(fontsize=7)
+    caption = (
+        "Curvature over training: left, the top Ritz values of the curvature operator (symmetric log "
+        "scale: negative values are shown); right, its trace by Hutchinson and Hutch++ with one "
+        "standard error."
+    )
+    return [Figure(_save(fig, out / "hessian.png"), caption)]
+
+
+def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
+    plt = _pyplot()
+    sites = ds.geom_site.values.tolist()
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), squeeze=False)
+    for ax, site in zip(axes[0], sites, strict=True):
+        part = ds.sel(geom_site=site)
+        for layer in ds.layer.values.tolist():
+            line = ax.plot(ds.step, part.geom_twonn.sel(layer=layer), marker=".", label=f"layer {layer}")
+            ax.plot(
+                ds.step,
+                part.geom_pca_dim.sel(layer=layer, pca_fraction=0.9),
+                linestyle="--",
+                color=line[0].get_color(),
+            )
+        ax.set_title(site)
+        ax.set_yscale("log")
+        _step_axis(ax, ds.step.values)
+    axes[0][0].set_ylabel("dimension (log)")
+    axes[0][-1].legend(fontsize=7)
+    caption = (
+        "Intrinsic dimension over training, per layer: solid, TwoNN on the token sample (gaps: every "
+        "sampled vector a duplicate); dashed, principal components for 90 % of the variance."
+    )
+    return [Figure(_save(fig, out / "geometry.png"), caption)]
+
+
+def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
+    plt = _pyplot()
+    figures = []
+    for name in [str(v)[len("diag_by_") :] for v in ds.data_vars if str(v).startswith("diag_by_")]:
+        values = ds[f"diag_by_{name}"]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        for ax, metric, label in zip(
+            axes,
+            ("loss", "correct", "entropy"),
+            ("loss (nats)", "correct@1 (share)", "entropy (nats)"),
+            strict=True,
+        ):
+            for level in ds[f"{name}_value"].values.tolist():
+                ax.plot(
+                    ds.step,
+                    values.sel(diag_metric=metric, **{f"{name}_value": level}),
+                    marker=".",
+                    label=f"{name} = {level}",
+                )
+            ax.set_ylabel(label)
+            _step_axis(ax, ds.step.values)
+        axes[0].legend(fontsize=7)
+        caption = f"Output diagnostics by {name}: mean loss, correct@1 and entropy per value of {name}."
+        figures.append(Figure(_save(fig, out / f"diagnostics_{name}.png"), caption))
+    return figures
+
+
+def _polca(ds: xr.Dataset, out: Path) -> list[Figure]:
+    figures = [
+        Figure(
+            plot_validity(ds, out / "polca_validity.png"),
+            "POLCA per-interval validity: each prediction's relative error in the interval's change of "
+            "the mean token loss (log; 1 = as large as the change) above ‖Δθ‖ per interval.",
+        )
+    ]
+    if "cluster_label" in ds and "polca" in ds.trajectory.values.tolist():
+        figures += [
+            Figure(
+                path,
+                "POLCA clusters: each cluster's mean projected loss L_b (left) beside the exact "
+                "loss of the same tokens (right); dotted line τ.",
+            )
+            for path in plot_clusters(ds, out)
+        ]
+    return figures
+
+
+def _alignment(ds: xr.Dataset, out: Path) -> list[Figure]:
+    caption = (
+        "Leading-term alignment: uncentred cosine of each comparison per layer over training; dotted, "
+        "the same against the token-shuffled corpus (a null)."
+    )
+    return [Figure(plot_alignment({"store": ds}, out / "leading_terms.png"), caption)]
+
+
+PLOTTERS: dict[str, Callable[[xr.Dataset, Path], list[Figure]]] = {
+    "act_cov": _covariance,
+    "hessian_eigval": _hessian,
+    "geom_twonn": _geometry,
+    "diag_token": _diagnostics,
+    "polca_interval_change": _polca,
+    "lt_score": _alignment,
+}
+"""The variable whose presence means an analysis ran, and that analysis's figures."""
+
+
+def plot_store(ds: xr.Dataset, out: Path) -> list[Figure]:
+    """Every figure the store's analyses have, written into ``out``, and ``out/index.html``."""
+    figures = [f for variable, draw in PLOTTERS.items() if variable in ds for f in draw(ds, out)]
+    write_index(figures, out / "index.html")
+    return figures
+
+
+def write_index(figures: list[Figure], path: Path) -> Path:
+    """One page showing each figure that exists, under its caption."""
+    body = "\n".join(
+        f'<figure><img src="{html.escape(f.path.name)}" style="max-width:100%">'
+        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+        for f in figures
+        if f.path.is_file()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<!doctype html><meta charset=utf-8><title>ckpt-analysis figures</title>\n{body}\n")
+    return path

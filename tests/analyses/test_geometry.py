@@ -1,0 +1,93 @@
+"""Geometry: TwoNN against scikit-dimension, duplicates, PCA dimensions and the stored values."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import build_local_run, independent_activations, job_dict
+
+from ckpt_analysis.analyses.geometry import Geometry, nearest_two, pca_dimension, two_nn
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+
+
+def _manifold(n: int, dim: int, ambient: int, seed: int) -> np.ndarray:
+    """``n`` points on a random ``dim``-dimensional linear patch of R^ambient, with a little curve."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, dim))
+    embed = rng.normal(size=(dim, ambient))
+    return np.asarray(latent @ embed + 0.1 * np.sin(latent @ embed))
+
+
+def _skdim(points: np.ndarray) -> float:
+    import skdim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(skdim.id.TwoNN().fit(points).dimension_)
+
+
+@pytest.mark.parametrize(("dim", "ambient"), [(3, 10), (8, 40)])
+def test_two_nn_equals_scikit_dimension_without_duplicates(dim: int, ambient: int) -> None:
+    points = _manifold(600, dim, ambient, seed=dim)
+    ours, dropped = two_nn(*nearest_two(torch.from_numpy(points)))
+    assert dropped == 0
+    assert ours == pytest.approx(_skdim(points), rel=1e-8, abs=1e-8)
+    assert dim * 0.7 < ours < dim * 1.3
+
+
+def test_duplicates_are_dropped_counted_and_leave_a_finite_dimension() -> None:
+    points = _manifold(400, 4, 12, seed=1)
+    doubled = np.concatenate([points, points[:50], np.repeat(points[50:51], 3, axis=0)])
+    ours, dropped = two_nn(*nearest_two(torch.from_numpy(doubled)))
+    assert dropped == 2 * 50 + 4  # every copy of a repeated point has a neighbour at distance 0
+    assert np.isfinite(ours)
+    assert ours == pytest.approx(_skdim(doubled), rel=1e-8)  # scikit-dimension drops them too
+    everything_equal = np.zeros((10, 3))
+    assert np.isnan(two_nn(*nearest_two(torch.from_numpy(everything_equal)))[0])
+
+
+def test_pca_dimension_and_participation_on_planted_spectra() -> None:
+    eig = np.array([5.0, 3.0, 1.0, 0.5, 0.5])  # total 10: 50 %, 80 %, 90 %, 95 %, 100 %
+    assert [pca_dimension(eig, f) for f in (0.5, 0.8, 0.9, 0.95, 1.0)] == [1, 2, 3, 4, 5]
+    assert pca_dimension(eig[::-1], 0.9) == 3  # order does not matter
+
+
+def test_stored_geometry_equals_a_recomputation_from_independent_activations(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10])
+    analyses = {"geometry": {"sites": ["resid_pre", "resid_post"], "sample_tokens": 150, "seed": 4}}
+    job = job_from_dict(job_dict(run, tmp_path / "g.zarr", analyses=analyses), base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    ds = open_results(job.output)
+    source = CheckpointSource.from_spec(job.checkpoints)
+    model = source.load(source.checkpoints()[1], attn="eager")
+    geometry = Geometry.from_spec(analyses["geometry"])
+    from ckpt_analysis.plan import make_plan
+
+    mask = geometry.sample(make_plan(job).context)
+    assert mask.sum() == 150
+    embedded = ds.sel(geom_site="resid_pre", layer=0).isel(step=1)  # one vector per vocabulary digit
+    assert int(embedded.geom_twonn_dropped) > 100 and int(embedded.geom_points) == 150
+    acts = independent_activations(model, make_plan(job).eval_data.input_ids)
+    for site in ("resid_pre", "resid_post"):
+        for layer in range(2):
+            points = acts[site][layer][mask]  # (150, hidden)
+            got = ds.sel(geom_site=site, layer=layer).isel(step=1)
+            dimension, dropped = two_nn(*nearest_two(torch.from_numpy(points)))
+            np.testing.assert_allclose(float(got.geom_twonn), dimension, rtol=1e-5)  # NaN: all duplicates
+            assert int(got.geom_twonn_dropped) == dropped and int(got.geom_points) == 150
+            eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))
+            assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
+            assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-5)
+
+
+def test_geometry_options_are_checked() -> None:
+    with pytest.raises(JobSpecError, match=r"sample_tokens = 2 must be at least 3"):
+        Geometry.from_spec({"sample_tokens": 2})
+    with pytest.raises(JobSpecError, match=r"discard_fraction = 1.0 must be in \[0, 1\)"):
+        Geometry.from_spec({"discard_fraction": 1.0})

@@ -1,0 +1,74 @@
+"""Figures: one or more per analysis present in a store, and an index that links only real files."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from builders import build_local_run, job_dict
+
+from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.plots import Figure, plot_store, write_index
+from ckpt_analysis.run import run_job
+from ckpt_analysis.store import open_results
+
+SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
+
+
+def test_every_analysis_in_a_store_gets_its_figures_and_the_index_shows_them(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10, 20, 30], seed=3, **SMALL)
+    analyses = {
+        "covariance": {"sites": ["resid_pre", "resid_post"]},
+        "hessian": {"k": 2, "trace_probes": 4, "sample_sequences": 8},
+        "geometry": {"sample_tokens": 40},
+        "diagnostics": {},
+        "hessian_basis": {"k": 1, "every": 10, "sample_sequences": 8, "axis": 0},
+        "token_loss": {},
+        "polca": {"bases": ["hessian", "random"]},
+        "clusters": {"trajectories": ["polca", "exact_loss"], "label": "carry", "lag": 10},
+    }
+    raw = job_dict(run, tmp_path / "s.zarr", analyses=analyses, data={"num_examples": 24})
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    shown = subprocess.run(
+        [sys.executable, "-m", "ckpt_analysis", "plot", job.output, "--out", str(tmp_path / "figs")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    expected = {
+        "covariance.png",
+        "hessian.png",
+        "geometry.png",
+        "diagnostics_place.png",
+        "diagnostics_carry.png",
+        "polca_validity.png",
+        "index.html",
+    }
+    assert expected <= names, names
+    assert all((tmp_path / "figs" / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
+    linked = re.findall(r'src="([^"]+)"', (tmp_path / "figs" / "index.html").read_text())
+    assert sorted(linked) == sorted(n for n in names if n.endswith(".png"))
+
+
+def test_the_index_links_only_files_that_exist(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"png")
+    figures = [Figure(tmp_path / "a.png", "A <b>"), Figure(tmp_path / "gone.png", "B")]
+    index = write_index(figures, tmp_path / "i.html")
+    text = index.read_text()
+    assert 'src="a.png"' in text and "gone.png" not in text and "A &lt;b&gt;" in text
+
+
+def test_a_store_without_figures_says_so(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10], **SMALL)
+    raw = job_dict(run, tmp_path / "t.zarr")
+    raw["analyses"] = {"token_loss": {}}
+    job = job_from_dict(raw, base=tmp_path)
+    run_job(job)
+    assert plot_store(open_results(job.output), tmp_path / "figs") == []
+    command = [sys.executable, "-m", "ckpt_analysis", "plot", job.output]
+    shown = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert shown.returncode == 2 and "holds no analysis that has figures yet" in shown.stderr
