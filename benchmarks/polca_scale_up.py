@@ -9,8 +9,10 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 - ``small`` (issue 15): the demo model in a regime of small steps, as the paper trains — AdamW
   betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps, batch 64 — at lr 3e-4 (10× below the
   demo's) for 6000 steps (10× more), checkpoints every 50;
-- ``paper`` (only with ``--paper``, on a CUDA machine): the paper's scale, hidden 512, 3 layers,
-  8 heads (9.5M parameters), 3000 steps every 20 — not yet run (no GPU has been lent).
+- ``paper`` (only with ``--paper``, on a CUDA machine): the paper's setting, hidden 512, 3 layers,
+  8 heads (9.5M parameters), AdamW lr 1e-5, betas (0.9, 0.95), weight decay 0.1, 100 warm-up
+  steps, batch 64, 10,000 steps, a checkpoint every 20 (501) — not yet run (no GPU has been lent;
+  its expected cost is in docs/polca.md).
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
 Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
@@ -38,8 +40,17 @@ SETTINGS = {
     "big": TrainConfig(steps=1200, save_every=20, hidden_size=128, num_layers=3),
     "small": with_paper_optimiser(TrainConfig(steps=6000, save_every=50, batch_size=64, lr=3e-4)),
 }
-PAPER = TrainConfig(
-    steps=3000, save_every=20, lr=1e-3, hidden_size=512, num_layers=3, num_heads=8, device="cuda"
+PAPER = with_paper_optimiser(
+    TrainConfig(
+        steps=10_000,
+        save_every=20,
+        batch_size=64,
+        lr=1e-5,
+        hidden_size=512,
+        num_layers=3,
+        num_heads=8,
+        device="cuda",
+    )
 )
 
 

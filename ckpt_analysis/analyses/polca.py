@@ -184,7 +184,9 @@ class PolcaParams:
     """``[analyses.polca]`` options."""
 
     bases: list[Basis] = field(default_factory=lambda: ["hessian"])
-    second_order: SecondOrder = "none"
+    second_order: SecondOrder = "trapezoid"
+    """Chosen on conservation over 5 training seeds × 2 checkpoint spacings (docs/polca.md,
+    "Second-order variants"; ``benchmarks/polca_variants.py``)."""
     measure_all_variants: bool | list[Basis] = False
     """``true``: compute c and the midpoints on every basis, so ``polca_explained`` reports every
     variant; a list: on those bases only (e.g. ``["hessian"]``, the cheap way to see them all)."""
@@ -197,8 +199,8 @@ class Polca(Analysis[PolcaParams]):
     """Projections P, c (forward mode) and D per checkpoint, then POLCA terms in a finalize unit.
 
     Every basis in ``bases`` goes through the same pipeline; its variables carry its suffix
-    (``projected_loss``, ``projected_loss_random``, ``projected_loss_axis`` — the last is LCA when
-    ``second_order = "none"``). Needs ``[analyses.hessian_basis]`` (the bases and the parameter
+    (``projected_loss``, ``projected_loss_random``, ``projected_loss_axis`` — the last is LCA's
+    per-parameter allocation). Needs ``[analyses.hessian_basis]`` (the bases and the parameter
     layout) and ``[analyses.token_loss]`` (for the conservation residual).
     """
 
