@@ -83,13 +83,16 @@ def _closure(units: Sequence[Unit], first: Unit) -> list[Unit]:
 
 
 def calibration_units(units: Sequence[Unit]) -> dict[str, list[Unit]]:
-    """Per analysis, the units to run to time its first unit: that unit and its inputs, when they
-    number at most :data:`CALIBRATION_UNITS` (a 16-link Hessian-basis chain is not run)."""
-    out = {}
+    """Per analysis, the units to run to time one of its units: its first per-checkpoint unit
+    (else its first), with the inputs it needs, when they number at most
+    :data:`CALIBRATION_UNITS` (a 16-link Hessian-basis chain is not run)."""
+    firsts: dict[str, Unit] = {}
     for unit in units:
-        if unit.analysis not in out:
-            out[unit.analysis] = _closure(units, unit)
-    return {a: chain for a, chain in out.items() if len(chain) <= CALIBRATION_UNITS}
+        held = firsts.get(unit.analysis)
+        if held is None or (held.checkpoint is None and unit.checkpoint is not None):
+            firsts[unit.analysis] = unit
+    chains = {a: _closure(units, first) for a, first in firsts.items()}
+    return {a: chain for a, chain in chains.items() if len(chain) <= CALIBRATION_UNITS}
 
 
 def _measured(store: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
