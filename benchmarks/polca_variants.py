@@ -27,15 +27,15 @@ from ckpt_analysis.analyses.polca import VARIANTS
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
-from ckpt_analysis.zoo.demo import train_or_reuse
+from ckpt_analysis.zoo.demo import basis_every, train_or_reuse
 from ckpt_analysis.zoo.train import TrainConfig
 
-STEPS, PROBLEMS, BASIS_VECTORS = 600, 250, 16
+STEPS, PROBLEMS = 600, 250
 
 
-def polca_store(folder: Path, spacing: int) -> Path:
+def polca_store(folder: Path, train: TrainConfig) -> Path:
     """Run the all-variants POLCA job on ``folder/run`` unless its store is complete."""
-    every = spacing * max(1, STEPS // (BASIS_VECTORS * spacing))  # as the demo's job
+    every = basis_every(train)  # as the demo's job
     basis = {"k": 1, "every": every, "random": False, "axis": 0, "sample_sequences": 128}
     raw = {
         "name": "polca-variants",
@@ -93,8 +93,9 @@ def main(workdir: Path, seeds: int, spacings: list[int]) -> None:
     for spacing in spacings:
         for seed in range(seeds):
             folder = workdir / f"every{spacing}_seed{seed}"
-            train_or_reuse(folder / "run", TrainConfig(steps=STEPS, save_every=spacing, seed=seed))
-            runs[spacing, seed] = measures(polca_store(folder, spacing))
+            train = TrainConfig(steps=STEPS, save_every=spacing, seed=seed)
+            train_or_reuse(folder / "run", train)
+            runs[spacing, seed] = measures(polca_store(folder, train))
     print(machine(), "\n")
     header = ["spacing", "variant", "explained", "|explained − 1|", "median interval error", "best"]
     print(table(header, [r for s in spacings for r in summary(runs, s)]))

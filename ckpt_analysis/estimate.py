@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,14 +103,10 @@ def _measured(store: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
     return [r for r in records if r is not None and r.get("status") == "done"]
 
 
-def _median(records: list[dict[str, Any]], key: str) -> float | None:
+def _summary(records: list[dict[str, Any]], key: str, how: Callable[[list[float]], float]) -> float | None:
+    """``how`` (median, max) of ``key`` over the records that have it; ``None`` if none does."""
     values = [float(r[key]) for r in records if key in r]
-    return statistics.median(values) if values else None
-
-
-def _peak(records: list[dict[str, Any]], key: str) -> float | None:
-    values = [float(r[key]) for r in records if key in r]
-    return max(values) if values else None
+    return how(values) if values else None
 
 
 def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
@@ -139,9 +135,9 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
                 analysis,
                 len(ids),
                 sizes.get(analysis, 0),
-                _median(records, "wall_s"),
-                _peak(records, "peak_rss_mb"),
-                _peak(records, "gpu_peak_mb"),
+                _summary(records, "wall_s", statistics.median),
+                _summary(records, "peak_rss_mb", max),
+                _summary(records, "gpu_peak_mb", max),
                 source,
             )
         )

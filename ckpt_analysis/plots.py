@@ -12,7 +12,7 @@ import numpy as np
 import xarray as xr
 
 from ckpt_analysis.analyses.covariance import participation_ratio
-from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity
+from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity, pyplot
 
 DECADES = 2.0
 """Steps spanning more than this many decades get a symmetric-log step axis (step 0 stays visible)."""
@@ -24,15 +24,6 @@ class Figure:
 
     path: Path
     caption: str
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _step_axis(ax: Any, steps: np.ndarray) -> None:
@@ -47,12 +38,12 @@ def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
-    plt = _pyplot()
+    plt = pyplot()
     sites = ds.site.values.tolist()
     fig, axes = plt.subplots(2, len(sites), figsize=(3.6 * len(sites), 5.6), squeeze=False, sharex=True)
     cov = ds.act_cov.values.astype(np.float64)  # (step, site, layer, d, d)
@@ -75,7 +66,7 @@ def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
 
 
 def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k in ds.eig.values.tolist():
         top.plot(ds.step, ds.hessian_eigval.sel(eig=k), marker=".", label=f"λ{k + 1}")
@@ -100,7 +91,7 @@ def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
 
 
 def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
-    plt = _pyplot()
+    plt = pyplot()
     sites = ds.geom_site.values.tolist()
     fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), squeeze=False)
     for ax, site in zip(axes[0], sites, strict=True):
@@ -126,7 +117,7 @@ def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
 
 
 def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
-    plt = _pyplot()
+    plt = pyplot()
     figures = []
     for name in [str(v)[len("diag_by_") :] for v in ds.data_vars if str(v).startswith("diag_by_")]:
         values = ds[f"diag_by_{name}"]

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
 from rich.table import Table
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,7 @@ def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
 def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
     """PNG per basis vector (the ``vectors`` with the most homogeneous clusters): the projected loss
     of each cluster beside the exact loss of the same tokens, as in the paper's figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     part = ds.sel(trajectory="polca")
@@ -141,10 +149,7 @@ def chosen_second_order(store: Path) -> str:
 def plot_validity(ds: xr.Dataset, path: Path) -> Path:
     """Where the Taylor terms hold: each variant's relative error in the interval's loss change
     (log scale; 1 = as large as the change itself) above ‖Δθ‖ per interval (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = validity_rows(ds)
     steps = [r[0] for r in rows]
@@ -253,10 +258,7 @@ def alignment_table(ds: xr.Dataset) -> list[AlignmentRow]:
 
 def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
     """One panel per comparison: score against step for each run and layer; dotted = shuffled null."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     comparisons = next(iter(runs.values())).comparison.values.tolist()
     fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons), 3.2), squeeze=False)

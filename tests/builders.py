@@ -57,9 +57,7 @@ def build_fake_hub(cache_dir: Path, repo: str, revisions: list[str], *, seed: in
     """A Hugging Face cache holding ``repo`` at ``revisions`` of a tiny model's trajectory, laid out
     as the Hub writes it (:func:`~ckpt_analysis.zoo.standin.write_hub_revision`)."""
     for revision, model in zip(revisions, trajectory(len(revisions), seed=seed), strict=True):
-        write_hub_revision(cache_dir, repo, revision, model, build_tokenizer())
-    base = cache_dir / ("models--" + repo.replace("/", "--"))
-    (base / "refs" / "main").write_text((base / "refs" / revisions[-1]).read_text())
+        write_hub_revision(cache_dir, repo, revision, model, build_tokenizer())  # main → the last
     return cache_dir
 
 

@@ -79,14 +79,23 @@ def train_or_reuse(run_dir: Path, train: TrainConfig, *, force: bool = False) ->
     return answer_accuracy(model, arithmetic.build_tokenizer(), train.task)
 
 
+BASIS_LINKS = 16
+"""The demo's basis takes a vector about this many times over the run."""
+
+
+def basis_every(train: TrainConfig) -> int:
+    """The demo's basis spacing: a multiple of the checkpoint spacing, about
+    :data:`BASIS_LINKS` links over the run (every checkpoint for the default 600 steps)."""
+    return train.save_every * max(1, train.steps // (BASIS_LINKS * train.save_every))
+
+
 def polca_job(train: TrainConfig) -> str:
-    """The demo's POLCA job for a run trained with ``train``: about 16 basis links over the run
-    (31 vectors at the defaults) and a breakthrough lag of an eighth of it, at most 100 steps."""
+    """The demo's POLCA job for a run trained with ``train``: :func:`basis_every` (31 vectors at
+    the defaults) and a breakthrough lag of an eighth of the run, at most 100 steps."""
     spacing = train.save_every
-    basis_every = spacing * max(1, train.steps // (16 * spacing))
     lag = spacing * max(1, min(100, train.steps // 8) // spacing)
     label = arithmetic.LABEL[train.task]
-    return job_text("demo_polca", basis_every=basis_every, lag=lag, task=train.task, label=label)
+    return job_text("demo_polca", basis_every=basis_every(train), lag=lag, task=train.task, label=label)
 
 
 def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = False) -> DemoResult:

@@ -84,10 +84,8 @@ def carry_into(a: np.ndarray, b: np.ndarray, place: int) -> np.ndarray:
 
     10s: ones digits sum to ≥ 10; 100s: (a mod 100) + (b mod 100) ≥ 100; 1000s: a + b ≥ 1000.
     """
-    if place == 0:
-        return np.zeros(a.shape, dtype=bool)
     mod = 10**place
-    return np.asarray((a % mod) + (b % mod) >= mod)
+    return np.asarray((a % mod) + (b % mod) >= mod)  # place 0: mod 1, never
 
 
 def borrow_into(a: np.ndarray, b: np.ndarray, place: int) -> np.ndarray:
@@ -95,10 +93,8 @@ def borrow_into(a: np.ndarray, b: np.ndarray, place: int) -> np.ndarray:
 
     10s: a's ones digit is below b's; 100s: (a mod 100) < (b mod 100); 1000s: never, as a ≥ b.
     """
-    if place == 0:
-        return np.zeros(a.shape, dtype=bool)
     mod = 10**place
-    return np.asarray((a % mod) < (b % mod))
+    return np.asarray((a % mod) < (b % mod))  # place 0: mod 1, never
 
 
 def labels(a: np.ndarray, b: np.ndarray, operation: Operation = "addition") -> dict[str, np.ndarray]:
