@@ -480,6 +480,13 @@ def train_onehot(
     out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
 
 
+def _run_folder(spec: JobSpec, job: Path) -> Path:
+    """Where a trainer writes a job's checkpoints: its local ``checkpoints.path``."""
+    if spec.checkpoints.source != "local":
+        raise CkptAnalysisError(f"{job}: checkpoints.source must be 'local' to train into checkpoints.path")
+    return Path(str(spec.checkpoints.path))
+
+
 @app.command("train-arithmetic")
 @_reports_errors
 def train_arithmetic(
@@ -512,8 +519,6 @@ def train_arithmetic(
         raise CkptAnalysisError(
             f"{job}: data.source = {task!r}; train-arithmetic trains 'addition' or 'subtraction'"
         )
-    if spec.checkpoints.source != "local":
-        raise CkptAnalysisError(f"{job}: checkpoints.source must be 'local' to train into checkpoints.path")
     config = TrainConfig(
         task=task,
         steps=steps,
@@ -528,9 +533,69 @@ def train_arithmetic(
     )
     if paper_optimiser:
         config = with_paper_optimiser(config)
-    accuracy = train(Path(str(spec.checkpoints.path)), config)
+    accuracy = train(_run_folder(spec, job), config)
     out.print(
         f"answer-digit accuracy {accuracy:.3f}; checkpoints in {spec.checkpoints.path}; "
+        f"next: ckpt-analysis run {job}",
+        highlight=False,
+    )
+
+
+@app.command("train-grammar")
+@_reports_errors
+def train_grammar(
+    job: JobArg,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 100,
+    early_saves: Annotated[
+        bool, typer.Option(help="Also save at steps 1, 2, 4, 8, … below --save-every.")
+    ] = True,
+    vocab_size: Annotated[int, typer.Option(help="Words in the grammar (TRACE: 7,910).")] = 1000,
+    noise: Annotated[float, typer.Option(help="Chance a content word is swapped for a random one.")] = 0.0,
+    train_sequences: Annotated[
+        int, typer.Option(help="Packed training sequences of data.seq_len words (6000 × 32 ≈ 25K sentences).")
+    ] = 6000,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (TRACE: 1e-3).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step (TRACE: 128).")] = 128,
+    hidden_size: Annotated[int, typer.Option(help="Model width.")] = 64,
+    layers: Annotated[int, typer.Option(help="Transformer layers (TRACE: 2).")] = 2,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    seed: Annotated[int, typer.Option(help="Initialisation, training corpus and batch-order seed.")] = 0,
+) -> None:
+    """Train a small GPTNeoX on the annotated grammar corpus (a job with data.source = "grammar"),
+    writing checkpoint-<step> folders into the job's checkpoints.path.
+
+    The training corpus is fixed and seeded (the job's data.seed draws the analysed sequences,
+    which the model never trains on when it differs from --seed). Then `ckpt-analysis run`."""
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.zoo.train import GrammarTrainConfig
+    from ckpt_analysis.zoo.train import train_grammar as train
+
+    spec = load_job(job)
+    if spec.data.source != "grammar":
+        raise CkptAnalysisError(f"{job}: data.source = {spec.data.source!r}; train-grammar trains 'grammar'")
+    config = GrammarTrainConfig(
+        vocab_size=vocab_size,
+        seq_len=spec.data.seq_len,
+        noise=noise,
+        train_sequences=train_sequences,
+        steps=steps,
+        save_every=save_every,
+        early_saves=early_saves,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        hidden_size=hidden_size,
+        num_layers=layers,
+        num_heads=heads,
+        device=spec.checkpoints.device,
+    )
+    try:
+        loss = train(_run_folder(spec, job), config)
+    except ValueError as exc:
+        raise CkptAnalysisError(f"{job}: {exc}") from exc
+    out.print(
+        f"held-out next-token loss {loss:.3f}; checkpoints in {spec.checkpoints.path}; "
         f"next: ckpt-analysis run {job}",
         highlight=False,
     )

@@ -79,13 +79,13 @@ class CheckpointsSpec:
 @dataclass(frozen=True)
 class DataSpec:
     """The analysed token set (docs/jobs.md): a built-in task (``addition``, ``subtraction``,
-    ``topics``) or ``datasets``.
+    ``grammar``, ``topics``) or ``datasets``.
 
     ``token_text = false`` skips decoding every scored token and its context into the store's
     ``token_text``/``token_context`` tables; use it for large corpora (e.g. corpus statistics).
     """
 
-    source: Literal["addition", "subtraction", "dataset", "topics"]
+    source: Literal["addition", "subtraction", "grammar", "dataset", "topics"]
     num_examples: int = 256
     seed: int = 1234
     path: str | None = None

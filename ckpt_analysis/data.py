@@ -11,7 +11,7 @@ import numpy as np
 
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.errors import DataError, one_line
-from ckpt_analysis.zoo.tasks import arithmetic, topics
+from ckpt_analysis.zoo.tasks import arithmetic, grammar, topics
 
 if TYPE_CHECKING:
     import torch
@@ -92,10 +92,18 @@ class EvalData:
 
 def label_names(spec: DataSpec) -> list[str]:
     """The per-token label columns a token set has: ``place`` and ``carry``/``borrow`` for the
-    arithmetic tasks, ``data.label_columns`` for a dataset, none for ``topics``."""
+    arithmetic tasks, ``pos`` and ``role`` for the grammar, ``data.label_columns`` for a dataset,
+    none for ``topics``."""
     if spec.source == "addition" or spec.source == "subtraction":
         return ["place", arithmetic.LABEL[spec.source]]
+    if spec.source == "grammar":
+        return ["pos", "role"]
     return list(spec.label_columns) if spec.source == "dataset" else []
+
+
+def level_names(source: str) -> dict[str, tuple[str, ...]]:
+    """Names of a built-in task's label values, where they have names (value = index into them)."""
+    return {"pos": grammar.POS, "role": grammar.ROLES} if source == "grammar" else {}
 
 
 def label_variable(column: str) -> str:
@@ -112,6 +120,8 @@ def load_eval_data(
         data = _arithmetic(spec, spec.source, tokenizer)
     elif spec.source == "topics":
         data = _topics(spec, vocab_size)
+    elif spec.source == "grammar":
+        data = _grammar(spec, tokenizer)
     else:
         data = _from_dataset(spec, tokenizer)
     length = data.input_ids.shape[1]
@@ -137,6 +147,19 @@ def _arithmetic(
         raise DataError(f"data.source = {operation!r} needs the arithmetic tokenizer: {exc}") from exc
     labels = arithmetic.labels(a, b, operation)
     return EvalData(ids, np.ones_like(ids, dtype=np.int8), arithmetic.score_mask(len(a)), labels)
+
+
+def _grammar(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
+    """``num_examples`` sequences of ``seq_len`` words of the checkpoint's own grammar (read from its
+    tokenizer), every position after ``<bos>`` scored, with ``pos`` and ``role`` labels."""
+    try:
+        lexicon = grammar.Grammar.from_tokenizer(tokenizer)
+        words, pos, role = grammar.corpus(lexicon, spec.num_examples, spec.seq_len, spec.seed)
+        ids = grammar.encode(tokenizer, words)
+    except ValueError as exc:
+        raise DataError(f"data.source = 'grammar' needs the grammar tokenizer: {exc}") from exc
+    ones = np.ones_like(ids, dtype=np.int8)
+    return EvalData(ids, ones, ones.astype(bool), {"pos": pos, "role": role})
 
 
 def _topics(spec: DataSpec, vocab_size: int) -> EvalData:

@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from ckpt_analysis.analyses.covariance import participation_ratio
+from ckpt_analysis.data import level_names
 from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity, pyplot
 
 DECADES = 2.0
@@ -30,7 +31,9 @@ def _step_axis(ax: Any, steps: np.ndarray) -> None:
     """Label the training-step axis; symmetric-log when the steps span decades (Pythia's schedule)."""
     positive = steps[steps > 0]
     if positive.size and np.log10(steps.max() / positive.min()) > DECADES:
-        ax.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
+        linthresh = max(1.0, float(positive.min()))
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(left=-0.2 * linthresh if steps.min() == 0 else None)  # no empty negative half
     ax.set_xlabel("training step")
 
 
@@ -116,6 +119,13 @@ def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
     return [Figure(_save(fig, out / "geometry.png"), caption)]
 
 
+def _level(ds: xr.Dataset, label: str, value: int) -> str:
+    """A label value as the task names it (e.g. the grammar's ``noun``), else the number."""
+    source = ds.attrs.get("ckpt_analysis", {}).get("job_spec", {}).get("data", {}).get("source", "")
+    names = level_names(source).get(label, ())
+    return names[value] if 0 <= value < len(names) else str(value)
+
+
 def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
     figures = []
@@ -133,13 +143,55 @@ def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
                     ds.step,
                     values.sel(diag_metric=metric, **{f"{name}_value": level}),
                     marker=".",
-                    label=f"{name} = {level}",
+                    label=f"{name} = {_level(ds, name, level)}",
                 )
             ax.set_ylabel(label)
             _step_axis(ax, ds.step.values)
         axes[0].legend(fontsize=7)
         caption = f"Output diagnostics by {name}: mean loss, correct@1 and entropy per value of {name}."
         figures.append(Figure(_save(fig, out / f"diagnostics_{name}.png"), caption))
+    return figures
+
+
+def _heatmap(ax: Any, values: np.ndarray, steps: np.ndarray, **style: Any) -> Any:
+    """``values (layer, step)`` as cells, one column per checkpoint (step labels on the ticks, so
+    uneven schedules stay readable; the axis is not to scale); NaN cells stay blank."""
+    image = ax.imshow(
+        np.ma.masked_invalid(values), aspect="auto", origin="lower", interpolation="nearest", **style
+    )
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=45, fontsize=7)
+    ax.set_yticks(range(values.shape[0]))
+    ax.set_xlabel("checkpoint (training step; not to scale)")
+    ax.set_ylabel("layer")
+    return image
+
+
+def _probes(ds: xr.Dataset, out: Path) -> list[Figure]:
+    plt = pyplot()
+    sites, steps, figures = ds.probe_site.values.tolist(), ds.step.values, []
+    for label in ds.probe_label.values.tolist():
+        chance = float(ds.probe_majority.sel(probe_label=label))
+        part = ds.sel(probe_label=label)
+        spread = max(0.05, float(np.nanmax(np.abs(part.probe_selectivity.values), initial=0.0)))
+        rows = [
+            ("probe_accuracy", "accuracy", {"vmin": chance, "vmax": 1.0, "cmap": "viridis"}),
+            ("probe_selectivity", "selectivity", {"vmin": -spread, "vmax": spread, "cmap": "RdBu_r"}),
+        ]
+        fig, axes = plt.subplots(2, len(sites), figsize=(4.4 * len(sites), 6), squeeze=False)
+        for j, site in enumerate(sites):
+            for i, (name, what, style) in enumerate(rows):
+                image = _heatmap(axes[i][j], part[name].sel(probe_site=site).values.T, steps, **style)
+                axes[i][j].set_title(f"{site}: {what}", fontsize=9)
+                fig.colorbar(image, ax=axes[i][j])
+        fig.suptitle(f"linear probes for {label!r}", fontsize=10)
+        caption = (
+            f"Linear probes for {label}: top, held-out accuracy of a probe on each layer's activations "
+            f"(rows) at each checkpoint (columns), coloured from the majority-class rate ({chance:.2f}) "
+            "to 1; bottom, selectivity = accuracy − accuracy on the control task (a random label per "
+            "token type), red above 0. Columns are checkpoints in order, not to scale."
+        )
+        figures.append(Figure(_save(fig, out / f"probes_{label}.png"), caption))
     return figures
 
 
@@ -168,7 +220,22 @@ def _alignment(ds: xr.Dataset, out: Path) -> list[Figure]:
         "Leading-term alignment: uncentred cosine of each comparison per layer over training; dotted, "
         "the same against the token-shuffled corpus (a null)."
     )
-    return [Figure(plot_alignment({"store": ds}, out / "leading_terms.png"), caption)]
+    plt = pyplot()
+    comparisons = ds.comparison.values.tolist()
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.4 * len(comparisons), 3.2), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons, strict=True):
+        score = ds.lt_score.sel(comparison=comparison, corpus="real").transpose("layer", "step").values
+        image = _heatmap(ax, score, ds.step.values, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+        ax.set_title(comparison, fontsize=9)
+    fig.colorbar(image, ax=axes[0][-1])
+    heatmap = (
+        "Leading-term alignment as a heatmap (the leading-term paper's Fig. 6): the uncentred cosine "
+        "with each prediction per layer (rows) and checkpoint (columns, in order, not to scale)."
+    )
+    return [
+        Figure(plot_alignment({"store": ds}, out / "leading_terms.png"), caption),
+        Figure(_save(fig, out / "leading_terms_heatmap.png"), heatmap),
+    ]
 
 
 PLOTTERS: dict[str, Callable[[xr.Dataset, Path], list[Figure]]] = {
@@ -176,6 +243,7 @@ PLOTTERS: dict[str, Callable[[xr.Dataset, Path], list[Figure]]] = {
     "hessian_eigval": _hessian,
     "geom_twonn": _geometry,
     "diag_token": _diagnostics,
+    "probe_accuracy": _probes,
     "polca_interval_change": _polca,
     "lt_score": _alignment,
 }

@@ -13,7 +13,7 @@ from transformers import GPTNeoXForCausalLM
 from ckpt_analysis.config import to_toml
 from ckpt_analysis.zoo.standin import write_hub_revision
 from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
-from ckpt_analysis.zoo.train import tiny_gpt_neox
+from ckpt_analysis.zoo.train import GrammarTrainConfig, tiny_gpt_neox, train_grammar
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
 
@@ -50,6 +50,23 @@ def build_local_run(
     """A run folder of ``save_pretrained`` checkpoints, one per step (model size via ``overrides``)."""
     for step, model in zip(steps, trajectory(len(steps), seed=seed, **overrides), strict=True):
         save_checkpoint(model, root / name.format(step=step))
+    return root
+
+
+def build_grammar_run(root: Path, **overrides: Any) -> Path:
+    """A short real training run on a small grammar: checkpoints 0, 3 and 6 by default."""
+    config = {
+        "vocab_size": 60,
+        "seq_len": 16,
+        "train_sequences": 64,
+        "steps": 6,
+        "save_every": 3,
+        "early_saves": False,
+        "batch_size": 16,
+        "hidden_size": 32,
+        "device": "cpu",
+    }
+    train_grammar(root, GrammarTrainConfig(**{**config, **overrides}))
     return root
 
 

@@ -193,8 +193,18 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "has no 'polca' clusters" in missing.stderr
 
 
+def _shrunken_example(name: str, replacements: dict[str, str], path: Path) -> Path:
+    """An example job from jobs/ with each ``old → new`` replaced (every ``old`` must be there)."""
+    example = (Path(__file__).parent.parent / "jobs" / name).read_text()
+    for old, new in replacements.items():
+        assert old in example, old
+        example = example.replace(old, new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(example)
+    return path
+
+
 def test_the_small_step_subtraction_job_trains_runs_and_scores_borrows(tmp_path: Path) -> None:
-    example = (Path(__file__).parent.parent / "jobs" / "polca_small_steps_subtraction.toml").read_text()
     small = {
         "../small_steps/": "small_steps/",
         "steps = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 5500, 6000]": "steps = [10, 20]",
@@ -202,11 +212,7 @@ def test_the_small_step_subtraction_job_trains_runs_and_scores_borrows(tmp_path:
         "num_examples = 250": "num_examples = 24",
         "lag = 100": "lag = 10",
     }
-    for old, new in small.items():
-        assert old in example, old
-        example = example.replace(old, new)
-    job = tmp_path / "sub.toml"
-    job.write_text(example)
+    job = _shrunken_example("polca_small_steps_subtraction.toml", small, tmp_path / "sub.toml")
     trained = cli("train-arithmetic", job, "--steps", "30", "--save-every", "10", "--paper-optimiser")
     assert trained.returncode == 0, trained.stderr
     assert "answer-digit accuracy" in trained.stdout
@@ -252,3 +258,42 @@ def test_train_onehot_needs_a_topics_job(run_dir: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path / "job.toml", run_dir, tmp_path / "out.zarr")
     result = cli("train-onehot", job)
     assert result.returncode == 2 and "data.source = 'topics'" in result.stderr
+
+
+def test_trace_parity_example_trains_runs_and_draws_every_view(tmp_path: Path) -> None:
+    small = {
+        "num_examples = 256": "num_examples = 24",
+        "seq_len = 32": "seq_len = 16",
+        "sample_tokens = 3000": "sample_tokens = 200",
+        "sample_tokens = 2000": "sample_tokens = 100",
+        "sample_sequences = 32": "sample_sequences = 8",
+        "trace_probes = 20": "trace_probes = 4",
+    }
+    job = _shrunken_example("trace_parity.toml", small, tmp_path / "jobs" / "trace.toml")
+    args = ["--steps", "8", "--save-every", "4", "--vocab-size", "60", "--train-sequences", "64"]
+    trained = cli("train-grammar", job, *args, "--hidden-size", "32", "--batch-size", "16")
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "trace_parity" / "run"
+    assert sorted(int(p.name.split("-")[1]) for p in run.iterdir()) == [0, 1, 2, 4, 8]
+    assert cli("run", job).returncode == 0
+    store = tmp_path / "trace_parity" / "trace_parity.zarr"
+    ds = open_results(store)
+    assert ds.probe_label.values.tolist() == ["pos", "role"] and np.isfinite(ds.probe_accuracy).all()
+    drawn = cli("plot", store, "--out", tmp_path / "figs")
+    assert drawn.returncode == 0, drawn.stderr
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    views = ["hessian", "geometry", "diagnostics_pos", "diagnostics_role", "probes_pos", "probes_role"]
+    assert {f"{v}.png" for v in views} <= names
+
+
+def test_train_grammar_refuses_a_job_without_the_grammar(tmp_path: Path) -> None:
+    job = {
+        "output": str(tmp_path / "o.zarr"),
+        "checkpoints": {"source": "local", "path": str(tmp_path / "run")},
+        "data": {"source": "addition"},
+        "analyses": {"covariance": {}},
+    }
+    (tmp_path / "job.toml").write_text(to_toml(job))
+    result = cli("train-grammar", tmp_path / "job.toml", "--steps", "2")
+    assert result.returncode == 2 and "train-grammar trains 'grammar'" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,8 @@ from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.plots import Figure, plot_store, write_index
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
+from ckpt_analysis.zoo.tasks.topics import corpus
 
 SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 
@@ -23,6 +25,7 @@ def test_every_analysis_in_a_store_gets_its_figures_and_the_index_shows_them(tmp
         "hessian": {"k": 2, "trace_probes": 4, "sample_sequences": 8},
         "geometry": {"sample_tokens": 40},
         "diagnostics": {},
+        "probes": {"sample_tokens": 60},
         "hessian_basis": {"k": 1, "every": 10, "sample_sequences": 8, "axis": 0},
         "token_loss": {},
         "polca": {"bases": ["hessian", "random"]},
@@ -45,6 +48,8 @@ def test_every_analysis_in_a_store_gets_its_figures_and_the_index_shows_them(tmp
         "geometry.png",
         "diagnostics_place.png",
         "diagnostics_carry.png",
+        "probes_place.png",
+        "probes_carry.png",
         "polca_validity.png",
         "index.html",
     }
@@ -52,6 +57,18 @@ def test_every_analysis_in_a_store_gets_its_figures_and_the_index_shows_them(tmp
     assert all((tmp_path / "figs" / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
     linked = re.findall(r'src="([^"]+)"', (tmp_path / "figs" / "index.html").read_text())
     assert sorted(linked) == sorted(n for n in names if n.endswith(".png"))
+
+
+def test_leading_term_alignment_is_drawn_as_lines_and_as_a_layer_by_step_heatmap(tmp_path: Path) -> None:
+    data = {"source": "topics", "num_examples": 16, "seq_len": 10, "seed": 3}
+    train_onehot(corpus(16, 10, 6, 3), 6, tmp_path / "run", GDConfig(steps=3, save_every=1))
+    raw = job_dict(tmp_path / "run", tmp_path / "lt.zarr", data=data)
+    raw["analyses"] = {"corpus_stats": {"vocab_size": 6}, "lt_alignment": {}}
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    figures = plot_store(open_results(job.output), tmp_path / "figs")
+    assert [f.path.name for f in figures] == ["leading_terms.png", "leading_terms_heatmap.png"]
+    assert all(f.path.stat().st_size > 5000 for f in figures)
 
 
 def test_the_index_links_only_files_that_exist(tmp_path: Path) -> None:

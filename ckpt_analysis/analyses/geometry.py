@@ -3,12 +3,12 @@ dimensions and participation ratio of a seeded token sample (docs/geometry.md)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from ckpt_analysis.analyses.covariance import participation_ratio
+from ckpt_analysis.analyses.covariance import Covariance, participation_ratio
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
@@ -110,6 +110,25 @@ class Geometry(Analysis[GeometryParams]):
             Variable.of("geom_points", grid, "int64", doc="token vectors in the sample"),
         ]
 
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        """Per checkpoint; after that checkpoint's ``covariance`` unit when its matrix is reused."""
+        units = super().units(ctx)
+        if not self._reused_sites(ctx):
+            return units
+        return [replace(u, deps=(f"{Covariance.name}/{u.key}",)) for u in units]
+
+    def _reused_sites(self, ctx: PlanContext | UnitContext) -> dict[Site, int]:
+        """Sites whose PCA numbers come from the job's stored ``covariance`` matrix (docs/geometry.md,
+        "Reusing covariance"), with their index along its ``site`` axis: those it covers over the
+        same scored tokens, when it is listed before ``geometry``."""
+        names = list(ctx.job.analyses)
+        if Covariance.name not in names or names.index(Covariance.name) > names.index(self.name):
+            return {}
+        cov = Covariance.from_spec(ctx.job.analyses[Covariance.name]).params
+        if cov.positions != "scored":
+            return {}
+        return {site: cov.sites.index(site) for site in self.params.sites if site in cov.sites}
+
     def sample(self, ctx: PlanContext | UnitContext) -> np.ndarray:
         """``(sequences, positions)`` mask of the sampled scored tokens: the same at every checkpoint."""
         seq, pos = ctx.eval_data.token_index
@@ -138,16 +157,25 @@ class Geometry(Analysis[GeometryParams]):
                 start += len(ids)
                 model.base_model(input_ids=ids, attention_mask=attn)
         layers = int(ctx.model_config["num_hidden_layers"])
-        grid = [[self._measure(torch.cat(parts[(s, i)])) for i in range(layers)] for s in sites]
+        reused = self._reused_sites(ctx)
+        stored = ctx.read("act_cov", rows=slice(unit.checkpoint, unit.checkpoint + 1))[0] if reused else None
+
+        def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
+            cov = None if stored is None or site not in reused else stored[reused[site], layer]
+            return self._measure(torch.cat(parts[(site, layer)]), cov)
+
+        grid = [[measure(s, i) for i in range(layers)] for s in sites]
         names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
         return [
             Write(name, (unit.checkpoint,), np.array([[cell[k] for cell in row] for row in grid]))
             for k, name in enumerate(names)
         ]
 
-    def _measure(self, points: torch.Tensor) -> tuple[float, int, list[int], float, int]:
+    def _measure(
+        self, points: torch.Tensor, cov: np.ndarray | None
+    ) -> tuple[float, int, list[int], float, int]:
         dimension, dropped = two_nn(*nearest_two(points), discard=self.params.discard_fraction)
-        cov = np.cov(points.numpy(), rowvar=False)
+        cov = np.cov(points.numpy(), rowvar=False) if cov is None else cov.astype(np.float64)
         eigvals = np.clip(np.linalg.eigvalsh(cov), 0, None)
         pca = [pca_dimension(eigvals, f) for f in PCA_FRACTIONS]
         return dimension, dropped, pca, float(participation_ratio(cov)), len(points)

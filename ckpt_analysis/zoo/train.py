@@ -1,18 +1,20 @@
-"""A tiny trainer: a small GPTNeoX learns 3-digit addition or subtraction, saving HF checkpoints."""
+"""Tiny trainers: a small GPTNeoX learns 3-digit arithmetic or the annotated grammar, saving checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.progress import progress, quiet_transformers_bars
-from ckpt_analysis.zoo.tasks import arithmetic
+from ckpt_analysis.zoo.tasks import arithmetic, grammar
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM
@@ -91,39 +93,137 @@ def train_arithmetic(out: Path, config: TrainConfig = TrainConfig()) -> float:
 
     Returns the final answer-digit accuracy on held-out problems.
     """
-
-    quiet_transformers_bars()
     tokenizer = arithmetic.build_tokenizer()
+    model = _model(config, len(arithmetic.VOCAB))
+
+    def batch(step: int) -> np.ndarray:
+        a, b = arithmetic.problems(config.batch_size, config.seed * 1_000_003 + step, config.task)
+        return arithmetic.encode(tokenizer, a, b, config.task)
+
+    optimiser = _Optimiser(config.lr, config.betas, config.weight_decay, config.warmup_steps)
+    saves = range(config.save_every, config.steps + 1, config.save_every)
+    _fit(model, tokenizer, out, batch, answer_loss, optimiser, config.steps, set(saves))
+    return answer_accuracy(model, tokenizer, config.task)
+
+
+@dataclass(frozen=True)
+class GrammarTrainConfig:
+    """The grammar run: TRACE's setting (a 2-layer decoder, AdamW lr 1e-3, batch 128) on a fixed
+    corpus of ``train_sequences`` packed sequences (6000 × 32 words ≈ TRACE's 25K sentences)."""
+
+    vocab_size: int = 1000
+    seq_len: int = 32
+    noise: float = 0.0
+    train_sequences: int = 6000
+    steps: int = 1500
+    save_every: int = 100
+    early_saves: bool = True
+    """Also save at steps 1, 2, 4, 8, … below ``save_every``, where curvature moves fastest."""
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def save_steps(steps: int, every: int, *, early: bool) -> set[int]:
+    """Every ``every`` steps up to ``steps``, plus the powers of two below ``every`` if ``early``."""
+    doubling = {2**k for k in range(every.bit_length()) if 2**k < every} if early else set()
+    return {s for s in doubling | set(range(every, steps + 1, every)) if s <= steps}
+
+
+def train_grammar(out: Path, config: GrammarTrainConfig = GrammarTrainConfig()) -> float:
+    """Train on the grammar corpus (shuffled epochs, seeded), saving ``checkpoint-<N>`` on
+    :func:`save_steps`; returns the final next-token loss on held-out sequences."""
+    lexicon = grammar.Grammar.of_size(config.vocab_size)
+    tokenizer = grammar.build_tokenizer(lexicon)
+    words, _, _ = grammar.corpus(
+        lexicon, config.train_sequences, config.seq_len, config.seed, noise=config.noise
+    )
+    ids = grammar.encode(tokenizer, words)
+    model = _model(config, len(tokenizer), max_positions=max(64, config.seq_len))
+    rng = np.random.default_rng(config.seed)
+    order = np.empty(0, dtype=np.int64)
+
+    def batch(step: int) -> np.ndarray:
+        nonlocal order
+        if len(order) < config.batch_size:
+            order = np.concatenate([order, rng.permutation(len(ids))])
+        chosen, order = order[: config.batch_size], order[config.batch_size :]
+        return ids[chosen]
+
+    optimiser = _Optimiser(config.lr, (0.9, 0.999), 0.0, 0)
+    saves = save_steps(config.steps, config.save_every, early=config.early_saves)
+    _fit(model, tokenizer, out, batch, next_token_loss, optimiser, config.steps, saves)
+    held_out, _, _ = grammar.corpus(lexicon, 256, config.seq_len, HELD_OUT_SEED)
+    with torch.no_grad():
+        return float(
+            next_token_loss(model, torch.from_numpy(grammar.encode(tokenizer, held_out)).to(model.device))
+        )
+
+
+def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position after the first."""
+    logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@dataclass(frozen=True)
+class _Optimiser:
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+
+
+def _model(
+    config: TrainConfig | GrammarTrainConfig, vocab_size: int, *, max_positions: int = 64
+) -> GPTNeoXForCausalLM:
     model = tiny_gpt_neox(
-        len(arithmetic.VOCAB),
+        vocab_size,
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
+        max_positions=max_positions,
         seed=config.seed,
     )
     torch.nn.Module.to(model, resolve_device(config.device))  # transformers mis-types .to
+    return model
+
+
+def _fit(
+    model: torch.nn.Module,
+    tokenizer: object,
+    out: Path,
+    batch: Callable[[int], np.ndarray],
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    opt: _Optimiser,
+    steps: int,
+    saves: set[int],
+) -> None:
+    """AdamW with linear warm-up over ``steps`` steps of ``batch(step)``; saves step 0 and ``saves``."""
+    quiet_transformers_bars()
     device = next(model.parameters()).device
     optimiser = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
     )
     warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        optimiser, lambda step: min(1.0, (step + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
     )
     out.mkdir(parents=True, exist_ok=True)
     _save(model, tokenizer, out, 0)
-    with progress(config.steps, "training") as advance:
-        for step in range(1, config.steps + 1):
-            a, b = arithmetic.problems(config.batch_size, config.seed * 1_000_003 + step, config.task)
-            ids = arithmetic.encode(tokenizer, a, b, config.task)
-            loss = answer_loss(model, torch.from_numpy(ids).to(device))
+    with progress(steps, "training") as advance:
+        for step in range(1, steps + 1):
+            loss = loss_fn(model, torch.from_numpy(batch(step)).to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             warmup.step()
-            if step % config.save_every == 0:
+            if step in saves:
                 _save(model, tokenizer, out, step)
             advance(f"loss {loss.item():.3f}", True)
-    return answer_accuracy(model, tokenizer, config.task)
 
 
 HELD_OUT_SEED = 2**32 - 1

@@ -61,7 +61,9 @@ def test_pca_dimension_and_participation_on_planted_spectra() -> None:
 def test_stored_geometry_equals_a_recomputation_from_independent_activations(tmp_path: Path) -> None:
     run = build_local_run(tmp_path / "run", [0, 10])
     analyses = {"geometry": {"sites": ["resid_pre", "resid_post"], "sample_tokens": 150, "seed": 4}}
-    job = job_from_dict(job_dict(run, tmp_path / "g.zarr", analyses=analyses), base=tmp_path)
+    raw = job_dict(run, tmp_path / "g.zarr")
+    raw["analyses"] = analyses  # alone: the PCA numbers come from the sample
+    job = job_from_dict(raw, base=tmp_path)
     assert all(o.ok for o in run_job(job))
     ds = open_results(job.output)
     source = CheckpointSource.from_spec(job.checkpoints)
@@ -84,6 +86,33 @@ def test_stored_geometry_equals_a_recomputation_from_independent_activations(tmp
             eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))
             assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
             assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-5)
+
+
+def test_pca_numbers_reuse_the_stored_covariance_of_every_scored_token(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10])
+    analyses = {
+        "covariance": {"sites": ["resid_post"], "store_dtype": "float64"},
+        "geometry": {"sites": ["resid_pre", "resid_post"], "sample_tokens": 40},
+    }
+    raw = job_dict(run, tmp_path / "g.zarr")
+    raw["analyses"] = analyses
+    job = job_from_dict(raw, base=tmp_path)
+    from ckpt_analysis.plan import make_plan
+
+    units = {u.id: u for u in make_plan(job).units}
+    assert units["geometry/step=10"].deps == ("covariance/step=10",)
+    assert all(o.ok for o in run_job(job))
+    ds = open_results(job.output)
+    cov = ds.act_cov.sel(site="resid_post").isel(step=1).values  # all 256 answer digits, not the 40
+    for layer in range(2):
+        eig = np.linalg.eigvalsh(cov[layer])
+        got = ds.sel(geom_site="resid_post", layer=layer).isel(step=1)
+        assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
+        assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-9)
+    assert int(ds.geom_points.sel(geom_site="resid_pre", layer=0).isel(step=1)) == 40  # the sample's own
+    raw["analyses"] = {"geometry": analyses["geometry"], "covariance": analyses["covariance"]}
+    later = job_from_dict(raw, base=tmp_path)  # covariance listed after: nothing to wait for
+    assert all(not u.deps for u in make_plan(later).units)
 
 
 def test_geometry_options_are_checked() -> None:
