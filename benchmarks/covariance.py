@@ -1,10 +1,13 @@
 """Feature covariance cost vs the bare forward passes, and peak memory as tokens grow 4× (docs/benchmarks.md).
 
-Run: ``python benchmarks/covariance.py`` (about 2 minutes on 2 cores).
+Run: ``python benchmarks/covariance.py`` (about 2 minutes on 2 cores); ``--standin`` times the
+ratio on the Pythia-70M stand-in instead (hidden 512, 6 layers, random weights in float32; about
+5 minutes), ``--device cuda`` on a GPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -21,50 +24,66 @@ from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec, JobSpec
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.registry import Unit, UnitContext
+from ckpt_analysis.zoo.standin import PYTHIA_70M
 
 SEQ, LEN, BATCH = 128, 64, 32
 
 
-def _context(run: Path, sequences: int) -> UnitContext:
-    spec = CheckpointsSpec(source="local", path=str(run), device="cpu")
+def _context(model: torch.nn.Module, sequences: int, length: int, batch: int) -> UnitContext:
+    spec = CheckpointsSpec(source="local", path="unused", device="cpu")
     job = JobSpec(
         "bench",
         "unused",
         spec,
         DataSpec(source="addition"),
         {"covariance": {}},
-        ComputeSpec(batch_size=BATCH),
+        ComputeSpec(batch_size=batch),
     )
-    source = CheckpointSource.from_spec(spec)
-    ckpts = source.checkpoints()
-    model = source.load(ckpts[0])
-    ids = np.random.default_rng(0).integers(0, 512, (sequences, LEN))
+    vocab = int(model.config.vocab_size)
+    ids = np.random.default_rng(0).integers(0, vocab, (sequences, length))
     ones = np.ones_like(ids, dtype=np.int8)
     data = EvalData(ids, ones, ones.astype(bool))
     return UnitContext(
-        job, ckpts, model.config.to_dict(), data, lambda i: model, lambda name, rows=slice(None): np.empty(0)
+        job, [], model.config.to_dict(), data, lambda i: model, lambda name, rows=slice(None): np.empty(0)
     )
+
+
+def _load(run: Path) -> torch.nn.Module:
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run), device="cpu"))
+    return source.load(source.checkpoints()[0])
+
+
+def _standin(device: str) -> torch.nn.Module:
+    """The Pythia-70M architecture with random weights, in float32."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_70M)).eval()
+    return torch.nn.Module.to(model, device)
 
 
 def _bare_forward(ctx: UnitContext) -> None:
     model = ctx.load_model(0)
     with torch.inference_mode():
-        for start in range(0, SEQ, BATCH):
-            ids = torch.from_numpy(ctx.eval_data.input_ids[start : start + BATCH])
-            model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        for ids, attn, _ in ctx.eval_data.batches(ctx.job.compute.batch_size, model.device):
+            model.base_model(input_ids=ids, attention_mask=attn)
 
 
-def time_ratio(run: Path, repeats: int = 9) -> None:
+SITE_SETS = (["resid_post"], ["resid_pre", "resid_post"], ["resid_pre", "attn_out", "mlp_out", "resid_post"])
+
+
+def time_ratio(ctx: UnitContext, *, threads: int, site_sets: tuple[list[str], ...], repeats: int = 9) -> None:
     """Median over interleaved (bare forward, covariance) pairs of their time ratio."""
-    torch.set_num_threads(1)
-    ctx = _context(run, SEQ)
+    torch.set_num_threads(threads)
+    data = ctx.eval_data
     unit = Unit("covariance", "step=0", checkpoint=0)
     print(
-        f"{SEQ * LEN} tokens, batch {BATCH}, positions = all, torch threads 1; "
+        f"{data.input_ids.size} tokens ({data.input_ids.shape[0]} × {data.input_ids.shape[1]}), batch "
+        f"{ctx.job.compute.batch_size}, positions = all, torch threads {threads}; "
         f"median of {repeats} interleaved pairs\n"
     )
     rows = []
-    for sites in (["resid_post"], ["resid_pre", "attn_out", "mlp_out", "resid_post"]):
+    for sites in site_sets:
         for gram in ("float64", "float32"):
             params = CovarianceParams(sites=sites, positions="all", gram_dtype=gram)  # type: ignore[arg-type]
             analysis = Covariance(params)
@@ -94,7 +113,7 @@ def _peak_child(run: Path, sequences: int) -> dict[str, float]:
 
 def _peak_run(run: str, sequences: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    ctx = _context(Path(run), sequences)
+    ctx = _context(_load(Path(run)), sequences, LEN, BATCH)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Covariance(CovarianceParams(positions="all")).compute(Unit("covariance", "s", checkpoint=0), ctx)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -113,8 +132,20 @@ def memory(run: Path) -> None:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        run = build_run(Path(tmp) / "run", 1)
-        print(machine(), "\n")
-        time_ratio(run)
-        memory(run)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--standin", action="store_true", help="the Pythia-70M stand-in, 32 × 128 tokens")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    print(machine(), "\n")
+    if args.standin:
+        ctx = _context(_standin(args.device), 32, 128, 16)
+        time_ratio(ctx, threads=torch.get_num_threads(), site_sets=SITE_SETS)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = build_run(Path(tmp) / "run", 1)
+            time_ratio(
+                _context(_load(run), SEQ, LEN, BATCH), threads=1, site_sets=(SITE_SETS[0], SITE_SETS[2])
+            )
+            memory(run)

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec
+from typing import TYPE_CHECKING, Annotated, ParamSpec
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 from ckpt_analysis.config import ExecutorKind, JobSpec
 from ckpt_analysis.errors import CkptAnalysisError
 from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
+
+if TYPE_CHECKING:
+    from ckpt_analysis.execute import Outcome
 
 Params = ParamSpec("Params")
 log = logging.getLogger(__name__)
@@ -128,17 +131,60 @@ def run(
     spec = load_job(job, output=output)
     _offline_if_cached(spec)
     outcomes = run_job(spec, force=force, executor=executor, shard=shard, num_shards=num_shards, stage=stage)
+    _report_outcomes(spec.output, outcomes)
 
+
+def _report_outcomes(store: str, outcomes: list[Outcome]) -> None:
+    """Counts per status and each failure's reason; exit code 1 if any unit failed."""
     failed = [o for o in outcomes if not o.ok]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     out.print(
-        f"{spec.output}: {counts['done']} computed, {counts['skipped']} already done, "
-        f"{counts['failed']} failed"
+        f"{store}: {counts['done']} computed, {counts['skipped']} already done, {counts['failed']} failed"
     )
     for outcome in failed:
         out.print(f"  [red]failed[/] {outcome.name}: {escape(str(outcome.error))}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@_reports_errors
+def watch(
+    job: JobArg,
+    output: OutputOpt = None,
+    until_step: Annotated[
+        int | None,
+        typer.Option(help="Stop once a checkpoint at or past this step is analysed (the last save)."),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without a new checkpoint.")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between looks at the run folder.")] = 10.0,
+    settle: Annotated[
+        float, typer.Option(help="A checkpoint counts once none of its files changed for this many seconds.")
+    ] = 5.0,
+) -> None:
+    """Follow a local run while it trains: analyse each new checkpoint once its files are
+    complete, growing the job's store; Ctrl-C stops, and a rerun resumes.
+
+    Only analyses whose units are per checkpoint can be watched (covariance, hessian, geometry,
+    diagnostics, probes, token_loss); the others are refused by name: put them in a second job
+    to run once training ends. After training, `ckpt-analysis run` on the same job finds the
+    store complete. Exit code as for `run`; 130 after Ctrl-C."""
+    from ckpt_analysis.config import load_job
+    from ckpt_analysis.watch import watch as follow
+
+    spec = load_job(job, output=output)
+    try:
+        outcomes = follow(
+            spec, interval=interval, settle=settle, until_step=until_step, idle_timeout=idle_timeout
+        )
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            f"stopped; `ckpt-analysis watch {job}` resumes {spec.output}", highlight=False
+        )
+        raise typer.Exit(130) from None
+    _report_outcomes(spec.output, outcomes)
 
 
 @app.command()

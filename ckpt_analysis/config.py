@@ -204,7 +204,8 @@ class JobSpec:
         Not covered: where files sit (``output``, ``checkpoints.path``/``files``/``config``/
         ``cache_dir``/``tokenizer``, ``data.path``), ``checkpoints.device``, ``name``,
         ``[compute]`` and ``[slurm]``; so a moved project folder or a sweep resumed on a GPU
-        keeps its hash.
+        keeps its hash. ``checkpoints.select`` is covered through ``content``, which lists the
+        selected checkpoints, so a selection naming the same checkpoints hashes the same.
         """
         payload = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_TABLES}
         for table, keys in _UNHASHED_KEYS.items():
@@ -217,7 +218,16 @@ class JobSpec:
 
 _UNHASHED_TABLES = ("compute", "slurm", "name", "output")
 _UNHASHED_KEYS = {
-    "checkpoints": ("path", "files", "config", "cache_dir", "tokenizer", "device", "verify_digests"),
+    "checkpoints": (
+        "path",
+        "files",
+        "config",
+        "cache_dir",
+        "tokenizer",
+        "device",
+        "verify_digests",
+        "select",
+    ),
     "data": ("path",),
     "sample": ("path",),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import platform
@@ -22,9 +23,9 @@ from ckpt_analysis.checkpoints import (
 )
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, label_variable, load_eval_data
-from ckpt_analysis.errors import DataError, JobSpecError
+from ckpt_analysis.errors import DataError, JobSpecError, StoreError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
-from ckpt_analysis.store import DONE, check_output, create_store, creation_lock
+from ckpt_analysis.store import DONE, check_output, create_store, creation_lock, grow_store, store_meta
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -276,7 +277,21 @@ def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "
 
 def _create(job: JobSpec, spec_hash: str, *, replace: bool) -> None:
     plan = make_plan(job)
-    meta = {
+    create_store(
+        job.output,
+        variables=_variables(plan),
+        coords=_coords(plan),
+        tables=_tables(plan),
+        meta=_meta(plan, spec_hash),
+        replace=replace,
+    )
+    log.info("created %s with %d units", job.output, len(plan.units))
+
+
+def _meta(plan: Plan, spec_hash: str) -> dict[str, Any]:
+    """The store's root attributes: the job, its hash, versions, model, checkpoints and units."""
+    job = plan.job
+    return {
         "job_spec": job.to_dict(),
         "spec_hash": spec_hash,
         "versions": versions(),
@@ -288,12 +303,49 @@ def _create(job: JobSpec, spec_hash: str, *, replace: bool) -> None:
             for u in plan.units
         ],
     }
-    create_store(
-        job.output,
-        variables=_variables(plan),
-        coords=_coords(plan),
-        tables=_tables(plan),
-        meta=meta,
-        replace=replace,
+
+
+def require_per_checkpoint(plan: Plan) -> None:
+    """Refuse analyses a growing store cannot hold: units spanning checkpoints, or variables whose
+    first axis is not ``step`` (``watch``; docs/jobs.md, "Watching a run")."""
+    where = {u.id: u.checkpoint for u in plan.units}
+    spanning = {
+        u.analysis
+        for u in plan.units
+        if u.checkpoint is None or any(where[d] != u.checkpoint for d in u.deps)
+    }
+    spanning |= {a.name for a in plan.analyses for v in a.variables(plan.context) if "step" in v.dims[1:]}
+    if spanning:
+        raise JobSpecError(
+            f"watch runs analyses whose units are per checkpoint; {', '.join(sorted(spanning))} "
+            "span checkpoints: run them with `ckpt-analysis run` once training ends"
+        )
+
+
+def extend_store(job: JobSpec) -> int:
+    """Grow the job's store, planned for the first of ``job``'s checkpoints, to all of them
+    (``watch``): step-axis arrays grow, new units are appended after the stored ones (so their
+    indices and ``unit_done`` flags stay), and the hash becomes this job's. Returns how many
+    checkpoints were added. The stored checkpoints must be the first of the job's, by step and
+    content (the stored hash must be the job's over them)."""
+    plan = make_plan(job)
+    require_per_checkpoint(plan)
+    meta = store_meta(job.output)
+    old = len(meta["checkpoint_refs"])
+    steps = [c.step for c in plan.checkpoints]
+    earlier = dataclasses.replace(job, checkpoints=dataclasses.replace(job.checkpoints, select=steps[:old]))
+    if len(steps) < old or meta["spec_hash"] != earlier.spec_hash(content_digests(earlier)):
+        raise StoreError(
+            f"{job.output} does not hold this job's results for its first {old} checkpoints "
+            f"(now {steps}); use another output path"
+        )
+    stored = stored_units(meta)
+    known = {u.id for u in stored}
+    plan.units = [*stored, *(u for u in plan.units if u.id not in known)]
+    shapes = {v.name: v.shape for v in _variables(plan) if v.dims[0] in ("step", "unit")}
+    coords = _coords(plan)
+    columns = {n: coords[n] for n in ("step", "revision", "tokens_seen", "unit_id")}
+    grow_store(
+        job.output, shapes=shapes, columns=columns, meta=_meta(plan, job.spec_hash(content_digests(job)))
     )
-    log.info("created %s with %d units", job.output, len(plan.units))
+    return len(steps) - old

@@ -1,9 +1,10 @@
 """The results store (docs/results.md): one Zarr v3 group per job, created once, filled chunk by chunk.
 
 Concurrency rules (zarr-python 3.1 facts, ``docs/environment.md``): the planner creates every
-array and attribute once, in one process, into a temporary folder that is renamed into place;
-each unit owns whole chunks (extent 1 along its unit axis, no shards); workers never write
-attributes or resize; a unit is complete only when its ``unit_done`` chunk is 1, written last;
+array and attribute once, in one process, into a temporary folder that is renamed into place
+(``watch`` later grows the step axis the same way, between runs: :func:`grow_store`); each unit
+owns whole chunks (extent 1 along its unit axis, no shards); workers never write attributes or
+resize; a unit is complete only when its ``unit_done`` chunk is 1, written last;
 per-unit provenance goes to sidecar JSON files under ``_units/``, each replaced atomically.
 """
 
@@ -296,6 +297,37 @@ def create_store(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def grow_store(
+    path: str | Path, *, shapes: dict[str, tuple[int, ...]], columns: Columns, meta: dict[str, Any]
+) -> None:
+    """Grow arrays to ``shapes`` along their first axis (new chunks read as the fill value), write
+    ``columns`` whole, then replace the root attributes with ``meta``, last.
+
+    For ``watch``, holding the creation lock while no unit runs. Every step is idempotent, so a
+    growth killed midway is finished by the next one: until ``meta`` is written the store still
+    describes its old checkpoints and units, whose chunks are untouched.
+    """
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    for name, shape in shapes.items():
+        array = group[name]
+        assert isinstance(array, zarr.Array)
+        if array.shape != shape:
+            array.resize(shape)
+    for name, (_, values) in columns.items():
+        array = group[name]
+        assert isinstance(array, zarr.Array)
+        if array.shape != values.shape:
+            array.resize(values.shape)
+        array[...] = values
+    group.attrs.update({ATTR_KEY: meta})
+    with _quiet_consolidated(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Object at {UNITS_DIR} is not recognized")  # sidecars
+        zarr.consolidate_metadata(str(path))
+    _array.cache_clear()
 
 
 @cache

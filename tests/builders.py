@@ -137,8 +137,15 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
     return torch.autograd.functional.hessian(loss, flat)
 
 
-def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float = 120.0) -> int:
-    """Run ``ckpt-analysis run`` in a subprocess, SIGKILL it once ``after_done`` units are done.
+def run_and_kill(
+    job_path: Path,
+    store: Path,
+    *,
+    after_done: int,
+    timeout: float = 120.0,
+    command: tuple[str, ...] = ("run",),
+) -> int:
+    """Run ``ckpt-analysis <command> JOB`` in a subprocess, SIGKILL it once ``after_done`` units are done.
 
     Returns how many units were done when it died.
     """
@@ -150,7 +157,7 @@ def run_and_kill(job_path: Path, store: Path, *, after_done: int, timeout: float
     from ckpt_analysis.store import done_flags
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckpt_analysis", "run", str(job_path)],
+        [sys.executable, "-m", "ckpt_analysis", *command, str(job_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

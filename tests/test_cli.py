@@ -260,7 +260,7 @@ def test_train_onehot_needs_a_topics_job(run_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 2 and "data.source = 'topics'" in result.stderr
 
 
-def test_trace_parity_example_trains_runs_and_draws_every_view(tmp_path: Path) -> None:
+def test_trace_parity_example_is_watched_while_it_trains_and_draws_every_view(tmp_path: Path) -> None:
     small = {
         "num_examples = 256": "num_examples = 24",
         "seq_len = 32": "seq_len = 16",
@@ -271,11 +271,19 @@ def test_trace_parity_example_trains_runs_and_draws_every_view(tmp_path: Path) -
     }
     job = _shrunken_example("trace_parity.toml", small, tmp_path / "jobs" / "trace.toml")
     args = ["--steps", "8", "--save-every", "4", "--vocab-size", "60", "--train-sequences", "64"]
-    trained = cli("train-grammar", job, *args, "--hidden-size", "32", "--batch-size", "16")
-    assert trained.returncode == 0, trained.stderr
+    trainer = subprocess.Popen(
+        [*CLI, "train-grammar", str(job), *args, "--hidden-size", "32", "--batch-size", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watched = cli("watch", job, "--until-step", "8", "--interval", "0.2", "--settle", "0.5")
+    assert trainer.wait(timeout=300) == 0, trainer.stderr.read() if trainer.stderr else ""
+    assert watched.returncode == 0, watched.stderr
     run = tmp_path / "trace_parity" / "run"
     assert sorted(int(p.name.split("-")[1]) for p in run.iterdir()) == [0, 1, 2, 4, 8]
-    assert cli("run", job).returncode == 0
+    resumed = cli("run", job)  # training over: the same job finds the watched store complete
+    assert resumed.returncode == 0 and "0 computed" in resumed.stdout, resumed.stdout
     store = tmp_path / "trace_parity" / "trace_parity.zarr"
     ds = open_results(store)
     assert ds.probe_label.values.tolist() == ["pos", "role"] and np.isfinite(ds.probe_accuracy).all()
