@@ -2,7 +2,7 @@
 
 Concurrency rules (zarr-python 3.1 facts, ``docs/environment.md``): the planner creates every
 array and attribute once, in one process, into a temporary folder that is renamed into place
-(``watch`` later grows the step axis the same way, between runs: :func:`grow_store`); each unit
+(``watch`` later grows the step axis in place, between runs: :func:`grow_store`); each unit
 owns whole chunks (extent 1 along its unit axis, no shards); workers never write attributes or
 resize; a unit is complete only when its ``unit_done`` chunk is 1, written last;
 per-unit provenance goes to sidecar JSON files under ``_units/``, each replaced atomically.
