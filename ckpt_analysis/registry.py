@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
@@ -198,8 +198,14 @@ class Analysis(ABC, Generic[P]):
         return [Unit(self.name, f"step={c.step}", checkpoint=i) for i, c in enumerate(ctx.checkpoints)]
 
     @abstractmethod
-    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
-        """Compute one unit and return its blocks; never touches the store itself."""
+    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write] | Iterator[Write]:
+        """Compute one unit and hand back its blocks; never touches the store itself.
+
+        A list is written once the whole unit is computed (so a failed ``--force`` recompute
+        keeps the earlier result). An iterator is written block by block as it yields, for
+        units whose results together would not fit in memory; its unit is marked not done
+        before the first block, so a failure or kill midway leaves it to be recomputed.
+        """
 
 
 _REGISTRY: dict[str, type[Analysis[Any]]] = {}

@@ -156,6 +156,8 @@ def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force
     run waits, then skips it. The unit's blocks are computed in memory first, then its done
     marker is cleared, the blocks written and the marker set last: a unit killed mid-write is
     recomputed on the next run, and a ``--force`` recompute that fails keeps the earlier result.
+    A streaming unit (its ``compute`` yields) clears its marker first and writes as it goes, so a
+    failed ``--force`` recompute of one leaves it not done.
     """
     try:
         worker = _worker(store, job_json)
@@ -191,14 +193,21 @@ def _run_locked(
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
     if earlier is None:
         write_sidecar(store, unit.id, record)
+    streamed = False
     try:
         analysis = get_analysis(unit.analysis).from_spec(worker.job.analyses[unit.analysis])
-        writes = list(analysis.compute(unit, worker.context))
+        writes = analysis.compute(unit, worker.context)
+        if not isinstance(writes, list):  # a streaming unit: each block written as it comes
+            streamed = True
+            set_done(store, index, False)
+            for write in writes:
+                write_block(store, write)
+            writes = []
     except Exception as exc:
         wall = time.time() - start
         error = failure_reason(exc, worker.job)
         failed = {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()}
-        if earlier is not None:  # --force: the earlier result stays, with the failed attempt beside it
+        if earlier is not None and not streamed:  # --force: the earlier result stays, beside the failure
             failed = {**earlier, "forced_recompute": {**failed, "wall_s": wall}}
         write_sidecar(store, unit.id, {**failed, "wall_s": failed.get("wall_s", wall)})
         log.warning("unit %s failed: %s", unit.id, error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from builders import dense_corpus_statistics
 
 from ckpt_analysis.corpus import (
@@ -11,6 +12,7 @@ from ckpt_analysis.corpus import (
     check_right_padded,
     corpus_statistics,
     shuffle_tokens,
+    stream_corpus_statistics,
     top_vocabulary,
     vocab_index,
 )
@@ -42,6 +44,34 @@ def test_scatter_add_statistics_equal_the_dense_one_hot_formulas(seed: int, k: i
         got = getattr(stats, name).numpy()
         np.testing.assert_allclose(got, dense[name], rtol=1e-10, atol=1e-14, err_msg=name)
     assert stats.pairs == int(mask[:, 1:].sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streamed_row_blocks_tile_every_matrix_and_equal_the_dense_formulas(dtype: torch.dtype) -> None:
+    ids, mask = random_corpus(4)
+    vocab, _ = top_vocabulary(ids, mask, 12)
+    index = vocab_index(ids, vocab)
+    dense = dense_corpus_statistics(index, mask, 12)
+    got: dict[str, np.ndarray] = {}
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for name, rows, values in stream_corpus_statistics(index, mask, 12, chunk=3, dtype=dtype, rows=5):
+        if name in ("delta", "pairs"):
+            got[name] = values.numpy()
+            continue
+        got.setdefault(name, np.full((12, 12), np.nan))[rows] = values.numpy()
+        seen.setdefault(name, []).append((rows.start, rows.stop))
+    assert all(blocks == [(0, 5), (5, 10), (10, 12)] for blocks in seen.values()), seen
+    tight = dtype == torch.float64  # float32 products: float32 round-off
+    for name in FIELDS:
+        scale = np.abs(dense[name]).max()
+        np.testing.assert_allclose(
+            got[name],
+            dense[name],
+            rtol=1e-10 if tight else 1e-5,
+            atol=(1e-14 if tight else 1e-6) * scale,
+            err_msg=name,
+        )
+    assert int(got["pairs"]) == int(mask[:, 1:].sum())
 
 
 def test_statistics_are_not_symmetric_so_orientation_is_checked() -> None:

@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from builders import (
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.execute import InProcessExecutor, Outcome, Task
 from ckpt_analysis.plan import prepare_store
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.run import failure_reason, run_job
 from ckpt_analysis.store import done_flags, open_results, read_sidecar, unit_states
 
@@ -282,3 +285,47 @@ def test_a_read_only_store_or_output_folder_is_one_line_and_exit_2(run_dir: Path
         _immutable(tmp_path / "s.zarr", False)
         _immutable(tmp_path / "out", False)
     assert not (tmp_path / "out" / "new.zarr").exists()
+
+
+@dataclass(frozen=True)
+class _StreamParams:
+    """``[analyses.test_stream]`` takes no options."""
+
+
+@register
+class _Stream(Analysis[_StreamParams]):
+    """A streaming analysis for these tests: yields three blocks per checkpoint, and raises before
+    the second when ``CKPT_TEST_STREAM_FAIL`` is set."""
+
+    name = "test_stream"
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
+        return [Variable.of("stream_block", {"step": len(ctx.checkpoints), "block": 3}, unit_axes=2)]
+
+    def compute(self, unit: Unit, ctx: UnitContext) -> Iterator[Write]:
+        assert unit.checkpoint is not None
+        for block in range(3):
+            if block == 1 and os.environ.get("CKPT_TEST_STREAM_FAIL"):
+                raise RuntimeError("the stream broke")
+            yield Write("stream_block", (unit.checkpoint, block), np.array(block + 1.0))
+
+
+def test_a_streaming_unit_writes_as_it_goes_and_a_failure_leaves_it_not_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = build_local_run(tmp_path / "run", [0, 1])
+    raw = job_dict(run, tmp_path / "s.zarr")
+    raw["analyses"] = {"test_stream": {}}
+    job = job_from_dict(raw, base=tmp_path)
+    monkeypatch.setenv("CKPT_TEST_STREAM_FAIL", "1")
+    assert {o.error for o in run_job(job)} == {"RuntimeError: the stream broke"}
+    assert not done_flags(job.output).any()
+    np.testing.assert_array_equal(open_results(job.output).stream_block.values[:, 0], [1.0, 1.0])  # written
+    assert np.isnan(open_results(job.output).stream_block.values[:, 1:]).all()
+    monkeypatch.delenv("CKPT_TEST_STREAM_FAIL")
+    assert all(o.ok for o in run_job(job))
+    np.testing.assert_array_equal(open_results(job.output).stream_block.values, [[1, 2, 3], [1, 2, 3]])
+    monkeypatch.setenv("CKPT_TEST_STREAM_FAIL", "1")
+    assert not any(o.ok for o in run_job(job, force=True))
+    assert not done_flags(job.output).any()  # unlike a list-returning unit, nothing earlier is kept
+    assert (read_sidecar(job.output, "test_stream/step=0") or {})["status"] == "failed"

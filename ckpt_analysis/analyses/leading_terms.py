@@ -12,8 +12,9 @@ from torch import nn
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.corpus import (
     check_right_padded,
-    corpus_statistics,
+    row_block,
     shuffle_tokens,
+    stream_corpus_statistics,
     top_vocabulary,
     vocab_index,
 )
@@ -25,6 +26,8 @@ from ckpt_analysis.zoo.onehot import MODEL_TYPE
 from ckpt_analysis.zoo.tasks import topics
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ckpt_analysis.config import JobSpec
     from ckpt_analysis.registry import Columns
 
@@ -133,10 +136,10 @@ def token_activations(
 
 
 def _k_by_k(name: str, sizes: dict[str, int], dtype: str, doc: str) -> Variable:
-    """A variable ending in two vocab axes (``vocab``, ``vocab_b``), chunked in row blocks of ~16 MB."""
-    k = sizes["vocab_b"]
-    rows = max(1, min(k, 2**22 // k))
-    return Variable.of(name, sizes, dtype, unit_axes=len(sizes) - 2, chunk={"vocab": rows}, doc=doc)
+    """A variable ending in two vocab axes (``vocab``, ``vocab_b``), chunked in the row blocks
+    :func:`~ckpt_analysis.corpus.row_block` streams (~16 MB)."""
+    chunk = {"vocab": row_block(sizes["vocab_b"])}
+    return Variable.of(name, sizes, dtype, unit_axes=len(sizes) - 2, chunk=chunk, doc=doc)
 
 
 def _inputs_per_sequence(ctx: PlanContext) -> int:
@@ -199,7 +202,9 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
     def units(self, ctx: PlanContext) -> list[Unit]:
         return [Unit(self.name, "corpus")]
 
-    def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
+    def compute(self, unit: Unit, ctx: UnitContext) -> Iterator[Write]:
+        """Streams its blocks as they are computed (the K×K results of both corpora together would
+        not fit in memory at K = 20,000; ``stream_corpus_statistics`` holds at most 16K² bytes)."""
         data = ctx.eval_data
         vocab = ctx.read("vocab_id")
         device = resolve_device(ctx.job.checkpoints.device)
@@ -207,19 +212,18 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
             data.input_ids,
             shuffle_tokens(data.input_ids, data.attention_mask, self.params.shuffle_seed),
         )
-        writes: list[Write] = []
         for row, ids in enumerate(corpora):
-            stats = corpus_statistics(
+            stream = stream_corpus_statistics(
                 vocab_index(ids, vocab),
                 data.attention_mask,
                 self.params.vocab_size,
                 chunk=self.params.chunk_sequences,
                 device=device,
+                dtype=getattr(torch, self.params.store_dtype),
             )
-            writes += [Write(f"lt_{s}", (row,), getattr(stats, s).cpu().numpy()) for s in STATS]
-            writes.append(Write("lt_delta", (row,), stats.delta.cpu().numpy()))
-            writes.append(Write("lt_pairs", (row,), np.array(stats.pairs)))
-        return writes
+            for name, rows, values in stream:
+                index = (row,) if name in ("delta", "pairs") else (row, rows)
+                yield Write(f"lt_{name}", index, values.cpu().numpy())
 
 
 def _check_token_model(ctx: PlanContext, analysis: str) -> None:
