@@ -114,7 +114,9 @@ class Probes(Analysis[ProbesParams]):
             )
         return chosen
 
-    def _splits(self, ctx: PlanContext | UnitContext, labels: dict[str, np.ndarray]) -> dict[str, tuple]:
+    def _splits(
+        self, ctx: PlanContext | UnitContext, labels: dict[str, np.ndarray]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         seq, _ = ctx.eval_data.token_index
         p = self.params
         return {
@@ -138,10 +140,14 @@ class Probes(Analysis[ProbesParams]):
     def tables(self, ctx: PlanContext) -> Columns:
         labels = ctx.eval_data.token_labels()
         splits = self._splits(ctx, labels)
-        for name, (train, _) in splits.items():
-            if len(np.unique(labels[name][train])) < 2:
+        for name, (train, test) in splits.items():
+            problem = (
+                "no token on the test side" if not len(test) else "fewer than two values on the train side"
+            )
+            if not len(test) or len(np.unique(labels[name][train])) < 2:
                 raise DataError(
-                    f"label {name!r} has a single value on the probes' train side; nothing to probe"
+                    f"label {name!r} has {problem} of the probes; "
+                    "raise data.num_examples or analyses.probes.test_fraction"
                 )
         sizes = np.array([[len(train), len(test)] for train, test in splits.values()])
         majority = [

@@ -11,7 +11,7 @@ from builders import build_grammar_run, build_local_run, job_dict
 from ckpt_analysis.analyses.probes import control_labels, probe_accuracy, split_tokens
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
-from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.errors import DataError, JobSpecError
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
@@ -109,3 +109,12 @@ def test_probes_name_the_valid_labels_when_asked_for_another(tmp_path: Path) -> 
     raw["analyses"] = {"probes": {}}
     with pytest.raises(JobSpecError, match=r"data\.source = 'topics' has none"):
         make_plan(job_from_dict(raw, base=tmp_path))
+
+
+def test_too_little_data_for_a_split_is_one_error_and_no_store(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0])
+    raw = job_dict(run, tmp_path / "p.zarr", data={"num_examples": 1})
+    raw["analyses"] = {"probes": {}}
+    with pytest.raises(DataError, match="fewer than two values on the train side of the probes"):
+        run_job(job_from_dict(raw, base=tmp_path))
+    assert not (tmp_path / "p.zarr").exists()
