@@ -150,7 +150,7 @@ class Probes(Analysis[ProbesParams]):
                     "raise data.num_examples or analyses.probes.test_fraction"
                 )
         sizes = np.array([[len(train), len(test)] for train, test in splits.values()])
-        majority = [
+        majority = [  # docs/probes.md: the accuracy of always guessing the test side's commonest class
             np.unique(labels[n][test], return_counts=True)[1].max() / len(test)
             for n, (_, test) in splits.items()
         ]

@@ -85,7 +85,8 @@ def build_tokenizer(grammar: Grammar) -> PreTrainedTokenizerFast:
 
 @functools.cache
 def _zipf_cdf(n: int) -> np.ndarray:
-    """Cumulative Zipf weights p_k ∝ 1/k over n choices (the last entry just below 1 guarded)."""
+    """Cumulative Zipf weights p_k ∝ 1/k over n choices (docs/trace_parity.md, "The grammar
+    corpus"); the last entry is infinite so a draw of 1 − ε never falls past it."""
     cdf = np.cumsum(1.0 / np.arange(1, n + 1))
     cdf /= cdf[-1]
     cdf[-1] = np.inf
