@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt_analysis.config import ExecutorKind, JobSpec
-from ckpt_analysis.errors import CkptAnalysisError
+from ckpt_analysis.config import DataSpec, ExecutorKind, JobSpec
+from ckpt_analysis.errors import CkptAnalysisError, DataError
 from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 
 if TYPE_CHECKING:
@@ -73,13 +73,26 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _offline_if_cached(spec: JobSpec) -> None:
-    """Go offline (``HF_HUB_OFFLINE=1``) when every Hub revision the job needs is cached: online,
-    each load would otherwise retry the network for optional files (seconds per revision)."""
-    from ckpt_analysis.checkpoints import hub_cache_complete
+def _hub_data(spec: JobSpec) -> list[DataSpec]:
+    """The job's token sets (``[data]``, ``[sample]``) that name a Hub dataset."""
+    from ckpt_analysis.data import hub_dataset_name
 
-    if "HF_HUB_OFFLINE" not in os.environ and hub_cache_complete(spec.checkpoints):
-        log.info("every revision of %s is cached: running offline (HF_HUB_OFFLINE=1)", spec.checkpoints.repo)
+    return [d for d in (spec.data, spec.sample) if d is not None and hub_dataset_name(d)]
+
+
+def _offline_if_cached(spec: JobSpec) -> None:
+    """Go offline (``HF_HUB_OFFLINE=1``) when everything the job needs from the Hub (revisions,
+    datasets) is cached: online, each load would otherwise retry the network for optional files
+    (seconds per revision)."""
+    from ckpt_analysis.checkpoints import hub_cache_complete
+    from ckpt_analysis.data import hub_dataset_cached
+
+    from_hub = spec.checkpoints.source == "hub"
+    hub_data = _hub_data(spec)
+    if "HF_HUB_OFFLINE" in os.environ or not (from_hub or hub_data):
+        return
+    if (not from_hub or hub_cache_complete(spec.checkpoints)) and all(map(hub_dataset_cached, hub_data)):
+        log.info("every revision and dataset the job needs is cached: running offline (HF_HUB_OFFLINE=1)")
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -650,19 +663,41 @@ def train_grammar(
 @app.command()
 @_reports_errors
 def prefetch(job: JobArg) -> None:
-    """Download a job's Hub revisions into its cache_dir for a later offline run.
+    """Download a job's Hub revisions (config, weights, tokenizer) into checkpoints.cache_dir, and
+    a Hub dataset named by data.path into data.cache_dir, for a later offline run.
 
     With HF_HUB_OFFLINE=1 nothing is downloaded: it reports what is cached and what is missing.
+    Exit code 1 when anything is missing.
     """
     from ckpt_analysis.checkpoints import prefetch as fetch
     from ckpt_analysis.config import load_job
 
+    spec = load_job(job)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    cached, missing = fetch(load_job(job).checkpoints, offline=offline)
-    out.print(f"{len(cached)} revisions cached, {len(missing)} missing" + (" (offline)" if offline else ""))
+    hub_data = _hub_data(spec)
+    missing: list[str] = []
+    if spec.checkpoints.source == "hub" or not hub_data:
+        cached, missing = fetch(spec.checkpoints, offline=offline)
+        where = " (offline)" if offline else ""
+        out.print(f"{len(cached)} revisions cached, {len(missing)} missing{where}")
+    for data in hub_data:
+        missing += _prefetch_dataset(data)
     if missing:
         out.print("missing: " + ", ".join(missing), highlight=False)
         raise typer.Exit(1)
+
+
+def _prefetch_dataset(data: DataSpec) -> list[str]:
+    """Fetch (offline: look up) one Hub dataset; returns ``[its name]`` when it is missing."""
+    from ckpt_analysis.data import datasets_cache, load_hub_dataset
+
+    try:
+        load_hub_dataset(data)
+    except DataError as exc:
+        out.print(f"dataset {data.path} missing: {exc}", highlight=False)
+        return [str(data.path)]
+    out.print(f"dataset {data.path} cached in {datasets_cache(data)}", highlight=False)
+    return []
 
 
 @app.command()

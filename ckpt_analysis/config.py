@@ -91,6 +91,8 @@ class DataSpec:
     path: str | None = None
     format: Literal["auto", "disk", "json", "jsonl", "parquet", "text", "arrow", "csv"] = "auto"
     split: str | None = None
+    subset: str | None = None
+    cache_dir: str | None = None
     text_column: str = "text"
     ids_column: str | None = None
     score_mask_column: str | None = None
@@ -228,8 +230,8 @@ _UNHASHED_KEYS = {
         "verify_digests",
         "select",
     ),
-    "data": ("path",),
-    "sample": ("path",),
+    "data": ("path", "cache_dir"),
+    "sample": ("path", "cache_dir"),
 }
 
 
@@ -415,7 +417,10 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
 
 
 def _resolve_data(data: DataSpec, base: Path) -> DataSpec:
-    """A dataset path that exists next to the job file becomes absolute; else it may be a Hub name."""
+    """A dataset path that exists next to the job file becomes absolute, else it may be a Hub name;
+    ``cache_dir`` resolves against the job file's folder."""
+    if data.cache_dir is not None:
+        data = dataclasses.replace(data, cache_dir=str((base / Path(data.cache_dir).expanduser()).resolve()))
     if data.path is not None and data.source == "dataset" and (base / data.path).exists():
         return dataclasses.replace(data, path=str((base / Path(data.path).expanduser()).resolve()))
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +170,60 @@ def _topics(spec: DataSpec, vocab_size: int) -> EvalData:
     return EvalData(ids, ones, ones.astype(bool))
 
 
+def hub_dataset_name(spec: DataSpec) -> str | None:
+    """The Hub dataset that ``data.path`` names: a dataset source whose path is no file or folder."""
+    if spec.source != "dataset" or spec.path is None or Path(spec.path).expanduser().exists():
+        return None
+    return spec.path
+
+
+def datasets_cache(spec: DataSpec) -> Path:
+    """Where Hub datasets are cached: ``data.cache_dir``, else ``HF_DATASETS_CACHE``, else
+    ``HF_HOME/datasets`` (``~/.cache/huggingface/datasets``), as ``datasets`` resolves it."""
+    env = os.environ
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    return Path(spec.cache_dir or env.get("HF_DATASETS_CACHE") or Path(home) / "datasets").expanduser()
+
+
+def hub_dataset_cached(spec: DataSpec) -> bool:
+    """Whether the Hub dataset of ``spec`` has a prepared copy in :func:`datasets_cache`, looked up
+    without importing ``datasets`` (which reads ``HF_HUB_OFFLINE`` once, at import). The cache
+    folder is ``<owner>___<name>``; a name with capitals is snake-cased there and is not found
+    by this check (the run then stays online, and ``datasets`` falls back to its cache)."""
+    name = hub_dataset_name(spec)
+    if name is None:
+        return False
+    return any((datasets_cache(spec) / name.replace("/", "___")).glob("*/*/*/dataset_info.json"))
+
+
+def load_hub_dataset(spec: DataSpec) -> Any:
+    """``datasets.load_dataset`` of the Hub dataset ``data.path`` (``data.subset``), into or from
+    :func:`datasets_cache`: online it downloads and prepares what is not there; with
+    ``HF_HUB_OFFLINE=1`` it reads the prepared copy. Returns a ``DatasetDict`` (or ``Dataset``)."""
+    import datasets
+
+    name = hub_dataset_name(spec)
+    if name is None:
+        raise DataError(f"data.path {spec.path!r} is a file or folder, not a Hub dataset name")
+    try:
+        return datasets.load_dataset(name, spec.subset, cache_dir=str(datasets_cache(spec)))
+    except Exception as exc:
+        subset = f" (subset {spec.subset!r})" if spec.subset else ""
+        raise DataError(
+            f"data.path {name!r}{subset} is neither a file or folder (relative paths resolve against "
+            f"the job file's folder) nor a Hub dataset loadable from the datasets cache "
+            f"{datasets_cache(spec)}: {one_line(exc)}. Cache it with `ckpt-analysis prefetch JOB` "
+            "online; pick one of several subsets with data.subset"
+        ) from exc
+
+
 def _load_dataset(spec: DataSpec) -> Dataset:
     import datasets
 
     if spec.path is None:
         raise DataError("data.path is required when data.source = 'dataset'")
+    if spec.subset is not None and hub_dataset_name(spec) is None:
+        raise DataError(f"data.subset picks a subset of a Hub dataset; data.path {spec.path} is a local path")
     path = Path(spec.path)
     fmt: str = spec.format
     if fmt == "auto":
@@ -183,20 +233,17 @@ def _load_dataset(spec: DataSpec) -> Dataset:
     if path.is_file() and not _has_content(path):
         raise DataError(f"the data file {path} is empty")
     try:
-        if fmt == "disk" or (not path.exists() and fmt == ""):
-            loaded: Any = (
-                datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(str(path))
-            )
+        if not path.exists():
+            loaded: Any = load_hub_dataset(spec)
+        elif fmt == "disk":
+            loaded = datasets.load_from_disk(str(path))
         else:
             loaded = datasets.load_dataset("json" if fmt == "jsonl" else fmt, data_files=str(path))
+    except DataError:
+        raise
     except IndexError as exc:  # load_from_disk of a dataset saved with no rows has no shard to open
         raise DataError(f"the dataset at {spec.path} is empty") from exc
     except Exception as exc:
-        if not path.exists():
-            raise DataError(
-                f"data.path {spec.path!r} is neither a file or folder (relative paths resolve against "
-                f"the job file's folder) nor a Hub dataset in the cache: {one_line(exc)}"
-            ) from exc
         raise DataError(f"could not load data from {spec.path}: {one_line(exc)}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         split = spec.split or next(iter(loaded))

@@ -78,6 +78,42 @@ def build_fake_hub(cache_dir: Path, repo: str, revisions: list[str], *, seed: in
     return cache_dir
 
 
+def build_hub_dataset(
+    cache_dir: Path, repo: str, texts: dict[str, list[str]], *, split: str = "train"
+) -> Path:
+    """A ``datasets`` cache holding the Hub dataset ``repo`` as ``load_dataset(repo, subset)`` leaves
+    it online: per subset, ``<owner>___<name>/<subset>/0.0.0/<commit>/`` with the arrow shard and
+    ``dataset_info.json`` that datasets' own json builder prepares from ``{"text": ...}`` rows.
+    Only the folder is placed by hand (offline, a builder cannot name a Hub repo as its origin)."""
+    import hashlib
+    import json
+    import shutil
+
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo.split("/")[-1]
+    for subset, rows in texts.items():
+        source = cache_dir / "sources" / f"{subset}.jsonl"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+        files = DataFilesDict.from_patterns({split: [source.name]}, base_path=str(source.parent))
+        commit = hashlib.sha1(repo.encode()).hexdigest()  # every subset of one revision
+        builder = Json(
+            cache_dir=str(cache_dir / "staging"),
+            dataset_name=name,
+            config_name=subset,
+            hash=commit,
+            data_files=files,
+        )
+        builder.download_and_prepare()
+        target = cache_dir / repo.replace("/", "___") / subset / "0.0.0"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(builder.cache_dir, target / commit)
+    shutil.rmtree(cache_dir / "staging")
+    return cache_dir
+
+
 def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
     """A covariance job over a local run; top-level tables in ``overrides`` are merged."""
     job: dict[str, Any] = {

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from builders import build_local_run, save_checkpoint, tiny_model, write_job
+from builders import build_hub_dataset, build_local_run, save_checkpoint, tiny_model, write_job
 
 from ckpt_analysis.config import to_toml
 from ckpt_analysis.store import open_results
@@ -164,6 +164,27 @@ def test_prefetch_offline_reports_missing_revisions(hub_cache: Path, tmp_path: P
     result = cli("prefetch", tmp_path / "job.toml")
     assert result.returncode == 1 and "1 revisions cached, 1 missing (offline)" in result.stdout
     assert "missing: step9" in result.stdout
+
+
+def test_prefetch_and_run_read_a_hub_dataset_by_name_from_its_cache(run_dir: Path, tmp_path: Path) -> None:
+    cache = build_hub_dataset(
+        tmp_path / "datasets", "acme/sums", {"default": ["12+34=46", "1+1=2", "5+5=10"]}
+    )
+    data = {"source": "dataset", "path": "acme/sums", "cache_dir": "datasets", "seq_len": 12}
+    job = write_job(
+        tmp_path / "job.toml", run_dir, tmp_path / "o.zarr", checkpoints={"select": [0]}, data=data
+    )
+    (tmp_path / "absent.toml").write_text(job.read_text().replace("acme/sums", "acme/absent"))
+
+    fetched = cli("prefetch", job)
+    assert fetched.returncode == 0 and f"dataset acme/sums cached in {cache}" in fetched.stdout, (
+        fetched.stdout
+    )
+    absent = cli("prefetch", tmp_path / "absent.toml")
+    assert absent.returncode == 1 and "missing: acme/absent" in absent.stdout
+    ran = cli("run", job)
+    assert ran.returncode == 0, ran.stderr
+    assert open_results(tmp_path / "o.zarr").sizes["token"] == 7 + 4 + 5  # every target after the first
 
 
 def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:

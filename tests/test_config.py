@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from builders import job_dict, write_job
 
-from ckpt_analysis.config import job_from_dict, load_job
+from ckpt_analysis.config import JobSpec, job_from_dict, load_job
 from ckpt_analysis.errors import JobSpecError
 
 
@@ -130,6 +130,18 @@ def test_spec_hash_ignores_where_files_sit_and_the_device(tmp_path: Path) -> Non
     content = {"checkpoints": [[0, "checkpoint-0", ["abc"]]], "data": None, "tokenizer": None}
     assert here.spec_hash(content) == moved.spec_hash(content)
     assert here.spec_hash(content) != here.spec_hash({**content, "data": "other bytes"})
+
+
+def test_spec_hash_of_a_hub_dataset_covers_its_subset_but_not_its_cache_dir(tmp_path: Path) -> None:
+    def hub_job(**data: str) -> JobSpec:
+        fields = {"source": "dataset", "path": "acme/sums", **data}
+        return job_from_dict(job_dict(tmp_path, tmp_path / "o.zarr", data=fields), base=tmp_path)
+
+    content = {"checkpoints": [[0, "checkpoint-0", ["abc"]]], "data": "acme/sums", "tokenizer": None}
+    here, moved = hub_job(subset="easy", cache_dir="a"), hub_job(subset="easy", cache_dir="/elsewhere")
+    assert moved.data.cache_dir == "/elsewhere" and here.data.cache_dir == str(tmp_path / "a")
+    assert here.spec_hash(content) == moved.spec_hash(content)
+    assert here.spec_hash(content) != hub_job(subset="hard", cache_dir="a").spec_hash(content)
 
 
 def test_relative_tokenizer_resolves_against_the_job_file(tmp_path: Path) -> None:

@@ -2,12 +2,13 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from ckpt_analysis.config import DataSpec
-from ckpt_analysis.data import EvalData, load_eval_data
+from ckpt_analysis.data import EvalData, hub_dataset_cached, load_eval_data
 from ckpt_analysis.errors import DataError
 from ckpt_analysis.zoo.tasks import arithmetic
 
@@ -203,3 +204,69 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path: Pat
         DataError, match=r"data\.path 'nope_data' is neither a file or folder .*job file's folder"
     ):
         load_eval_data(job.data, None, max_positions=32, vocab_size=16)  # type: ignore[arg-type]
+
+
+SUMS = {"easy": ["1+1=2", "12+34=46"], "hard": ["999+999=1998", "123+877=1000", "5+5=10"]}
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builders import build_hub_dataset
+
+    return build_hub_dataset(tmp_path_factory.mktemp("datasets"), "acme/sums", SUMS)
+
+
+def _hub_spec(cache: Path, **overrides: object) -> DataSpec:
+    fields: dict[str, Any] = {
+        "source": "dataset",
+        "path": "acme/sums",
+        "cache_dir": str(cache),
+        "seq_len": 16,
+    }
+    return DataSpec(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("subset", ["easy", "hard"])
+def test_a_cached_hub_dataset_loads_offline_by_name_and_is_tokenized_by_the_checkpoint_tokenizer(
+    datasets_cache: Path, tokenizer: Any, subset: str
+) -> None:
+    data = load_eval_data(
+        _hub_spec(datasets_cache, subset=subset),
+        tokenizer,
+        max_positions=32,
+        vocab_size=len(arithmetic.VOCAB),
+    )
+    expected = tokenizer(SUMS[subset], add_special_tokens=False)["input_ids"]
+    assert data.input_ids.shape == (len(SUMS[subset]), 16)
+    for row, ids, mask in zip(expected, data.input_ids, data.attention_mask, strict=True):
+        assert ids[: len(row)].tolist() == row and mask.sum() == len(row)
+
+
+def test_a_hub_dataset_with_several_cached_subsets_asks_for_data_subset(
+    datasets_cache: Path, tokenizer: Any
+) -> None:
+    with pytest.raises(DataError, match=r"'acme/sums' .*multiple .*configurations.*easy, hard.*data\.subset"):
+        load_eval_data(_hub_spec(datasets_cache), tokenizer, max_positions=32, vocab_size=16)
+
+
+def test_a_hub_dataset_missing_from_the_cache_says_to_prefetch_it(
+    datasets_cache: Path, tokenizer: Any
+) -> None:
+    spec = _hub_spec(datasets_cache, path="acme/absent")
+    with pytest.raises(DataError, match=rf"'acme/absent' .*datasets cache {datasets_cache}.*prefetch"):
+        load_eval_data(spec, tokenizer, max_positions=32, vocab_size=16)
+
+
+def test_data_subset_with_a_local_file_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "1+1=2"}))
+    spec = DataSpec(source="dataset", path=str(tmp_path / "d.jsonl"), subset="easy")
+    with pytest.raises(DataError, match=r"data\.subset picks a subset of a Hub dataset"):
+        load_eval_data(spec, tokenizer, max_positions=32, vocab_size=16)
+
+
+def test_hub_dataset_cached_finds_the_prepared_copy_only(datasets_cache: Path, tmp_path: Path) -> None:
+    assert hub_dataset_cached(_hub_spec(datasets_cache))
+    assert not hub_dataset_cached(_hub_spec(datasets_cache, path="acme/absent"))
+    assert not hub_dataset_cached(_hub_spec(tmp_path))
+    (tmp_path / "d.jsonl").write_text("{}")
+    assert not hub_dataset_cached(_hub_spec(datasets_cache, path=str(tmp_path / "d.jsonl")))
