@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Site = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
 SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -77,3 +81,33 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
     finally:
         for handle in handles:
             handle.remove()
+
+
+def activations_at(
+    model: PreTrainedModel,
+    sites: tuple[Site, ...],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    mask: np.ndarray,
+    *,
+    batch_size: int,
+    dtype: torch.dtype,
+) -> dict[tuple[Site, int], torch.Tensor]:
+    """``(site, layer) → (token, d)`` CPU activations, in ``dtype``, at the true cells of the
+    ``(sequence, position)`` ``mask``, in row-major order. Forwards run over only the sequences that
+    hold a masked token, ``batch_size`` at a time; only the masked rows are kept."""
+    device = next(model.parameters()).device
+    sequences = np.flatnonzero(mask.any(axis=1))
+    picked = torch.zeros(0, 0, dtype=torch.bool)
+    parts: dict[tuple[Site, int], list[torch.Tensor]] = {}
+
+    def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
+        parts.setdefault((site, layer), []).append(acts[picked.to(acts.device)].to(dtype).cpu())
+
+    with torch.inference_mode(), capture(model, sites, collect):
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            picked = torch.from_numpy(mask[chunk])
+            ids = torch.from_numpy(input_ids[chunk]).to(device)
+            model.base_model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask[chunk]).to(device))
+    return {key: torch.cat(chunks) for key, chunks in parts.items()}

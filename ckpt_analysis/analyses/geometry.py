@@ -12,7 +12,7 @@ from ckpt_analysis.analyses.covariance import Covariance, participation_ratio
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import Site, capture
+from ckpt_analysis.sites import Site, activations_at
 
 PCA_FRACTIONS = (0.9, 0.95)
 _DISTANCE_ROWS = 256
@@ -140,29 +140,23 @@ class Geometry(Analysis[GeometryParams]):
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
-        model = ctx.load_model(unit.checkpoint)
-        device = next(model.parameters()).device
-        sites = tuple(self.params.sites)
-        mask = torch.from_numpy(self.sample(ctx))
-        rows = mask[:0]
-        parts: dict[tuple[Site, int], list[torch.Tensor]] = {}
-
-        def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
-            parts.setdefault((site, layer), []).append(acts[rows.to(acts.device)].to(torch.float64).cpu())
-
-        batch, start = ctx.job.compute.batch_size, 0
-        with torch.inference_mode(), capture(model, sites, collect):
-            for ids, attn, _ in ctx.eval_data.batches(batch, device):
-                rows = mask[start : start + len(ids)]
-                start += len(ids)
-                model.base_model(input_ids=ids, attention_mask=attn)
+        data, sites = ctx.eval_data, tuple(self.params.sites)
+        acts = activations_at(
+            ctx.load_model(unit.checkpoint),
+            sites,
+            data.input_ids,
+            data.attention_mask,
+            self.sample(ctx),
+            batch_size=ctx.job.compute.batch_size,
+            dtype=torch.float64,
+        )
         layers = int(ctx.model_config["num_hidden_layers"])
         reused = self._reused_sites(ctx)
         stored = ctx.read("act_cov", rows=slice(unit.checkpoint, unit.checkpoint + 1))[0] if reused else None
 
         def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
             cov = None if stored is None or site not in reused else stored[reused[site], layer]
-            return self._measure(torch.cat(parts[(site, layer)]), cov)
+            return self._measure(acts[(site, layer)], cov)
 
         grid = [[measure(s, i) for i in range(layers)] for s in sites]
         names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")

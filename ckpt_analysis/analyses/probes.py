@@ -21,7 +21,7 @@ from ckpt_analysis.registry import (
     Write,
     register,
 )
-from ckpt_analysis.sites import Site, capture
+from ckpt_analysis.sites import Site, activations_at
 
 # --- docs/probes.md formulas ---
 
@@ -205,26 +205,18 @@ class Probes(Analysis[ProbesParams]):
         self, checkpoint: int, ctx: UnitContext, seq: np.ndarray, pos: np.ndarray
     ) -> dict[tuple[int, int], np.ndarray]:
         """``(site index, layer) → (token, d)`` activations at the given tokens (sorted by sequence,
-        so batch order is token order), from forwards over only the sequences that hold them."""
-        model = ctx.load_model(checkpoint)
-        device = next(model.parameters()).device
-        sequences, local = np.unique(seq, return_inverse=True)
-        parts: dict[tuple[int, int], list[torch.Tensor]] = {}
+        so row-major order is token order)."""
+        mask = np.zeros(ctx.eval_data.score_mask.shape, dtype=bool)
+        mask[seq, pos] = True
         sites = tuple(self.params.sites)
-        rows = torch.zeros(0, dtype=torch.long)
-        where = torch.zeros(0, dtype=torch.long)
-
-        def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
-            picked = acts[rows.to(acts.device), where.to(acts.device)]
-            parts.setdefault((sites.index(site), layer), []).append(picked.to(torch.float32).cpu())
-
-        batch = ctx.job.compute.batch_size
-        with torch.inference_mode(), capture(model, sites, collect):
-            for start in range(0, len(sequences), batch):
-                chunk = sequences[start : start + batch]
-                in_chunk = (local >= start) & (local < start + len(chunk))
-                rows, where = torch.from_numpy(local[in_chunk] - start), torch.from_numpy(pos[in_chunk])
-                ids = torch.from_numpy(ctx.eval_data.input_ids[chunk]).to(device)
-                attn = torch.from_numpy(ctx.eval_data.attention_mask[chunk]).to(device)
-                model.base_model(input_ids=ids, attention_mask=attn)
-        return {key: torch.cat(chunks).numpy() for key, chunks in parts.items()}
+        data, batch = ctx.eval_data, ctx.job.compute.batch_size
+        acts = activations_at(
+            ctx.load_model(checkpoint),
+            sites,
+            data.input_ids,
+            data.attention_mask,
+            mask,
+            batch_size=batch,
+            dtype=torch.float32,
+        )
+        return {(sites.index(site), layer): x.numpy() for (site, layer), x in acts.items()}
