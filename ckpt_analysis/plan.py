@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import platform
@@ -25,7 +26,15 @@ from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, label_variable, load_eval_data
 from ckpt_analysis.errors import DataError, JobSpecError, StoreError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
-from ckpt_analysis.store import DONE, check_output, create_store, creation_lock, grow_store, store_meta
+from ckpt_analysis.store import (
+    DONE,
+    check_output,
+    create_store,
+    creation_lock,
+    grow_store,
+    read_array,
+    store_meta,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -237,9 +246,16 @@ def _fingerprint(path: Path) -> str:
     expected = expected_digest(path)
     if expected is not None:
         return expected[1]
-    size = path.stat().st_size
+    stat = path.stat()
+    return _head_and_tail_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_and_tail_digest(path: str, size: int, _mtime_ns: int) -> str:
+    """Size and a sha256 of the first and last MiB; cached per file version (path, size, mtime), so
+    a store that grows (``watch``) does not reread the weight files it has already seen."""
     hasher = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         hasher.update(handle.read(_MIB))
         handle.seek(max(size - _MIB, 0))
         hasher.update(handle.read(_MIB))
@@ -256,9 +272,16 @@ def _path_digest(where: str | None) -> str | None:
     files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
     hasher = hashlib.sha256()
     for file in files:
+        stat = file.stat()
         hasher.update(str(file.relative_to(root)).encode())
-        hasher.update(file_digest(file, "sha256").encode())
+        hasher.update(_file_sha256(str(file), stat.st_size, stat.st_mtime_ns).encode())
     return hasher.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """sha256 of a data or tokenizer file, cached per file version (path, size, mtime)."""
+    return file_digest(Path(path), "sha256")
 
 
 def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
@@ -322,6 +345,15 @@ def require_per_checkpoint(plan: Plan) -> None:
         )
 
 
+def planned_steps(output: str | Path) -> list[int]:
+    """Steps of the checkpoints a store was last planned for (none: no store yet). Its ``step``
+    array may be longer, after a growth killed midway (:func:`extend_store`)."""
+    if not (Path(output) / "zarr.json").is_file():
+        return []
+    planned = len(store_meta(output)["checkpoint_refs"])
+    return [int(s) for s in read_array(output, "step")[:planned]]
+
+
 def extend_store(job: JobSpec) -> int:
     """Grow the job's store, planned for the first of ``job``'s checkpoints, to all of them
     (``watch``): step-axis arrays grow, new units are appended after the stored ones (so their
@@ -331,7 +363,7 @@ def extend_store(job: JobSpec) -> int:
     plan = make_plan(job)
     require_per_checkpoint(plan)
     meta = store_meta(job.output)
-    old = len(meta["checkpoint_refs"])
+    old = len(planned_steps(job.output))
     steps = [c.step for c in plan.checkpoints]
     earlier = dataclasses.replace(job, checkpoints=dataclasses.replace(job.checkpoints, select=steps[:old]))
     if len(steps) < old or meta["spec_hash"] != earlier.spec_hash(content_digests(earlier)):

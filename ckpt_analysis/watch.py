@@ -13,9 +13,9 @@ from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.errors import CheckpointError, JobSpecError
 from ckpt_analysis.execute import Outcome
-from ckpt_analysis.plan import extend_store, make_plan, require_per_checkpoint
+from ckpt_analysis.plan import extend_store, make_plan, planned_steps, require_per_checkpoint
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import creation_lock, read_array, store_meta
+from ckpt_analysis.store import creation_lock
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def watch(
     if job.checkpoints.source != "local":
         raise JobSpecError("watch follows a local run folder: checkpoints.source must be 'local'")
     outcomes: list[Outcome] = []
-    analysed, resumed = _stored_steps(job), False
+    analysed, resumed = planned_steps(job.output), False
     last_new = time.monotonic()
     while True:
         steps = ready_steps(job, settle=settle)
@@ -110,15 +110,6 @@ def watch(
             log.info("no new checkpoint for %.0f s; stopping", idle_timeout)
             return outcomes
         time.sleep(interval)
-
-
-def _stored_steps(job: JobSpec) -> list[int]:
-    """Steps of the checkpoints the store was last planned for (its ``step`` array may be longer
-    after a growth killed midway)."""
-    if not (Path(job.output) / "zarr.json").is_file():
-        return []
-    planned = len(store_meta(job.output)["checkpoint_refs"])
-    return [int(s) for s in read_array(job.output, "step")[:planned]]
 
 
 def _analyse(job: JobSpec, *, grow: bool) -> list[Outcome]:
