@@ -27,12 +27,16 @@ def plain_causal_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q kᵀ · scaling + mask) v`` with a causal mask, in the dtype of ``query``.
+    """``softmax(q kᵀ · scaling + mask) v`` with a causal mask, in the dtype of ``query``; with
+    fewer key/value heads than query heads (grouped-query attention), each key/value head serves
+    ``heads / kv_heads`` consecutive query heads, as transformers' ``repeat_kv`` lays them out.
 
     ``dropout`` belongs to transformers' attention-function signature and is ignored: every
     analysis runs its model in eval mode.
     """
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # a group
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     q_len, k_len = scores.shape[-2:]
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)

@@ -476,7 +476,32 @@ def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str,
     signatures = [json.dumps(sorted(x.items())) for x in layouts]
     usual = layouts[_majority_index(signatures)]
     _blame_minority(ckpts, signatures, functools.partial(_layout_entry, layouts, usual))
-    return configs[_majority_index([json.dumps(c, sort_keys=True, default=str) for c in configs])]
+    return standard_names(
+        configs[_majority_index([json.dumps(c, sort_keys=True, default=str) for c in configs])]
+    )
+
+
+STANDARD_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
+"""Config fields the analyses read by these names, whatever a model family calls them."""
+
+
+def standard_names(config: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` plus :data:`STANDARD_KEYS` under the names transformers maps a family's own
+    to (GPT-2's ``n_layer``, ``n_embd``, ``n_head``, ``n_positions``), where the file lacks them."""
+    from transformers import AutoConfig
+
+    try:
+        parsed = AutoConfig.for_model(**config)
+    except (KeyError, ValueError, TypeError):  # no or an unknown model_type: the file as it is
+        return config
+    found = {k: getattr(parsed, k, None) for k in STANDARD_KEYS if k not in config}
+    return {**config, **{k: v for k, v in found.items() if v is not None}}
 
 
 def _config_value(key: str, values: list[str], i: int, minority: int) -> str:

@@ -20,7 +20,7 @@ attention and MLP block outputs. ``resid_post`` is the layer's own output, *not*
 ``hidden_states`` entry, which comes after the final LayerNorm."""
 
 _ATTN_NAMES = ("attention", "self_attn", "attn")
-_MLP_NAMES = ("mlp",)
+_MLP_NAMES = ("mlp", "fc2")  # OPT's layer holds fc1/fc2 itself: fc2's output is the MLP's
 _LAYER_PATHS = ("gpt_neox.layers", "model.layers", "transformer.h", "model.decoder.layers")
 
 Callback = Callable[[Site, int, torch.Tensor], None]
@@ -56,15 +56,18 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
     nothing is kept beyond the callback.
     """
     handles = []
+    tokens: dict[int, torch.Size] = {}  # (batch, position) of each layer's current input
     for index, layer in enumerate(decoder_layers(model)):
-        if "resid_pre" in sites:
 
-            def pre(
-                _m: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], i: int = index
-            ) -> None:
-                callback("resid_pre", i, args[0] if args else kwargs["hidden_states"])
+        def pre(
+            _m: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], i: int = index
+        ) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens[i] = hidden.shape[:2]
+            if "resid_pre" in sites:
+                callback("resid_pre", i, hidden)
 
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         hooked: list[tuple[Site, nn.Module]] = [("resid_post", layer)] if "resid_post" in sites else []
         if "attn_out" in sites:
             hooked.append(("attn_out", _child(layer, _ATTN_NAMES, "attention")))
@@ -73,7 +76,8 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
         for site, module in hooked:
 
             def post(_m: nn.Module, _a: object, out: torch.Tensor, s: Site = site, i: int = index) -> None:
-                callback(s, i, _first(out))
+                acts = _first(out)  # OPT's fc2 sees the tokens flattened: (batch × position, d)
+                callback(s, i, acts.view(*tokens[i], -1) if acts.dim() == 2 else acts)
 
             handles.append(module.register_forward_hook(post))
     try:

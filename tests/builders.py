@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM, PreTrainedModel
 
 from ckpt_analysis.config import to_toml
 from ckpt_analysis.zoo.standin import write_hub_revision
@@ -21,6 +21,51 @@ TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
 def tiny_model(seed: int = 0, **overrides: Any) -> GPTNeoXForCausalLM:
     """A tiny random GPTNeoX over the addition vocabulary."""
     return tiny_gpt_neox(len(VOCAB), **{**TINY, **overrides}, seed=seed)
+
+
+FAMILIES = ("gpt2", "llama", "opt")
+"""Decoder families beside GPT-NeoX that the toolkit's sites and Hessians are tested on."""
+
+
+def family_model(family: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random causal LM of ``family`` over the addition vocabulary: GPT-2 (its config says
+    ``n_layer``/``n_embd``), Llama with grouped-query attention (2 key/value heads for 4 query
+    heads), or OPT (fc1/fc2 inside the layer)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    v = len(VOCAB)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=v, n_embd=16, n_layer=2, n_head=4, n_positions=32)
+        return GPT2LMHeadModel(config).eval()
+    if family == "llama":
+        gqa = LlamaConfig(
+            vocab_size=v,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        return LlamaForCausalLM(gqa).eval()
+    opt = OPTConfig(
+        vocab_size=v,
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+    )
+    return OPTForCausalLM(opt).eval()
 
 
 def trajectory(n: int, *, seed: int = 0, **overrides: Any) -> list[GPTNeoXForCausalLM]:
