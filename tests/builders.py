@@ -64,6 +64,9 @@ def family_model(family: str, seed: int = 0) -> PreTrainedModel:
         num_attention_heads=4,
         max_position_embeddings=32,
         word_embed_proj_dim=16,
+        pad_token_id=0,  # the tokenizer's <pad>: OPT's default (1) is <bos> here, a real input token
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return OPTForCausalLM(opt).eval()
 
@@ -216,6 +219,30 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
             return scored_token_losses(call, *batch).mean()  # type: ignore[arg-type]
 
     return torch.autograd.functional.hessian(loss, flat)
+
+
+def per_token_reverse(
+    model: torch.nn.Module, data: Any, directions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token gradients and per-token Hessian quadratic forms by reverse-over-reverse autograd."""
+    from ckpt_analysis.attention import differentiable_attention
+    from ckpt_analysis.losses import scored_token_losses
+
+    params = list(model.parameters())
+    batch = [torch.from_numpy(a) for a in (data.input_ids, data.attention_mask, data.score_mask)]
+    with differentiable_attention(model):
+        losses = scored_token_losses(model, *batch)
+        first, second = [], []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            first.append(directions @ flat.detach())
+            curv = []
+            for d in directions:
+                hd = torch.autograd.grad(flat @ d, params, retain_graph=True)
+                curv.append(torch.cat([h.reshape(-1) for h in hd]) @ d)
+            second.append(torch.stack(curv))
+    return losses.detach(), torch.stack(first, dim=1), torch.stack(second, dim=1)
 
 
 def run_and_kill(

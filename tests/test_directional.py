@@ -3,14 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from builders import tiny_model
+from builders import per_token_reverse, tiny_model
 
-from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
-from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.zoo.tasks import arithmetic
 
 SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
@@ -31,31 +29,12 @@ def setup():  # type: ignore[no-untyped-def]
     return model, layout, data, directions
 
 
-def _per_token_reverse(model, data, directions):  # type: ignore[no-untyped-def]
-    """Per-token gradients and per-token Hessian quadratic forms by reverse-over-reverse autograd."""
-    params = list(model.parameters())
-    batch = [torch.from_numpy(a) for a in (data.input_ids, data.attention_mask, data.score_mask)]
-    with differentiable_attention(model):
-        losses = scored_token_losses(model, *batch)
-        first, second = [], []
-        for loss in losses:
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            first.append(directions @ flat.detach())
-            curv = []
-            for d in directions:
-                hd = torch.autograd.grad(flat @ d, params, retain_graph=True)
-                curv.append(torch.cat([h.reshape(-1) for h in hd]) @ d)
-            second.append(torch.stack(curv))
-    return losses.detach(), torch.stack(first, dim=1), torch.stack(second, dim=1)
-
-
 def test_first_and_second_directional_derivatives_match_reverse_mode(setup) -> None:  # type: ignore[no-untyped-def]
     model, layout, data, directions = setup
     got = directional_derivatives(
         model, layout, data, directions, batch_size=4, vectors_per_pass=2, second=True
     )
-    losses, first, second = _per_token_reverse(model, data, directions)
+    losses, first, second = per_token_reverse(model, data, directions)
     np.testing.assert_allclose(got.losses.numpy(), losses.numpy(), rtol=1e-10)
     scale = first.abs().max().item()
     np.testing.assert_allclose(got.first.numpy(), first.numpy(), rtol=1e-5, atol=1e-10 * scale)
@@ -70,7 +49,7 @@ def test_the_fused_layer_norm_would_get_second_order_wrong(setup) -> None:  # ty
     from ckpt_analysis import directional
 
     model, layout, data, directions = setup
-    _, _, reference = _per_token_reverse(model, data, directions)
+    _, _, reference = per_token_reverse(model, data, directions)
     plain = directional._plain_layer_norms
     directional._plain_layer_norms = lambda m: __import__("contextlib").nullcontext()  # type: ignore[assignment]
     try:

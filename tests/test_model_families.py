@@ -1,15 +1,17 @@
-"""GPT-2, Llama (grouped-query attention) and OPT: sites, differentiable attention, and a run."""
+"""GPT-2, Llama (grouped-query attention) and OPT: sites, attention, per-token derivatives, a run."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import FAMILIES, dense_hessian, family_model, job_dict
+from builders import FAMILIES, dense_hessian, family_model, job_dict, per_token_reverse
 
 from ckpt_analysis.attention import differentiable_attention
-from ckpt_analysis.config import job_from_dict
-from ckpt_analysis.data import EvalData
+from ckpt_analysis.config import DataSpec, job_from_dict
+from ckpt_analysis.curvature import ParamLayout
+from ckpt_analysis.data import EvalData, load_eval_data
+from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.run import run_job
 from ckpt_analysis.sites import SITES, capture
 from ckpt_analysis.store import open_results
@@ -81,3 +83,27 @@ def test_covariance_and_hessian_run_on_a_local_run_of_the_family(family: str, tm
         dense = dense_hessian(family_model(family, seed=step).double(), names, sample)
         top = torch.linalg.eigvalsh(dense).flip(0)[:2].numpy()
         np.testing.assert_allclose(ds.hessian_eigval.isel(step=i).values, top, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_token_directional_derivatives_match_reverse_mode(family: str) -> None:
+    model = family_model(family, seed=2).double()
+    data = load_eval_data(
+        DataSpec(source="addition", num_examples=4, seed=5),
+        build_tokenizer(),
+        max_positions=32,
+        vocab_size=16,
+    )
+    layout = ParamLayout.from_model(model, ["*"])
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(layout.size, 2, generator=gen, dtype=torch.float64))[0].T
+    got = directional_derivatives(model, layout, data, directions, batch_size=4, second=True)
+    losses, first, second = per_token_reverse(model, data, directions)
+    np.testing.assert_allclose(got.losses.numpy(), losses.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(
+        got.first.numpy(), first.numpy(), rtol=1e-5, atol=1e-10 * first.abs().max().item()
+    )
+    assert got.second is not None
+    np.testing.assert_allclose(
+        got.second.numpy(), second.numpy(), rtol=1e-5, atol=1e-10 * second.abs().max().item()
+    )
