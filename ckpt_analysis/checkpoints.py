@@ -9,7 +9,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import zipfile
 from abc import ABC, abstractmethod
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckpt_analysis.config import CheckpointsSpec, Selector, selector_predicate
+from ckpt_analysis.config import CheckpointsSpec, Selector, hf_cache_dir, selector_predicate
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import CheckpointError, CkptAnalysisError, JobSpecError, one_line
 from ckpt_analysis.progress import quiet_transformers_bars
@@ -595,10 +594,8 @@ def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[s
 def _repo_cache(spec: CheckpointsSpec) -> Path:
     """The repo's folder in the Hub cache: ``checkpoints.cache_dir``, else ``HF_HUB_CACHE``, else
     ``HF_HOME/hub`` (``~/.cache/huggingface/hub``), as huggingface_hub resolves it."""
-    env = os.environ
-    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
-    cache = spec.cache_dir or env.get("HF_HUB_CACHE") or str(Path(home) / "hub")
-    return Path(cache).expanduser() / ("models--" + str(spec.repo).replace("/", "--"))
+    cache = hf_cache_dir(spec.cache_dir, env_var="HF_HUB_CACHE", subfolder="hub")
+    return cache / ("models--" + str(spec.repo).replace("/", "--"))
 
 
 def hub_cache_complete(spec: CheckpointsSpec) -> bool:

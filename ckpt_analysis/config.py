@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import tomllib
 import types
@@ -414,6 +415,15 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
     return dataclasses.replace(
         job, output=str(absolute(job.output)), checkpoints=ck, data=data, sample=sample
     )
+
+
+def hf_cache_dir(given: str | None, *, env_var: str, subfolder: str) -> Path:
+    """A Hugging Face cache folder as its library resolves it: ``given`` (a job's ``cache_dir``),
+    else ``$env_var`` (``HF_HUB_CACHE``, ``HF_DATASETS_CACHE``), else ``HF_HOME/<subfolder>``
+    (``~/.cache/huggingface/<subfolder>``)."""
+    env = os.environ
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    return Path(given or env.get(env_var) or Path(home) / subfolder).expanduser()
 
 
 def _resolve_data(data: DataSpec, base: Path) -> DataSpec:

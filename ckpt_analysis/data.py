@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ckpt_analysis.config import DataSpec
+from ckpt_analysis.config import DataSpec, hf_cache_dir
 from ckpt_analysis.errors import DataError, one_line
 from ckpt_analysis.zoo.tasks import arithmetic, grammar, topics
 
@@ -180,9 +179,7 @@ def hub_dataset_name(spec: DataSpec) -> str | None:
 def datasets_cache(spec: DataSpec) -> Path:
     """Where Hub datasets are cached: ``data.cache_dir``, else ``HF_DATASETS_CACHE``, else
     ``HF_HOME/datasets`` (``~/.cache/huggingface/datasets``), as ``datasets`` resolves it."""
-    env = os.environ
-    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
-    return Path(spec.cache_dir or env.get("HF_DATASETS_CACHE") or Path(home) / "datasets").expanduser()
+    return hf_cache_dir(spec.cache_dir, env_var="HF_DATASETS_CACHE", subfolder="datasets")
 
 
 def hub_dataset_cached(spec: DataSpec) -> bool:

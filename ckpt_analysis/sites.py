@@ -57,6 +57,7 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
     """
     handles = []
     tokens: dict[int, torch.Size] = {}  # (batch, position) of each layer's current input
+    inside = {"resid_pre", "attn_out", "mlp_out"} & set(sites)  # what needs the layer's input
     for index, layer in enumerate(decoder_layers(model)):
 
         def pre(
@@ -67,7 +68,8 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
             if "resid_pre" in sites:
                 callback("resid_pre", i, hidden)
 
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        if inside:
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         hooked: list[tuple[Site, nn.Module]] = [("resid_post", layer)] if "resid_post" in sites else []
         if "attn_out" in sites:
             hooked.append(("attn_out", _child(layer, _ATTN_NAMES, "attention")))

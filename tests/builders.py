@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,17 @@ from ckpt_analysis.config import to_toml
 from ckpt_analysis.zoo.standin import write_hub_revision
 from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import GrammarTrainConfig, tiny_gpt_neox, train_grammar
+
+CLI = [sys.executable, "-m", "ckpt_analysis"]
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``ckpt-analysis ARGS`` in a new process; stdout and stderr with rich's wrapping undone."""
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    result.stdout = " ".join(result.stdout.split())
+    result.stderr = " ".join(result.stderr.split())
+    return result
+
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_positions": 32}
 

@@ -1,7 +1,6 @@
 """The command line: every docs/jobs.md bad input gets one clear error and leaves no store; help; demo."""
 
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,19 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from builders import build_hub_dataset, build_local_run, save_checkpoint, tiny_model, write_job
+from builders import CLI, build_hub_dataset, build_local_run, cli, save_checkpoint, tiny_model, write_job
 
 from ckpt_analysis.config import to_toml
 from ckpt_analysis.store import open_results
-
-CLI = [sys.executable, "-m", "ckpt_analysis"]
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
-    result.stdout = " ".join(result.stdout.split())  # undo rich's line wrapping
-    result.stderr = " ".join(result.stderr.split())
-    return result
 
 
 def _nan_run(root: Path) -> Path:

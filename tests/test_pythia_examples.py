@@ -7,15 +7,13 @@ few sequences of text, and the iteration and vocabulary knobs in ``_SMALLER``.
 """
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from builders import cli
 
 from ckpt_analysis.checkpoints import PYTHIA_TOKENS_PER_STEP, HubSource
 from ckpt_analysis.config import load_job, to_toml
@@ -68,15 +66,6 @@ def ci_sized(job_file: Path, tmp: Path) -> tuple[Path, list[str]]:
     job = tmp / job_file.name
     job.write_text(to_toml(raw))
     return job, revisions
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_analysis", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
 
 
 @pytest.mark.parametrize("job_file", JOBS, ids=[p.stem for p in JOBS])
