@@ -17,18 +17,24 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
 Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
 2 cores for ``long`` and ``big``, about 20 for ``small``; finished settings are reused). Each setting also
-writes its per-interval validity figure to ``WORKDIR/<setting>/validity.png``.
+writes its per-interval validity figure to ``WORKDIR/<setting>/validity.png``. ``--steps N`` trains
+only the first N steps of each chosen setting (same spacing), a timed prefix: the wall time of the
+training and of the analysis job, and each analysis's measured seconds per unit (the sidecars' median)
+are printed, for extrapolating a setting too long to run here (docs/polca.md, "Cost").
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import CARRY_HEADER, carry_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
+from ckpt_analysis.estimate import estimate
 from ckpt_analysis.report import plot_validity
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
@@ -55,21 +61,38 @@ PAPER = with_paper_optimiser(
 
 
 def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
-    """Train (unless done) and run the demo's POLCA job on ``workdir/name``."""
+    """Train (unless done) and run the demo's POLCA job on ``workdir/name``; print the cost."""
     folder = workdir / name
+    start = time.perf_counter()
     accuracy = train_or_reuse(folder / "run", train)
+    trained = time.perf_counter()
     (folder / "polca.toml").write_text(polca_job(train))  # basis spacing and lag as the demo's
-    run_job(load_job(folder / "polca.toml"))
+    job = load_job(folder / "polca.toml")
+    run_job(job)
+    analysed = time.perf_counter()
+    print(
+        f"{name}: {train.steps} steps trained in {trained - start:.1f} s, analysed in {analysed - trained:.1f} s"
+    )
+    costs = [
+        [
+            e.analysis,
+            str(e.units),
+            f"{e.seconds:.2f}" if e.seconds else "—",
+            f"{(e.gpu_peak_mb or 0) / 1024:.2f}",
+        ]
+        for e in estimate(job, calibrate=False)
+    ]
+    print(table(["analysis", "units", "s / unit (median)", "peak GPU GiB"], costs))
     plot_validity(open_results(folder / "polca.zarr"), folder / "validity.png")
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
-def main(workdir: Path, *, paper: bool, only: list[str]) -> None:
+def main(workdir: Path, *, paper: bool, only: list[str], steps: int | None) -> None:
     hf_logging.disable_progress_bar()
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
     for name, train in {**SETTINGS, **({"paper": PAPER} if paper else {})}.items():
         if not only or name in only:
-            rows += run_setting(workdir, name, train)
+            rows += run_setting(workdir, name, replace(train, steps=steps) if steps else train)
     header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 
@@ -81,5 +104,6 @@ if __name__ == "__main__":
     parser.add_argument("workdir", nargs="?", default="demo_out")
     parser.add_argument("--paper", action="store_true", help="also the 9.5M-parameter setting (CUDA)")
     parser.add_argument("--only", nargs="+", default=[], help="run only these settings")
+    parser.add_argument("--steps", type=int, help="train only this prefix of each setting (a cost timing)")
     args = parser.parse_args()
-    main(Path(args.workdir), paper=args.paper, only=args.only)
+    main(Path(args.workdir), paper=args.paper, only=args.only, steps=args.steps)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks in one script (docs/benchmarks.md, "On a GPU"): the card, the CUDA-marked tests,
+# per-unit cost on the Pythia-70M stand-in, and a timed prefix of the paper-scale POLCA setting.
+# Each step has its own time limit and writes its log under OUT (default: gpu_out); a step that
+# fails or runs out of time does not stop the next.
+# Run: bash benchmarks/gpu_check.sh [PAPER_STEPS]   (about 9 minutes on one H200)
+set -uo pipefail
+out=${OUT:-gpu_out}
+steps=${1:-1000}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log, record rc and time
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "$name: rc=$? in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
+}
+
+nvidia-smi >"$out/card.txt" 2>&1
+python3 -c 'import torch, transformers, huggingface_hub, zarr, dask, distributed, xarray, hdbscan, datasets
+for m in (torch, transformers, huggingface_hub, zarr, dask, distributed, xarray, hdbscan, datasets):
+    print(m.__name__, m.__version__)
+print(torch.cuda.get_device_name(0))' >>"$out/card.txt" 2>&1
+step cuda_tests 120 python3 -m pytest -m cuda -p no:cacheprovider -q tests/test_cuda.py
+step pythia_standin 140 python3 benchmarks/pythia_standin.py /tmp/standin --device cuda
+step paper_prefix 240 python3 benchmarks/polca_scale_up.py /tmp/paper --paper --only paper --steps "$steps"
+# Whatever the prefix finished, measured per unit (from its sidecars), even if it ran out of time.
+step paper_units 30 python3 -c "
+from ckpt_analysis.config import load_job
+from ckpt_analysis.estimate import estimate
+for e in estimate(load_job('/tmp/paper/paper/polca.toml'), calibrate=False):
+    print(e.analysis, e.units, e.seconds, e.gpu_peak_mb)"
+tar czf "$out/paper_units.tar.gz" -C /tmp/paper/paper polca.toml polca.zarr/_units 2>/dev/null
+du -sh /tmp/paper/paper/run /tmp/paper/paper/polca.zarr >>"$out/summary.txt" 2>&1
