@@ -70,9 +70,8 @@ def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]
     job = load_job(folder / "polca.toml")
     run_job(job)
     analysed = time.perf_counter()
-    print(
-        f"{name}: {train.steps} steps trained in {trained - start:.1f} s, analysed in {analysed - trained:.1f} s"
-    )
+    took = f"trained in {trained - start:.1f} s, analysed in {analysed - trained:.1f} s"
+    print(f"{name}: {train.steps} steps {took}")
     costs = [
         [
             e.analysis,
