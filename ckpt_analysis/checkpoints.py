@@ -210,16 +210,22 @@ class HubSource(CheckpointSource):
         except Exception as exc:
             raise CheckpointError(
                 f"revision {ckpt.revision!r} of {self.spec.repo} is not in the cache "
-                f"{self.spec.cache_dir or '(default HF cache)'}; run `ckpt-analysis prefetch` online"
+                f"{self.spec.cache_dir or '(default HF cache)'} ({one_line(exc)}); "
+                "run `ckpt-analysis prefetch` online"
             ) from exc
 
     def weight_files(self, ckpt: Checkpoint) -> list[Path]:
-        return _weight_files_in(self.files_dir(ckpt), ckpt)
+        folder = self.files_dir(ckpt)
+        try:
+            return _weight_files_in(folder, ckpt)
+        except CheckpointError:
+            _refuse_interrupted(folder, ckpt, _repo_cache(self.spec) / "blobs")
+            raise
 
     def _load(self, ckpt: Checkpoint, dtype: torch.dtype, attn: str) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
-        self.files_dir(ckpt)  # clear error for a missing revision before transformers' own
+        self.weight_files(ckpt)  # clear error for a missing revision before transformers' own
         return AutoModelForCausalLM.from_pretrained(
             str(self.spec.repo),
             revision=ckpt.revision,
@@ -388,6 +394,19 @@ def _unique_steps(ckpts: list[Checkpoint]) -> list[Checkpoint]:
                 "list one of them, or map steps with checkpoints.steps"
             )
     return ckpts
+
+
+def _refuse_interrupted(snapshot: Path, ckpt: Checkpoint, blobs: Path) -> None:
+    """Name an interrupted Hub download (snapshot links to nothing, ``blobs/*.incomplete``) and the
+    command that finishes it, instead of a bare "no weight file"."""
+    dangling = sorted(p.name for p in snapshot.iterdir() if p.is_symlink() and not p.exists())
+    partial = list(blobs.glob("*.incomplete")) if blobs.is_dir() else []
+    if dangling or partial:
+        raise CheckpointError(
+            f"checkpoint {ckpt.revision}: its download was interrupted ({len(partial)} incomplete "
+            f"file(s) in {blobs}; {', '.join(dangling) or 'no file'} in {snapshot} point(s) to "
+            "nothing); finish it with `ckpt-analysis prefetch JOB` online"
+        )
 
 
 def _weight_files_in(folder: Path, ckpt: Checkpoint) -> list[Path]:

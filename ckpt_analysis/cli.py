@@ -360,10 +360,21 @@ def resubmit(
 
 @app.command()
 @_reports_errors
-def status(store: StoreArg) -> None:
-    """Show which units are done, failed (with the reason), running or missing."""
+def status(
+    store: StoreArg,
+    check: Annotated[
+        bool, typer.Option("--verify", help="Also read every chunk and check it (as `verify` does).")
+    ] = False,
+) -> None:
+    """Show which units are done, failed (with the reason), running or missing.
+
+    Done means the unit finished writing; whether its chunks are still intact on disk is what
+    `status --verify` (or `verify STORE`) checks.
+    """
     from ckpt_analysis.store import unit_states
 
+    if check:
+        _verify(store, fix=False)
     states = unit_states(store)
     table = Table("unit", "state", "detail", title=str(store))
     colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
@@ -374,6 +385,54 @@ def status(store: StoreArg) -> None:
     out.print(", ".join(f"{v} {k}" for k, v in counts.items()))
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@_reports_errors
+def verify(
+    store: StoreArg,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--repair", help="Mark damaged units not done and reset their chunks, for `run` to recompute."
+        ),
+    ] = False,
+) -> None:
+    """Read every chunk of the store and check it: checksums, and every chunk a done unit wrote.
+
+    Lists each damaged unit with its chunk files; exit 1 if any is damaged, 0 if clean. With
+    --repair the damaged units are reset so that `ckpt-analysis run JOB` recomputes exactly those.
+    Stores written before checksums are checked for missing chunks only (it says so).
+    """
+    if not _verify(store, fix=fix) and not fix:
+        raise typer.Exit(1)
+
+
+def _verify(store: Path, *, fix: bool) -> bool:
+    """Print what ``verify_store`` finds (and repairs, with ``fix``); whether the store was clean."""
+    from ckpt_analysis.verify import repair, verify_store
+
+    report = verify_store(store)
+    rate = report.bytes / max(report.seconds, 1e-9) / 1e9
+    size = f"{report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.2f} GB/s)"
+    out.print(f"verified {report.files} chunk files, {size}")
+    if report.unchecked_arrays:
+        names = ", ".join(report.unchecked_arrays)
+        out.print(f"[yellow]no checksums (an older store) in {names}: only missing chunks are found there")
+    if report.unrecorded_units:
+        out.print(
+            f"[yellow]{report.unrecorded_units} done unit(s) predate chunk records: "
+            "a missing chunk of theirs cannot be told from an unwritten one"
+        )
+    for unit, damage in report.by_unit().items():
+        owner = unit or "no unit (written when the store was made: recreate it with `run --force`)"
+        out.print(f"[red]damaged[/] {escape(owner)}: " + ", ".join(f"{d.file} ({d.problem})" for d in damage))
+    if fix and not report.clean:
+        repaired = repair(store, report)
+        out.print(f"reset {len(repaired)} unit(s); `ckpt-analysis run JOB` recomputes exactly those")
+    elif report.clean:
+        out.print("[green]clean[/]")
+    return report.clean
 
 
 @app.command()

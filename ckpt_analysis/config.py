@@ -210,13 +210,29 @@ class JobSpec:
         keeps its hash. ``checkpoints.select`` is covered through ``content``, which lists the
         selected checkpoints, so a selection naming the same checkpoints hashes the same.
         """
+        return _digest({**self._hashed_settings(), "content": content or {}})
+
+    def spec_parts(self, content: dict[str, Any]) -> dict[str, str]:
+        """The spec hash's inputs, each hashed alone, so a refused resume can say which changed:
+        ``settings`` (the job's options), ``checkpoints`` (their selection and weight files) and
+        ``data`` (the data, sample and tokenizer files)."""
+        inputs = {k: content.get(k) for k in ("data", "sample", "tokenizer")}
+        return {
+            "settings": _digest(self._hashed_settings()),
+            "checkpoints": _digest(content.get("checkpoints")),
+            "data": _digest(inputs),
+        }
+
+    def _hashed_settings(self) -> dict[str, Any]:
         payload = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_TABLES}
         for table, keys in _UNHASHED_KEYS.items():
             if payload.get(table) is not None:
                 payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
-        payload["content"] = content or {}
-        text = json.dumps(payload, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return payload
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _UNHASHED_TABLES = ("compute", "slurm", "name", "output")

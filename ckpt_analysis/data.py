@@ -207,7 +207,7 @@ def load_hub_dataset(spec: DataSpec) -> Any:
     except Exception as exc:
         subset = f" (subset {spec.subset!r})" if spec.subset else ""
         raise DataError(
-            f"data.path {name!r}{subset} is neither a file or folder (relative paths resolve against "
+            f"data.path {name!r}{subset} is neither a file nor a folder (relative paths resolve against "
             f"the job file's folder) nor a Hub dataset loadable from the datasets cache "
             f"{datasets_cache(spec)}: {one_line(exc)}. Cache it with `ckpt-analysis prefetch JOB` "
             "online; pick one of several subsets with data.subset"

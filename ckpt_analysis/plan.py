@@ -284,39 +284,52 @@ def _file_sha256(path: str, _size: int, _mtime_ns: int) -> str:
     return file_digest(Path(path), "sha256")
 
 
+def job_identity(job: JobSpec) -> tuple[str, dict[str, str]]:
+    """The job's spec hash and its parts (what a refused resume compares), from one digest pass."""
+    content = content_digests(job)
+    return job.spec_hash(content), job.spec_parts(content)
+
+
+def check_job_output(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
+    """:func:`~ckpt_analysis.store.check_output` for ``job``: its hash, parts and our version."""
+    spec_hash, parts = job_identity(job)
+    return check_output(job.output, spec_hash, force=force, parts=parts, version=versions()["ckpt-analysis"])
+
+
 def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
     """Create the job's store unless a store of the same spec exists (then resume).
 
-    Holds the store's creation lock (:func:`~ckpt_analysis.store.creation_lock`), so of two
-    runs starting at once one creates the store and the other resumes it.
+    Everything is validated before anything is written: a refused job leaves no store, lock file
+    or folder. Then the store's creation lock (:func:`~ckpt_analysis.store.creation_lock`) is
+    held, so of two runs starting at once one creates the store and the other resumes it.
     """
-    spec_hash = job.spec_hash(content_digests(job))
+    plan = make_plan(job) if check_job_output(job, force=force) != "resume" else None
     with creation_lock(job.output):
-        action = check_output(job.output, spec_hash, force=force)
+        action = check_job_output(job, force=force)
         if action != "resume":
-            _create(job, spec_hash, replace=action == "replace")
+            _create(plan or make_plan(job), replace=action == "replace")
     return action
 
 
-def _create(job: JobSpec, spec_hash: str, *, replace: bool) -> None:
-    plan = make_plan(job)
+def _create(plan: Plan, *, replace: bool) -> None:
     create_store(
-        job.output,
+        plan.job.output,
         variables=_variables(plan),
         coords=_coords(plan),
         tables=_tables(plan),
-        meta=_meta(plan, spec_hash),
+        meta=_meta(plan, *job_identity(plan.job)),
         replace=replace,
     )
-    log.info("created %s with %d units", job.output, len(plan.units))
+    log.info("created %s with %d units", plan.job.output, len(plan.units))
 
 
-def _meta(plan: Plan, spec_hash: str) -> dict[str, Any]:
-    """The store's root attributes: the job, its hash, versions, model, checkpoints and units."""
+def _meta(plan: Plan, spec_hash: str, parts: dict[str, str]) -> dict[str, Any]:
+    """The store's root attributes: the job, its hash and parts, versions, model, checkpoints, units."""
     job = plan.job
     return {
         "job_spec": job.to_dict(),
         "spec_hash": spec_hash,
+        "spec_parts": parts,
         "versions": versions(),
         "model_id": job.checkpoints.repo or job.checkpoints.path or job.checkpoints.config,
         "model_config": plan.model_config,
@@ -377,7 +390,5 @@ def extend_store(job: JobSpec) -> int:
     shapes = {v.name: v.shape for v in _variables(plan) if v.dims[0] in ("step", "unit")}
     coords = _coords(plan)
     columns = {n: coords[n] for n in ("step", "revision", "tokens_seen", "unit_id")}
-    grow_store(
-        job.output, shapes=shapes, columns=columns, meta=_meta(plan, job.spec_hash(content_digests(job)))
-    )
+    grow_store(job.output, shapes=shapes, columns=columns, meta=_meta(plan, *job_identity(job)))
     return len(steps) - old

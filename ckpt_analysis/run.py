@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,18 +21,20 @@ from ckpt_analysis.data import EvalData
 from ckpt_analysis.device import visible_gpus
 from ckpt_analysis.errors import StoreError, one_line
 from ckpt_analysis.execute import Outcome, Task, make_executor
-from ckpt_analysis.plan import content_digests, prepare_store, stored_units, unit_stages, versions
+from ckpt_analysis.plan import check_job_output, prepare_store, stored_units, unit_stages, versions
 from ckpt_analysis.progress import progress
-from ckpt_analysis.registry import Unit, UnitContext, get_analysis
+from ckpt_analysis.registry import Unit, UnitContext, Write, get_analysis
 from ckpt_analysis.store import (
-    check_output,
     check_writable,
+    chunk_files,
     done_flags,
     read_array,
     read_sidecar,
     require_store,
+    reset_chunks,
     set_done,
     store_meta,
+    sweep_temp_files,
     unit_lock,
     write_block,
     write_sidecar,
@@ -139,8 +141,8 @@ def failure_reason(exc: BaseException, job: JobSpec) -> str:
     import torch
 
     error = one_line(exc)
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+    if _out_of_memory(exc):
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) or "CUDA" in str(exc) else "host"
         c = job.compute
         error = (
             f"out of {where} memory ({error}); lower compute.batch_size (now {c.batch_size}) or "
@@ -149,15 +151,29 @@ def failure_reason(exc: BaseException, job: JobSpec) -> str:
     return error
 
 
+_ALLOCATOR_FAILURES = ("can't allocate memory", "out of memory")
+"""How torch's allocators word a failed allocation inside a plain ``RuntimeError`` (the CPU's
+``DefaultCPUAllocator`` never raises ``MemoryError``)."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATOR_FAILURES)
+
+
 def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
     The unit's lock (:func:`~ckpt_analysis.store.unit_lock`) is held throughout, so a concurrent
     run waits, then skips it. The unit's blocks are computed in memory first, then its done
     marker is cleared, the blocks written and the marker set last: a unit killed mid-write is
-    recomputed on the next run, and a ``--force`` recompute that fails keeps the earlier result.
-    A streaming unit (its ``compute`` yields) clears its marker first and writes as it goes, so a
-    failed ``--force`` recompute of one leaves it not done.
+    recomputed on the next run, and a ``--force`` recompute that fails before writing keeps the
+    earlier result. A streaming unit (its ``compute`` yields) clears its marker first and writes
+    as it goes. A unit that fails after writing (a full disk, an I/O error) has its chunks reset
+    to the fill value and ends not done, ``failed`` with its reason (docs/results.md, "Integrity").
     """
     try:
         worker = _worker(store, job_json)
@@ -191,35 +207,67 @@ def _run_locked(
     start = time.time()
     earlier = read_sidecar(store, unit.id) if flags[index] else None
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
-    if earlier is None:
-        write_sidecar(store, unit.id, record)
-    streamed = False
+    written: list[str] = []  # chunk files touched so far: reset if the unit fails
+    cleared = False  # the done marker was cleared: an earlier result is no longer whole
     try:
+        if earlier is None:
+            write_sidecar(store, unit.id, record)
         analysis = get_analysis(unit.analysis).from_spec(worker.job.analyses[unit.analysis])
         writes = analysis.compute(unit, worker.context)
+        cleared = True
+        set_done(store, index, False)
         if not isinstance(writes, list):  # a streaming unit: each block written as it comes
-            streamed = True
-            set_done(store, index, False)
-            for write in writes:
-                write_block(store, write)
+            _write_all(store, writes, written)
             writes = []
+        _write_all(store, writes, written)
+        set_done(store, index, True)
     except Exception as exc:
-        wall = time.time() - start
-        error = failure_reason(exc, worker.job)
-        failed = {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()}
-        if earlier is not None and not streamed:  # --force: the earlier result stays, beside the failure
-            failed = {**earlier, "forced_recompute": {**failed, "wall_s": wall}}
-        write_sidecar(store, unit.id, {**failed, "wall_s": failed.get("wall_s", wall)})
-        log.warning("unit %s failed: %s", unit.id, error)
-        return Outcome(index, unit.id, "failed", error, wall)
-    set_done(store, index, False)
-    for write in writes:
-        write_block(store, write)
-    set_done(store, index, True)
+        kept = None if cleared else earlier
+        return _failed(store, worker.job, unit, index, exc, record, kept, written)
     wall = time.time() - start
     done = {**record, "status": "done", "wall_s": wall, **_memory(), "versions": versions()}
-    write_sidecar(store, unit.id, done)
+    write_sidecar(store, unit.id, {**done, "chunks": written})
     return Outcome(index, unit.id, "done", None, wall)
+
+
+def _write_all(store: str, writes: Iterable[Write], written: list[str]) -> None:
+    """Write blocks, listing each block's chunk files in ``written`` before touching them."""
+    for write in writes:
+        written += chunk_files(store, write)
+        write_block(store, write)
+
+
+def _failed(
+    store: str,
+    job: JobSpec,
+    unit: Unit,
+    index: int,
+    exc: Exception,
+    record: dict[str, Any],
+    earlier: dict[str, Any] | None,
+    written: list[str],
+) -> Outcome:
+    """Record a failed unit: its chunks reset to fill (nothing half-written stays visible) and its
+    reason in the sidecar; a failed ``--force`` recompute that wrote nothing keeps the earlier
+    result beside the failure. Best effort on a broken disk: the reason is also logged."""
+    wall = time.time() - record["started"]
+    error = failure_reason(exc, job)
+    log.warning("unit %s failed: %s", unit.id, error)
+    failed = {
+        **record,
+        "status": "failed",
+        "error": error,
+        "traceback": traceback.format_exc(),
+        "wall_s": wall,
+    }
+    if earlier is not None:
+        failed = {**earlier, "forced_recompute": failed}
+    try:
+        reset_chunks(store, written)
+        write_sidecar(store, unit.id, failed)
+    except OSError as cleanup:
+        log.warning("unit %s: could not record its failure: %s", unit.id, one_line(cleanup))
+    return Outcome(index, unit.id, "failed", error, wall)
 
 
 def run_job(
@@ -245,8 +293,9 @@ def run_job(
         prepare_store(job, force=force)
     else:  # a SLURM array task: the store exists and must be this job's
         require_store(store)
-        check_output(store, job.spec_hash(content_digests(job)), force=False)
+        check_job_output(job, force=False)
     check_writable(store)
+    sweep_temp_files(store)
     _worker.cache_clear()  # the store may have been (re)created just now
     job_json = json.dumps(job.to_dict())
     worker = _worker(store, job_json)

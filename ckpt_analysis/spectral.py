@@ -106,6 +106,18 @@ def _lanczos_steps(
     return _Krylov(alpha, beta, basis[:m], projections[:m, :m], b)
 
 
+FLOOR_FACTOR = 2.0
+"""The working-precision floor of a residual, in units of eps·√n (docs/hessian.md, "The float32 floor")."""
+
+
+def precision_floor(dtype: str | torch.dtype, n: int) -> float:
+    """The smallest relative residual (‖Av − θv‖ / max|θ|) an ``n``-dimensional operator evaluated
+    in ``dtype`` can be asked for: ``FLOOR_FACTOR · eps(dtype) · √n`` (docs/hessian.md, "The
+    float32 floor"; measured by ``benchmarks/hessian_floor.py``)."""
+    eps = torch.finfo(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)).eps
+    return FLOOR_FACTOR * eps * float(np.sqrt(n))
+
+
 def lanczos(
     matvec: Matvec,
     n: int,
@@ -123,9 +135,11 @@ def lanczos(
     docs/hessian.md. Deterministic for a given ``seed``. With ``deflate`` (rows: an orthonormal B) the
     operator is Π⊥ A Π⊥ with Π⊥ = I − BᵀB, and the search is restricted to range(Π⊥): the start
     vector and every Lanczos vector are projected out of span(B), so the zero eigenvalues on
-    span(B) never compete. A pair converges when its residual is ≤ ``tol`` · max|θ|.
-    ``like`` fixes dtype and device.
+    span(B) never compete. A pair converges when its residual is ≤ ``tol`` · max|θ|, where ``tol``
+    is raised to the working precision's floor (:func:`precision_floor` of ``like``'s dtype) when
+    it asks for less than rounding allows. ``like`` fixes dtype and device.
     """
+    tol = max(tol, precision_floor(like.dtype, n))
 
     def project(x: torch.Tensor) -> torch.Tensor:
         return x if deflate is None else x - deflate.T @ (deflate @ x)

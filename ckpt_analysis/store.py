@@ -11,12 +11,13 @@ per-unit provenance goes to sidecar JSON files under ``_units/``, each replaced 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -146,15 +147,14 @@ def _array_meta(path: str, name: str, _token: int) -> dict[str, Any]:
     if not file.is_file():
         raise StoreError(f"{path} has no variable {name!r}")
     raw = json.loads(file.read_text())
-    codecs = raw["codecs"]
+    codecs = [c["name"] for c in raw["codecs"]]
     encoding = raw["chunk_key_encoding"]
     direct = (
-        len(codecs) == 1
-        and codecs[0]["name"] == "bytes"
+        codecs in (["bytes"], ["bytes", "crc32c"])
         and encoding["name"] == "default"
         and raw["data_type"] in _NUMERIC
     )
-    endian = codecs[0].get("configuration", {}).get("endian", "little") if direct else "little"
+    endian = raw["codecs"][0].get("configuration", {}).get("endian", "little") if direct else "little"
     return {
         "dims": tuple(raw["dimension_names"]),
         "shape": tuple(raw["shape"]),
@@ -164,6 +164,7 @@ def _array_meta(path: str, name: str, _token: int) -> dict[str, Any]:
         ),
         "fill": raw["fill_value"],
         "direct": direct,
+        "checksum": "crc32c" in codecs,
         "prefix": os.path.join(path, name, "c"),
         "separator": encoding.get("configuration", {}).get("separator", "/"),
     }
@@ -171,17 +172,50 @@ def _array_meta(path: str, name: str, _token: int) -> dict[str, Any]:
 
 def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> np.ndarray:
     chunks = meta["chunks"]
+    relative = "c" + meta["separator"] + meta["separator"].join(map(str, key))
     if not meta["direct"]:
         import zarr
 
         region = tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks, strict=True))
-        return np.asarray(zarr.open_array(path, path=name, mode="r")[region])
-    file = meta["prefix"] + meta["separator"] + meta["separator"].join(map(str, key))
+        try:
+            return np.asarray(zarr.open_array(path, path=name, mode="r")[region])
+        except ValueError as exc:  # zarr's checksum mismatch
+            raise StoreError(f"{path}/{name}/{relative}: {exc}; run `ckpt-analysis verify {path}`") from exc
+    file = os.path.join(path, name, relative)
     try:
-        return np.fromfile(file, dtype=meta["dtype"]).reshape(chunks)
+        raw = Path(file).read_bytes()
     except FileNotFoundError:
+        if meta["checksum"] and f"{name}/{relative}" in done_chunk_files(path):
+            raise StoreError(
+                f"{file} is missing but its unit is done: the store is damaged; run "
+                f"`ckpt-analysis verify {path} --repair`, then `ckpt-analysis run` to recompute it"
+            ) from None
         fill = np.nan if meta["fill"] == "NaN" else meta["fill"]
         return np.full(chunks, fill, dtype=meta["dtype"])
+    if meta["checksum"]:
+        raw = checked_payload(raw, file)
+    return np.frombuffer(raw, dtype=meta["dtype"]).reshape(chunks).copy()
+
+
+def checked_payload(raw: bytes, file: str | Path) -> bytes:
+    """A chunk's bytes without its trailing crc32c, which must match (zarr's ``crc32c`` codec:
+    the checksum of the payload, 4 bytes little-endian); else a StoreError naming the file."""
+    import google_crc32c
+
+    payload, stored = raw[:-4], raw[-4:]
+    if len(raw) < 4 or google_crc32c.value(payload) != int.from_bytes(stored, "little"):
+        raise StoreError(f"{file} fails its checksum: the store is damaged; run `ckpt-analysis verify`")
+    return payload
+
+
+def done_chunk_files(path: str | Path) -> dict[str, str]:
+    """Chunk file (relative to the store) → the done unit that wrote it, from the units' sidecars
+    (units written before chunk records were kept list none)."""
+    owners = {}
+    for record in (json.loads(f.read_text()) for f in (Path(path) / UNITS_DIR).glob("*.json")):
+        if record.get("status") == "done":
+            owners.update(dict.fromkeys(record.get("chunks", []), record["unit"]))
+    return owners
 
 
 def _position(path: str, dim: str, label: Any, token: int) -> int:
@@ -232,8 +266,27 @@ def store_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_output(path: str | Path, spec_hash: str, *, force: bool) -> Literal["create", "resume", "replace"]:
-    """Decide what to do with the output path, refusing files and other jobs' stores."""
+SPEC_PARTS = {
+    "settings": "the job's analysis settings",
+    "checkpoints": "the checkpoints (their selection or weight files)",
+    "data": "the data content (data, sample or tokenizer files)",
+}
+"""The spec hash's parts (:meth:`~ckpt_analysis.config.JobSpec.spec_parts`), as a refusal names them."""
+
+
+def check_output(
+    path: str | Path,
+    spec_hash: str,
+    *,
+    force: bool,
+    parts: dict[str, str] | None = None,
+    version: str | None = None,
+) -> Literal["create", "resume", "replace"]:
+    """Decide what to do with the output path, refusing files and other jobs' stores.
+
+    A refusal of another spec names what changed when the store recorded its ``parts``, and the
+    toolkit ``version`` that wrote it when that differs from this one.
+    """
     path = Path(path)
     if path.is_file():
         raise StoreError(f"output path {path} is a file, not a results store")
@@ -246,15 +299,26 @@ def check_output(path: str | Path, spec_hash: str, *, force: bool) -> Literal["c
                 "remove it or choose another output"
             )
         return "replace"
-    found = store_meta(path).get("spec_hash")
+    meta = store_meta(path)
+    found = meta.get("spec_hash")
     if found == spec_hash:
         return "resume"
     if not force:
         raise StoreError(
-            f"{path} holds results of a different job spec (hash {found}, this job {spec_hash}); "
-            "use another output path or --force to replace it"
+            f"{path} holds results of a different job spec (hash {found}, this job {spec_hash}): "
+            f"{_what_changed(meta, parts, version)}; use another output path or --force to replace it"
         )
     return "replace"
+
+
+def _what_changed(meta: dict[str, Any], parts: dict[str, str] | None, version: str | None) -> str:
+    stored = meta.get("spec_parts")
+    changed = [SPEC_PARTS[k] for k in SPEC_PARTS if parts and stored and stored.get(k) != parts.get(k)]
+    what = f"{' and '.join(changed)} changed since it was made" if changed else "the job differs"
+    written_by = meta.get("versions", {}).get("ckpt-analysis")
+    if version and written_by and written_by != version:
+        what += f" (it was written by ckpt-analysis {written_by}, this is {version})"
+    return what
 
 
 def create_store(
@@ -270,14 +334,16 @@ def create_store(
     import dask.array as da
     import xarray as xr
     import zarr
+    from zarr.codecs import Crc32cCodec
 
     path = Path(path)
     data_vars: dict[str, Any] = {n: (dims, values) for n, (dims, values) in tables.items()}
-    encoding: dict[str, dict[str, Any]] = {}
+    # docs/results.md, "Integrity": every data array carries a crc32c checksum per chunk
+    encoding: dict[str, dict[str, Any]] = {n: {"compressors": [Crc32cCodec()]} for n in [*tables, *coords]}
     for var in variables:
         lazy = da.full(var.shape, var.fill, dtype=var.dtype, chunks=var.chunks)
         data_vars[var.name] = (var.dims, lazy, {"description": var.doc} if var.doc else {})
-        encoding[var.name] = {"chunks": var.chunks, "fill_value": var.fill, "compressors": None}
+        encoding[var.name] = {"chunks": var.chunks, "fill_value": var.fill, "compressors": [Crc32cCodec()]}
     ds = xr.Dataset(data_vars, coords={n: (dims, v) for n, (dims, v) in coords.items()})
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a planner killed mid-create (we hold the lock)
@@ -294,9 +360,8 @@ def create_store(
         _array.cache_clear()
     except OSError as exc:
         raise StoreError(f"cannot create the store {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    finally:  # zarr may still be renaming a file inside on a full disk: remove what is left
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def grow_store(
@@ -332,15 +397,36 @@ def grow_store(
 
 @cache
 def _array(path: str, name: str) -> zarr.Array:
+    """An array opened for writing; chunks equal to the fill value are written too, so a done
+    unit's chunks are all on disk and a missing one is damage (docs/results.md, "Integrity")."""
     import zarr
 
-    return zarr.open_array(path, path=name, mode="r+")
+    return zarr.open_array(path, path=name, mode="r+").with_config({"write_empty_chunks": True})
+
+
+def chunk_files(path: str | Path, write: Write) -> list[str]:
+    """The chunk files ``write`` covers, relative to the store (``act_cov/c/3/0/1``)."""
+    array = _array(str(path), write.name)
+    ranges = []
+    for i, size, chunk in zip(write.index, array.shape, array.chunks, strict=False):
+        start, stop, _ = (slice(i, i + 1) if isinstance(i, int) else i).indices(size)
+        ranges.append(range(start // chunk, -(-stop // chunk)))
+    ranges += [range(-(-size // chunk)) for size, chunk in zip(array.shape, array.chunks, strict=True)][
+        len(ranges) :
+    ]
+    return [f"{write.name}/{array.metadata.encode_chunk_key(key)}" for key in itertools.product(*ranges)]
 
 
 def write_block(path: str | Path, write: Write) -> None:
     """Write one unit's block into its own chunks."""
     _still_there(path)
     _array(str(path), write.name)[write.index] = write.values
+
+
+def reset_chunks(path: str | Path, files: Iterable[str]) -> None:
+    """Remove chunk files (they read as the fill value again); absent ones are skipped."""
+    for file in files:
+        Path(path, file).unlink(missing_ok=True)
 
 
 def set_done(path: str | Path, index: int, done: bool) -> None:
@@ -415,8 +501,29 @@ def write_sidecar(path: str | Path, unit_id: str, record: dict[str, Any]) -> Non
     """Replace a unit's provenance record atomically (write to a temp file, then rename)."""
     target = _sidecar_path(path, unit_id)
     tmp = target.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sweep_temp_files(path: str | Path) -> int:
+    """Remove sidecar temp files left by a killed or failed write; returns how many.
+
+    A temp file is removed only when its unit's lock is free, so a unit being written now by
+    another run keeps its own.
+    """
+    removed = 0
+    for tmp in (Path(path) / UNITS_DIR).glob("*.tmp-*"):
+        with tmp.with_suffix(".lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def read_sidecar(path: str | Path, unit_id: str) -> dict[str, Any] | None:

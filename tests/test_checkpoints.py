@@ -134,6 +134,21 @@ def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
         check_layout(source, source.checkpoints())
 
 
+def test_an_interrupted_hub_download_is_named_with_the_command_that_finishes_it(tmp_path: Path) -> None:
+    cache = build_fake_hub(tmp_path, HUB_REPO, ["step0"])
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    weights = next(repo.glob("snapshots/*/model.safetensors"))
+    blob = weights.resolve()
+    blob.rename(blob.with_name(blob.name + ".incomplete"))  # as huggingface_hub leaves a cut download
+    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(cache))
+    source = CheckpointSource.from_spec(spec)
+    with pytest.raises(
+        CheckpointError,
+        match=r"step0: its download was interrupted \(1 incomplete file.*model\.safetensors.*prefetch JOB",
+    ):
+        source.weight_files(source.checkpoints()[0])
+
+
 def test_prefetch_offline_reports_cached_and_missing(hub_cache: Path) -> None:
     spec = CheckpointsSpec(
         source="hub", repo=HUB_REPO, revisions=["step0", "step3", "step4"], cache_dir=str(hub_cache)

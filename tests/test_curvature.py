@@ -122,3 +122,55 @@ def test_the_hessian_graph_cache_changes_no_number(sample: EvalData) -> None:
     for _ in range(2):
         assert torch.equal(cached(v), fresh(v))
     assert len(cached._graphs) == len(cached.batches) and not fresh._graphs
+
+
+@pytest.fixture(scope="module")
+def trained_pair() -> tuple[HessianOperator, HessianOperator]:
+    """Float32 and float64 Hessians of the addition model trained as the demo trains it (about 100k
+    parameters, 600 steps)."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
+
+    with tempfile.TemporaryDirectory() as folder:
+        train_arithmetic(Path(folder), TrainConfig(steps=600, save_every=600, device="cpu"))
+        model = AutoModelForCausalLM.from_pretrained(Path(folder) / "checkpoint-600")
+    data = load_eval_data(
+        DataSpec(source="addition", num_examples=32, seed=3),
+        arithmetic.build_tokenizer(),
+        max_positions=64,
+        vocab_size=len(arithmetic.VOCAB),
+    )
+    ops = []
+    for dtype in (torch.float32, torch.float64):
+        copy_ = torch.nn.Module.to(copy.deepcopy(model), dtype)  # transformers mis-types .to
+        ops.append(HessianOperator(copy_, ParamLayout.from_model(copy_, ["*"]), data, batch_size=32))
+    return ops[0], ops[1]
+
+
+def test_an_accurate_float32_pair_is_flagged_converged_at_the_defaults(
+    trained_pair: tuple[HessianOperator, HessianOperator],
+) -> None:
+    from ckpt_analysis.spectral import lanczos, precision_floor
+
+    op32, op64 = trained_pair
+    truth = lanczos(op64, op64.n, 1, like=op64.flat_params(), tol=1e-12, max_iter=150)
+    found = lanczos(op32, op32.n, 1, like=op32.flat_params(), tol=1e-5)  # the analysis defaults
+    floor = precision_floor("float32", op32.n)
+    assert 1e-5 < floor < 1e-3  # above the asked tolerance: the floor decides the flag here
+    assert found.converged.all(), found.residuals / abs(found.values)
+    assert abs(found.values[0] - truth.values[0]) <= floor * abs(truth.values[0])
+
+
+def test_a_pair_cut_short_is_never_flagged_converged(
+    trained_pair: tuple[HessianOperator, HessianOperator],
+) -> None:
+    from ckpt_analysis.spectral import lanczos, precision_floor
+
+    op32, _ = trained_pair
+    cut = lanczos(op32, op32.n, 1, like=op32.flat_params(), tol=1e-5, max_iter=4)
+    assert not cut.converged.any()
+    assert cut.residuals[0] > precision_floor("float32", op32.n) * abs(cut.values[0])
