@@ -183,7 +183,7 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
             raise StoreError(f"{path}/{name}/{relative}: {exc}; run `ckpt-analysis verify {path}`") from exc
     file = os.path.join(path, name, relative)
     try:
-        raw = Path(file).read_bytes()
+        raw = np.fromfile(file, dtype=np.uint8)
     except FileNotFoundError:
         if meta["checksum"] and f"{name}/{relative}" in done_chunk_files(path):
             raise StoreError(
@@ -194,16 +194,16 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
         return np.full(chunks, fill, dtype=meta["dtype"])
     if meta["checksum"]:
         raw = checked_payload(raw, file)
-    return np.frombuffer(raw, dtype=meta["dtype"]).reshape(chunks).copy()
+    return raw.view(meta["dtype"]).reshape(chunks)
 
 
-def checked_payload(raw: bytes, file: str | Path) -> bytes:
-    """A chunk's bytes without its trailing crc32c, which must match (zarr's ``crc32c`` codec:
-    the checksum of the payload, 4 bytes little-endian); else a StoreError naming the file."""
+def checked_payload(raw: np.ndarray, file: str | Path) -> np.ndarray:
+    """A chunk's bytes (``uint8``) without its trailing crc32c, which must match (zarr's ``crc32c``
+    codec: the checksum of the payload, 4 bytes little-endian); else a StoreError naming the file."""
     import google_crc32c
 
-    payload, stored = raw[:-4], raw[-4:]
-    if len(raw) < 4 or google_crc32c.value(payload) != int.from_bytes(stored, "little"):
+    payload = raw[:-4]
+    if len(raw) < 4 or google_crc32c.value(payload) != int.from_bytes(raw[-4:].tobytes(), "little"):
         raise StoreError(f"{file} fails its checksum: the store is damaged; run `ckpt-analysis verify`")
     return payload
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from ckpt_analysis.errors import StoreError
 from ckpt_analysis.progress import progress
@@ -74,9 +78,8 @@ def verify_store(path: str | Path) -> Report:
         for name, checksummed in arrays.items():
             if not checksummed:
                 report.unchecked_arrays.append(name)
-            for file in sorted((root / name / "c").rglob("*")):
-                if file.is_file():
-                    _check_file(root, file, checksummed, owners, report)
+            for file in _chunk_files(root / name / "c"):
+                _check_file(root, file, checksummed, owners, report)
             advance(name, True)
     report.damage += [
         Damage(rel, "missing", unit) for rel, unit in owners.items() if not (root / rel).is_file()
@@ -96,8 +99,14 @@ def _arrays(root: Path) -> dict[str, bool]:
     return found
 
 
+def _chunk_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` (an array's chunks), from directory listings alone."""
+    for where, _, files in os.walk(folder):
+        yield from (Path(where, f) for f in sorted(files))
+
+
 def _check_file(root: Path, file: Path, checksummed: bool, owners: dict[str, str], report: Report) -> None:
-    raw = file.read_bytes()
+    raw = np.fromfile(file, dtype=np.uint8)
     report.files += 1
     report.bytes += len(raw)
     if not checksummed:
