@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from ckpt_analysis.zoo.tasks.arithmetic import build_tokenizer
+from ckpt_analysis.tasks.arithmetic import build_tokenizer
 
 BENCH_MODEL = {
     "hidden_size": 256,

@@ -23,8 +23,8 @@ from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.spectral import lanczos, precision_floor
+from ckpt_analysis.tasks import arithmetic
 from ckpt_analysis.zoo.demo import train_or_reuse
-from ckpt_analysis.zoo.tasks import arithmetic
 from ckpt_analysis.zoo.train import TrainConfig, tiny_gpt_neox
 
 WIDTHS = (8, 16, 32, 64, 128)

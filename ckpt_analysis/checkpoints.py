@@ -106,7 +106,7 @@ class CheckpointSource(ABC):
         """Load ``ckpt`` in eval mode on the spec's dtype/device; reject NaN/inf weights."""
         import torch
 
-        from ckpt_analysis.zoo.onehot import register
+        from ckpt_analysis.models.onehot import register
 
         register()  # the built-in one-hot model type loads like any other
         quiet_transformers_bars()
@@ -129,7 +129,7 @@ class CheckpointSource(ABC):
     def tokenizer(self, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
-        from ckpt_analysis.zoo.onehot import register
+        from ckpt_analysis.models.onehot import register
 
         register()  # AutoTokenizer reads the folder's config too
         where = self.spec.tokenizer or str(self.files_dir(ckpt))

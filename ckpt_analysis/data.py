@@ -11,7 +11,7 @@ import numpy as np
 
 from ckpt_analysis.config import DataSpec, hf_cache_dir
 from ckpt_analysis.errors import DataError, one_line
-from ckpt_analysis.zoo.tasks import arithmetic, grammar, topics
+from ckpt_analysis.tasks import arithmetic, grammar, topics
 
 if TYPE_CHECKING:
     import torch

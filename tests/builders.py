@@ -13,8 +13,8 @@ import torch
 from transformers import GPTNeoXForCausalLM, PreTrainedModel
 
 from ckpt_analysis.config import to_toml
+from ckpt_analysis.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.standin import write_hub_revision
-from ckpt_analysis.zoo.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.train import GrammarTrainConfig, tiny_gpt_neox, train_grammar
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]

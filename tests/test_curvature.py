@@ -11,7 +11,7 @@ from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
-from ckpt_analysis.zoo.tasks import arithmetic
+from ckpt_analysis.tasks import arithmetic
 
 SMALL = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 

@@ -10,7 +10,7 @@ import pytest
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.data import EvalData, hub_dataset_cached, load_eval_data
 from ckpt_analysis.errors import DataError
-from ckpt_analysis.zoo.tasks import arithmetic
+from ckpt_analysis.tasks import arithmetic
 
 
 @pytest.fixture

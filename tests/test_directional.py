@@ -9,7 +9,7 @@ from ckpt_analysis.config import DataSpec
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
-from ckpt_analysis.zoo.tasks import arithmetic
+from ckpt_analysis.tasks import arithmetic
 
 SMALL = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 

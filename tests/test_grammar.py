@@ -10,7 +10,7 @@ from builders import build_grammar_run
 from ckpt_analysis.config import DataSpec
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.errors import DataError
-from ckpt_analysis.zoo.tasks import arithmetic, grammar
+from ckpt_analysis.tasks import arithmetic, grammar
 from ckpt_analysis.zoo.train import save_steps
 
 

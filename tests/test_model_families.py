@@ -15,7 +15,7 @@ from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.run import run_job
 from ckpt_analysis.sites import SITES, capture
 from ckpt_analysis.store import open_results
-from ckpt_analysis.zoo.tasks.arithmetic import build_tokenizer
+from ckpt_analysis.tasks.arithmetic import build_tokenizer
 
 ATTENTION_PARAMS = {"gpt2": "*.0.attn.c_attn.weight", "llama": "*.0.self_attn.*", "opt": "*.0.self_attn.*"}
 """Layer 0's attention weights (768–1088 parameters): small enough for a dense Hessian."""

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from ckpt_analysis.analyses.leading_terms import cosine
 from ckpt_analysis.corpus import CorpusStats, corpus_statistics, top_vocabulary, vocab_index
-from ckpt_analysis.zoo.onehot import GDConfig, register, train_onehot
-from ckpt_analysis.zoo.tasks.topics import corpus
+from ckpt_analysis.models.onehot import register
+from ckpt_analysis.tasks.topics import corpus
+from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
 
 K = 10
 

@@ -12,8 +12,8 @@ from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.plots import Figure, plot_store, write_index
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.tasks.topics import corpus
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
-from ckpt_analysis.zoo.tasks.topics import corpus
 
 SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 

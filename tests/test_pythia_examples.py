@@ -18,8 +18,8 @@ from builders import cli
 from ckpt_analysis.checkpoints import PYTHIA_TOKENS_PER_STEP, HubSource
 from ckpt_analysis.config import load_job, to_toml
 from ckpt_analysis.store import open_results, store_meta, unit_states
+from ckpt_analysis.tasks.topics import words
 from ckpt_analysis.zoo.standin import PYTHIA_70M, pythia_standin
-from ckpt_analysis.zoo.tasks.topics import words
 
 JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("pythia_*.toml"))
 REVISIONS = 8

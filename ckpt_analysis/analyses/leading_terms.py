@@ -20,10 +20,10 @@ from ckpt_analysis.corpus import (
 )
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.models.onehot import MODEL_TYPE
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.sites import Site, capture, decoder_layers
-from ckpt_analysis.zoo.onehot import MODEL_TYPE
-from ckpt_analysis.zoo.tasks import topics
+from ckpt_analysis.tasks import topics
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -1,10 +1,9 @@
-"""Toy models, built-in tasks and the demo: fixtures and demonstrations, not the pipeline.
+"""Toy trainers and the demo: fixtures and demonstrations, not the pipeline.
 
-``tasks`` (3-digit addition, the synthetic topic corpus), ``train`` (a tiny GPT-NeoX trainer on
-addition), ``onehot`` (the leading-term paper's one-hot attention model and its GD trainer) and
-``demo`` (the offline demo). The pipeline imports only ``tasks`` (built-in data sources) and
-``onehot.register`` (so the one-hot model type loads like any other); nothing here is imported by
-``config``, ``store``, ``plan``, ``run`` or ``execute``.
+``train`` (tiny GPT-NeoX trainers on the built-in tasks), ``onehot`` (full-batch GD of the
+leading-term paper's one-hot attention model, whose model type lives in ``ckpt_analysis.models``),
+``standin`` (Pythia's architecture with random weights) and ``demo`` (the offline demo). Only the
+CLI imports this package; the pipeline's built-in data sources are ``ckpt_analysis.tasks``.
 """
 
 ONEHOT_DEMO_STEPS = 100

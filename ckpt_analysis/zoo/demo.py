@@ -28,9 +28,9 @@ from ckpt_analysis.report import (
 )
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.tasks import arithmetic
 from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
-from ckpt_analysis.zoo.tasks import arithmetic
 from ckpt_analysis.zoo.train import TrainConfig, answer_accuracy, train_arithmetic
 
 log = logging.getLogger(__name__)

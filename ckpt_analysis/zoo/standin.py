@@ -70,7 +70,7 @@ def pythia_standin(
     ``main`` points at the last revision. Returns ``cache_dir``."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from ckpt_analysis.zoo.tasks import topics
+    from ckpt_analysis.tasks import topics
 
     fields = config or PYTHIA_70M
     tokenizer = topics.build_tokenizer(int(fields["vocab_size"]))

@@ -14,7 +14,7 @@ import torch
 
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.progress import progress, quiet_transformers_bars
-from ckpt_analysis.zoo.tasks import arithmetic, grammar
+from ckpt_analysis.tasks import arithmetic, grammar
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM

@@ -18,8 +18,8 @@ from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.tasks.topics import corpus
 from ckpt_analysis.zoo.onehot import GDConfig, train_onehot
-from ckpt_analysis.zoo.tasks.topics import corpus
 
 TOPICS: dict[str, Any] = {"source": "topics", "num_examples": 40, "seq_len": 12, "seed": 3}
 
