@@ -102,8 +102,20 @@ class DataSpec:
     num_sequences: int | None = None
     add_bos: bool = False
     token_text: bool = True
+    pad_id: int | None = None
+    """The id that pads pre-tokenized rows shorter than ``seq_len`` (default: the tokenizer's)."""
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether this token set needs the checkpoints' tokenizer: built-in tasks, text to
+        tokenize, a BOS to add, or token text to decode (pre-tokenized ids need none)."""
+        if self.source in ("addition", "subtraction", "grammar"):
+            return True
+        return self.source == "dataset" and (self.ids_column is None or self.add_bos or self.token_text)
 
     def __post_init__(self) -> None:
+        if self.pad_id is not None and self.pad_id < 0:
+            raise JobSpecError(f"data.pad_id = {self.pad_id} must be a token id (>= 0)")
         for key in ("num_examples", "seq_len", "num_sequences"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -228,6 +240,10 @@ class JobSpec:
         for table, keys in _UNHASHED_KEYS.items():
             if payload.get(table) is not None:
                 payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
+        for table, defaults in _HASHED_UNLESS_DEFAULT.items():
+            if payload.get(table) is not None:
+                kept = payload[table].items()
+                payload[table] = {k: v for k, v in kept if k not in defaults or defaults[k] != v}
         return payload
 
 
@@ -250,6 +266,9 @@ _UNHASHED_KEYS = {
     "data": ("path", "cache_dir"),
     "sample": ("path", "cache_dir"),
 }
+_HASHED_UNLESS_DEFAULT: dict[str, dict[str, Any]] = {"data": {"pad_id": None}, "sample": {"pad_id": None}}
+"""Options added after stores were written: left at their default they leave the hash as it was,
+so those stores still resume."""
 
 
 def require_distinct(values: list[Any], where: str) -> None:

@@ -113,17 +113,22 @@ def label_variable(column: str) -> str:
 
 
 def load_eval_data(
-    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, max_positions: int | None, vocab_size: int
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase | None, *, max_positions: int | None, vocab_size: int
 ) -> EvalData:
-    """Build the token set named by ``spec``, checking it fits the model's context and vocabulary."""
-    if spec.source == "addition" or spec.source == "subtraction":
-        data = _arithmetic(spec, spec.source, tokenizer)
-    elif spec.source == "topics":
+    """Build the token set named by ``spec``, checking it fits the model's context and vocabulary.
+
+    ``tokenizer`` may be None only where ``spec.needs_tokenizer`` is false (pre-tokenized ids).
+    """
+    if spec.source == "topics":
         data = _topics(spec, vocab_size)
+    elif spec.source == "dataset":
+        data = _from_dataset(spec, tokenizer)
+    elif tokenizer is None:
+        raise DataError(f"data.source = {spec.source!r} needs the checkpoints' tokenizer")
     elif spec.source == "grammar":
         data = _grammar(spec, tokenizer)
     else:
-        data = _from_dataset(spec, tokenizer)
+        data = _arithmetic(spec, spec.source, tokenizer)
     length = data.input_ids.shape[1]
     if max_positions is not None and length > max_positions:
         raise DataError(
@@ -264,7 +269,7 @@ def _has_content(path: Path) -> bool:
         return bool(handle.read(4096).strip())
 
 
-def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalData:
+def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase | None) -> EvalData:
     ds = _load_dataset(spec)
     needed = [spec.ids_column or spec.text_column, *spec.label_columns]
     needed += [spec.score_mask_column] if spec.score_mask_column else []
@@ -276,19 +281,39 @@ def _from_dataset(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> EvalDat
     if spec.ids_column:
         rows = [list(map(int, r)) for r in ds[spec.ids_column]]
     else:
+        assert tokenizer is not None  # DataSpec.needs_tokenizer
         rows = tokenizer(list(ds[spec.text_column]), add_special_tokens=False)["input_ids"]
     if spec.add_bos:
+        assert tokenizer is not None
         if tokenizer.bos_token_id is None:
             raise DataError("data.add_bos = true but the tokenizer has no BOS token")
         rows = [[tokenizer.bos_token_id, *r] for r in rows]
-    ids, attn = _pad(rows, spec.seq_len, _pad_id(tokenizer))
+    ids, attn = _pad(rows, _width(rows, spec, tokenizer), _pad_id(spec, tokenizer))
     score = _pad_column(ds, spec.score_mask_column, spec.seq_len, 1).astype(bool)
     labels = {c: _pad_column(ds, c, spec.seq_len, -1) for c in spec.label_columns}
     return EvalData(ids, attn, score, labels)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """A special token for padding (masked out, but stored in ``input_ids``): pad, else EOS, else 0."""
+def _width(rows: list[list[int]], spec: DataSpec, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """``seq_len``, or, with nothing to pad with (no ``data.pad_id``, no tokenizer), the common
+    length of rows that need no padding; unequal rows then are one error naming both ways out."""
+    if spec.pad_id is not None or tokenizer is not None:
+        return spec.seq_len
+    lengths = {min(len(r), spec.seq_len) for r in rows}
+    if len(lengths) > 1:
+        raise DataError(
+            f"the sequences of {spec.path} have {min(lengths)} to {max(lengths)} tokens and there is no "
+            "tokenizer to pad them with: set data.pad_id, or give every sequence at least data.seq_len "
+            f"(now {spec.seq_len}) tokens"
+        )
+    return lengths.pop()
+
+
+def _pad_id(spec: DataSpec, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """The padding id (masked out, but stored in ``input_ids``): ``data.pad_id``, else the
+    tokenizer's pad token, else its EOS, else 0."""
+    if spec.pad_id is not None or tokenizer is None:
+        return spec.pad_id or 0
     special = set(tokenizer.all_special_ids)
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None and candidate in special:

@@ -24,7 +24,7 @@ from ckpt_analysis.checkpoints import (
 )
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, label_variable, load_eval_data
-from ckpt_analysis.errors import DataError, JobSpecError, StoreError
+from ckpt_analysis.errors import CheckpointError, DataError, JobSpecError, StoreError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
 from ckpt_analysis.store import (
     DONE,
@@ -54,7 +54,7 @@ class Plan:
     checkpoints: list[Checkpoint]
     model_config: dict[str, Any]
     eval_data: EvalData
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     token_text: list[str] | None
     token_context: list[str] | None
     analyses: list[Analysis]
@@ -76,8 +76,7 @@ def make_plan(job: JobSpec) -> Plan:
     source = CheckpointSource.from_spec(job.checkpoints)
     ckpts = source.checkpoints()
     config = check_layout(source, ckpts)
-    tokenizer = source.tokenizer(ckpts[0])
-    _check_vocabulary(tokenizer, job)
+    tokenizer = _tokenizer(source, ckpts[0], job)
     data = load_eval_data(
         job.data,
         tokenizer,
@@ -89,28 +88,53 @@ def make_plan(job: JobSpec) -> Plan:
     if job.sample is not None:
         limits = {"max_positions": config.get("max_position_embeddings"), "vocab_size": config["vocab_size"]}
         sample = load_eval_data(job.sample, tokenizer, **limits)
-    text, context = data.token_strings(tokenizer) if job.data.token_text else (None, None)
+    text, context = data.token_strings(tokenizer) if tokenizer and job.data.token_text else (None, None)
     ctx = PlanContext(job, ckpts, config, data, tokenizer)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
     return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units, sample)
 
 
+def _tokenizer(source: CheckpointSource, first: Checkpoint, job: JobSpec) -> PreTrainedTokenizerBase | None:
+    """The checkpoints' tokenizer, checked where the data needs one (``DataSpec.needs_tokenizer``);
+    where it needs none (pre-tokenized ids), the tokenizer if the checkpoints carry a usable one,
+    else None (docs/jobs.md, "Pre-tokenized ids without a tokenizer")."""
+    specs = [job.data, *([job.sample] if job.sample else [])]
+    if job.data.source == "topics" or any(s.needs_tokenizer for s in specs):
+        tokenizer = source.tokenizer(first)
+        if job.data.source != "topics":  # synthetic ids; the tokenizer is never used
+            _check_vocabulary(tokenizer, job)
+        return tokenizer
+    try:
+        tokenizer = source.tokenizer(first)
+    except CheckpointError:
+        return None
+    return tokenizer if _has_vocabulary(tokenizer) else None
+
+
+def _has_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """False for a tokenizer of special tokens only: transformers builds one from a checkpoint
+    folder without tokenizer files, and it decodes every token to ''."""
+    return len(tokenizer) > len(set(tokenizer.all_special_ids))
+
+
 def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, job: JobSpec) -> None:
-    """Refuse a tokenizer of special tokens only: transformers builds one from a checkpoint folder
-    without tokenizer files, and it decodes every token to ''."""
-    if job.data.source == "topics":  # synthetic ids; the tokenizer is never used
-        return
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+    if not _has_vocabulary(tokenizer):
         raise DataError(
             f"the tokenizer from {_tokenizer_source(job)} has only special tokens ({len(tokenizer)} in "
-            "all): the folder holds no tokenizer files; set checkpoints.tokenizer to a tokenizer folder"
+            "all): the folder holds no tokenizer files; set checkpoints.tokenizer to a tokenizer folder "
+            "(pre-tokenized ids with data.token_text = false need none)"
         )
 
 
-def _check_ids(tokenizer: PreTrainedTokenizerBase, job: JobSpec, data: EvalData) -> None:
+def _check_ids(tokenizer: PreTrainedTokenizerBase | None, job: JobSpec, data: EvalData) -> None:
     """Refuse data whose ids the tokenizer cannot decode into ``token_text``."""
     top = int(data.input_ids[data.attention_mask > 0].max())
-    if job.data.source != "topics" and job.data.token_text and top >= len(tokenizer):
+    if (
+        tokenizer is not None
+        and job.data.source != "topics"
+        and job.data.token_text
+        and top >= len(tokenizer)
+    ):
         raise DataError(
             f"the data holds token id {top}, but the tokenizer from {_tokenizer_source(job)} has "
             f"{len(tokenizer)} tokens; set checkpoints.tokenizer to the data's tokenizer "

@@ -114,7 +114,8 @@ class PlanContext:
     checkpoints: list[Checkpoint]
     model_config: dict[str, Any]
     eval_data: EvalData
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
+    """None for pre-tokenized ids whose checkpoints carry no tokenizer (docs/jobs.md)."""
 
     @property
     def num_tokens(self) -> int:

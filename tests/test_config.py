@@ -176,3 +176,11 @@ def test_an_error_is_one_plain_line() -> None:
         "\x1b[31mCUDA out of memory.\x1b[0m Tried to allocate 2 GiB\n  at frame 1\n  at frame 2"
     )
     assert one_line(exc) == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+
+
+def test_options_added_later_leave_the_spec_hash_of_older_jobs_unchanged(tmp_path: Path) -> None:
+    """The hash of a job that leaves ``data.pad_id`` unset, as before the option existed."""
+    job = job_from_dict(job_dict(tmp_path / "run", tmp_path / "o.zarr"), base=tmp_path)
+    assert job.spec_hash({"a": 1}) == "9a46dafab484c9c0"
+    padded = job_from_dict(job_dict(tmp_path / "run", tmp_path / "o.zarr", data={"pad_id": 0}), base=tmp_path)
+    assert padded.spec_hash({"a": 1}) != job.spec_hash({"a": 1})

@@ -203,7 +203,7 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path: Pat
     with pytest.raises(
         DataError, match=r"data\.path 'nope_data' is neither a file nor a folder .*job file's folder"
     ):
-        load_eval_data(job.data, None, max_positions=32, vocab_size=16)  # type: ignore[arg-type]
+        load_eval_data(job.data, None, max_positions=32, vocab_size=16)
 
 
 SUMS = {"easy": ["1+1=2", "12+34=46"], "hard": ["999+999=1998", "123+877=1000", "5+5=10"]}

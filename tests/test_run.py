@@ -1,17 +1,20 @@
 """Execution: Dask and in-process runs agree, failures are isolated, reruns resume, kills recover."""
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from builders import (
     assert_same_results,
+    build_fake_hub,
     build_local_run,
     job_dict,
     run_and_kill,
@@ -21,6 +24,7 @@ from builders import (
 )
 
 from ckpt_analysis.config import job_from_dict, load_job
+from ckpt_analysis.errors import CheckpointError, DataError
 from ckpt_analysis.execute import InProcessExecutor, Outcome, Task
 from ckpt_analysis.plan import prepare_store
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
@@ -328,3 +332,73 @@ def test_a_streaming_unit_writes_as_it_goes_and_a_failure_resets_what_it_wrote(
     assert not any(o.ok for o in run_job(job, force=True))
     assert not done_flags(job.output).any()  # unlike a list-returning unit, nothing earlier is kept
     assert (read_sidecar(job.output, "test_stream/step=0") or {})["status"] == "failed"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def _strip_tokenizer(folder: Path) -> None:
+    """Remove every tokenizer file below ``folder`` (plain model saves, custom trainers)."""
+    for file in list(folder.rglob("*")):
+        if file.name in TOKENIZER_FILES:
+            file.unlink()
+
+
+def _ids_job(run: Path, tmp_path: Path, rows: list[list[int]], **data: object) -> dict[str, Any]:
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"ids": r}) + "\n" for r in rows))
+    ids = {"source": "dataset", "path": str(tmp_path / "ids.jsonl"), "ids_column": "ids"}
+    raw = job_dict(run, tmp_path / "s.zarr", data={**ids, "token_text": False, "seq_len": 8, **data})
+    return raw
+
+
+IDS = [[(3 * i + j) % 12 + 1 for j in range(8)] for i in range(8)]
+"""Eight pre-tokenized sequences of 8 ids inside the tiny model's vocabulary, no padding needed."""
+
+
+def test_pre_tokenized_ids_run_without_any_tokenizer_files(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10, 20])
+    _strip_tokenizer(run)
+    raw = _ids_job(run, tmp_path, IDS)
+    raw["analyses"] = {
+        "covariance": {},
+        "hessian": {"k": 2, "trace_probes": 4, "sample_sequences": 4},
+        "hessian_basis": {"k": 1, "every": 10, "sample_sequences": 4, "axis": 4},
+        "token_loss": {},
+        "polca": {},
+    }
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job)), [o.error for o in run_job(job) if not o.ok]
+    ds = open_results(job.output)
+    np.testing.assert_array_equal(ds.input_ids.values, IDS)
+    assert np.isfinite(ds.hessian_eigval.values).all() and np.isfinite(ds.token_loss.values).all()
+
+
+def test_a_hub_repo_without_tokenizer_files_runs_on_pre_tokenized_ids(tmp_path: Path) -> None:
+    cache = build_fake_hub(tmp_path / "hub", "org/no-tokenizer", ["step0", "step1"])
+    _strip_tokenizer(cache)
+    raw = _ids_job(tmp_path, tmp_path, IDS)
+    raw["checkpoints"] = {"source": "hub", "repo": "org/no-tokenizer", "revisions": ["step0", "step1"]}
+    raw["checkpoints"]["cache_dir"] = str(cache)
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    assert np.isfinite(open_results(job.output).act_cov.values).all()
+
+
+def test_unequal_ids_without_a_tokenizer_need_a_pad_id(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0])
+    _strip_tokenizer(run)
+    rows = [r[: 5 + i % 3] for i, r in enumerate(IDS)]
+    with pytest.raises(DataError, match=r"5 to 7 tokens .*set data\.pad_id, or .*data\.seq_len \(now 8\)"):
+        run_job(job_from_dict(_ids_job(run, tmp_path, rows), base=tmp_path))
+    assert not (tmp_path / "s.zarr").exists()
+    job = job_from_dict(_ids_job(run, tmp_path, rows, pad_id=0), base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    assert open_results(job.output).attention_mask.values.sum() == sum(len(r) for r in rows)
+
+
+def test_text_data_still_refuses_a_checkpoint_without_a_tokenizer(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0])
+    _strip_tokenizer(run)
+    raw = _ids_job(run, tmp_path, IDS, token_text=True)
+    with pytest.raises((DataError, CheckpointError), match="tokenizer"):
+        run_job(job_from_dict(raw, base=tmp_path))

@@ -174,7 +174,8 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
         data = ctx.eval_data
         check_right_padded(data.attention_mask)
         ids, counts = top_vocabulary(data.input_ids, data.attention_mask, self.params.vocab_size)
-        text = np.array([ctx.tokenizer.decode([int(i)]) for i in ids], dtype=object)
+        decode = ctx.tokenizer.decode if ctx.tokenizer else lambda i: str(i[0])  # no tokenizer: the id
+        text = np.array([decode([int(i)]) for i in ids], dtype=object)
         return {
             "vocab_id": (("vocab",), ids),
             "vocab_text": (("vocab",), text),
