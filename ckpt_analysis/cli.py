@@ -369,12 +369,12 @@ def status(
     """Show which units are done, failed (with the reason), running or missing.
 
     Done means the unit finished writing; whether its chunks are still intact on disk is what
-    `status --verify` (or `verify STORE`) checks.
+    `status --verify` (or `verify STORE`) checks. Exit 1 if a unit failed (or, with --verify, a
+    chunk is damaged).
     """
     from ckpt_analysis.store import unit_states
 
-    if check:
-        _verify(store, fix=False)
+    intact = _verify(store, fix=False) if check else True
     states = unit_states(store)
     table = Table("unit", "state", "detail", title=str(store))
     colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
@@ -383,7 +383,7 @@ def status(
     out.print(table)
     counts = {k: sum(s.state == k for s in states) for k in colour}
     out.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    if counts["failed"]:
+    if counts["failed"] or not intact:
         raise typer.Exit(1)
 
 

@@ -180,32 +180,32 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
         try:
             return np.asarray(zarr.open_array(path, path=name, mode="r")[region])
         except ValueError as exc:  # zarr's checksum mismatch
-            raise StoreError(f"{path}/{name}/{relative}: {exc}; run `ckpt-analysis verify {path}`") from exc
+            raise StoreError(f"{path}/{name}/{relative}: {exc}; {_REPAIR.format(store=path)}") from exc
     file = os.path.join(path, name, relative)
     try:
         raw = np.fromfile(file, dtype=np.uint8)
     except FileNotFoundError:
         if meta["checksum"] and f"{name}/{relative}" in done_chunk_files(path):
             raise StoreError(
-                f"{file} is missing but its unit is done: the store is damaged; run "
-                f"`ckpt-analysis verify {path} --repair`, then `ckpt-analysis run` to recompute it"
+                f"{file} is missing but its unit is done: the store is damaged; {_REPAIR.format(store=path)}"
             ) from None
         fill = np.nan if meta["fill"] == "NaN" else meta["fill"]
         return np.full(chunks, fill, dtype=meta["dtype"])
-    if meta["checksum"]:
-        raw = checked_payload(raw, file)
-    return raw.view(meta["dtype"]).reshape(chunks)
+    if meta["checksum"] and not checksum_ok(raw):
+        raise StoreError(f"{file} fails its checksum: the store is damaged; {_REPAIR.format(store=path)}")
+    payload = raw[:-4] if meta["checksum"] else raw
+    return payload.view(meta["dtype"]).reshape(chunks)
 
 
-def checked_payload(raw: np.ndarray, file: str | Path) -> np.ndarray:
-    """A chunk's bytes (``uint8``) without its trailing crc32c, which must match (zarr's ``crc32c``
-    codec: the checksum of the payload, 4 bytes little-endian); else a StoreError naming the file."""
+_REPAIR = "run `ckpt-analysis verify {store} --repair`, then `ckpt-analysis run` to recompute it"
+
+
+def checksum_ok(raw: np.ndarray) -> bool:
+    """Whether a chunk's bytes (``uint8``) end in the crc32c of the rest (zarr's ``crc32c`` codec:
+    4 bytes, little-endian)."""
     import google_crc32c
 
-    payload = raw[:-4]
-    if len(raw) < 4 or google_crc32c.value(payload) != int.from_bytes(raw[-4:].tobytes(), "little"):
-        raise StoreError(f"{file} fails its checksum: the store is damaged; run `ckpt-analysis verify`")
-    return payload
+    return len(raw) >= 4 and google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:].tobytes(), "little")
 
 
 def done_chunk_files(path: str | Path) -> dict[str, str]:
