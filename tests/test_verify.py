@@ -67,6 +67,18 @@ def test_a_removed_chunk_of_a_done_unit_is_an_error_on_read(done_store: Path) ->
     (done_store / CHUNK).unlink()
     with pytest.raises(StoreError, match="is missing but its unit is done"):
         read(done_store, "act_cov", step=10, site="resid_post", layer=1)
+    with pytest.raises(StoreError, match=f"1 done unit.*{UNIT}: {CHUNK}.*verify {done_store} --repair"):
+        open_results(done_store)
+    rest = open_results(done_store, check=False).act_cov
+    assert np.isnan(rest.sel(step=10, site="resid_post", layer=1)).all()
+    assert np.isfinite(rest.sel(step=20).values).all()
+
+
+def test_an_unwritten_unit_still_reads_as_fill(run_dir: Path, tmp_path: Path) -> None:
+    job = job_from_dict(job_dict(run_dir, tmp_path / "s.zarr"), base=tmp_path)
+    run_job(job, only=[UNIT])
+    assert np.isnan(read(job.output, "act_cov", step=20, site="resid_post", layer=1)).all()
+    assert np.isnan(open_results(job.output).act_cov.sel(step=20).values).all()
 
 
 def test_verify_names_each_damaged_unit_with_its_files(done_store: Path) -> None:
