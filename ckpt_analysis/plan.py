@@ -314,9 +314,12 @@ def job_identity(job: JobSpec) -> tuple[str, dict[str, str]]:
     return job.spec_hash(content), job.spec_parts(content)
 
 
-def check_job_output(job: JobSpec, *, force: bool) -> Literal["create", "resume", "replace"]:
-    """:func:`~ckpt_analysis.store.check_output` for ``job``: its hash, parts and our version."""
-    spec_hash, parts = job_identity(job)
+def check_job_output(
+    job: JobSpec, *, force: bool, identity: tuple[str, dict[str, str]] | None = None
+) -> Literal["create", "resume", "replace"]:
+    """:func:`~ckpt_analysis.store.check_output` for ``job``: its hash and parts (``identity``, else
+    :func:`job_identity`) and our version."""
+    spec_hash, parts = identity or job_identity(job)
     return check_output(job.output, spec_hash, force=force, parts=parts, version=versions()["ckpt-analysis"])
 
 
@@ -327,21 +330,23 @@ def prepare_store(job: JobSpec, *, force: bool) -> Literal["create", "resume", "
     or folder. Then the store's creation lock (:func:`~ckpt_analysis.store.creation_lock`) is
     held, so of two runs starting at once one creates the store and the other resumes it.
     """
-    plan = make_plan(job) if check_job_output(job, force=force) != "resume" else None
+    identity = job_identity(job)
+    check = functools.partial(check_job_output, job, force=force, identity=identity)
+    plan = make_plan(job) if check() != "resume" else None
     with creation_lock(job.output):
-        action = check_job_output(job, force=force)
+        action = check()
         if action != "resume":
-            _create(plan or make_plan(job), replace=action == "replace")
+            _create(plan or make_plan(job), identity, replace=action == "replace")
     return action
 
 
-def _create(plan: Plan, *, replace: bool) -> None:
+def _create(plan: Plan, identity: tuple[str, dict[str, str]], *, replace: bool) -> None:
     create_store(
         plan.job.output,
         variables=_variables(plan),
         coords=_coords(plan),
         tables=_tables(plan),
-        meta=_meta(plan, *job_identity(plan.job)),
+        meta=_meta(plan, *identity),
         replace=replace,
     )
     log.info("created %s with %d units", plan.job.output, len(plan.units))

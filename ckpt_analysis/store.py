@@ -192,7 +192,7 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
     try:
         raw = np.fromfile(file, dtype=np.uint8)
     except FileNotFoundError:
-        if meta["checksum"] and f"{name}/{relative}" in done_chunk_files(path):
+        if meta["checksum"] and f"{name}/{relative}" in chunk_owners(done_records(path)):
             raise StoreError(
                 f"{file} is missing but its unit is done: the store is damaged; {_REPAIR.format(store=path)}"
             ) from None
@@ -215,21 +215,23 @@ def checksum_ok(raw: np.ndarray) -> bool:
     return len(raw) >= 4 and google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:].tobytes(), "little")
 
 
-def done_chunk_files(path: str | Path) -> dict[str, str]:
-    """Chunk file (relative to the store) → the unit that wrote it, for every unit that is done
-    (its marker set and its sidecar saying so; units written before chunk records list none)."""
+def done_records(path: str | Path) -> list[dict[str, Any]]:
+    """The sidecars of the units that are done: marker set and sidecar saying so."""
     done = {u["id"] for u, flag in zip(store_meta(path)["units"], done_flags(path), strict=True) if flag}
-    owners = {}
-    for record in (json.loads(f.read_text()) for f in (Path(path) / UNITS_DIR).glob("*.json")):
-        if record.get("status") == "done" and record.get("unit") in done:
-            owners.update(dict.fromkeys(record.get("chunks", []), record["unit"]))
-    return owners
+    records = (json.loads(f.read_text()) for f in (Path(path) / UNITS_DIR).glob("*.json"))
+    return [r for r in records if r.get("status") == "done" and r.get("unit") in done]
 
 
-def missing_chunks(path: str | Path) -> dict[str, list[str]]:
-    """Done units whose chunk files are gone (docs/results.md, "Integrity"): unit → its missing files."""
+def chunk_owners(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Chunk file (relative to the store) → the unit whose record lists it (units written before
+    chunk records were kept list none)."""
+    return {file: r["unit"] for r in records for file in r.get("chunks", [])}
+
+
+def missing_chunks(path: str | Path, owners: dict[str, str]) -> dict[str, list[str]]:
+    """Units whose listed chunk files are gone (docs/results.md, "Integrity"): unit → its missing files."""
     missing: dict[str, list[str]] = {}
-    for file, unit in done_chunk_files(path).items():
+    for file, unit in owners.items():
         if not os.path.exists(os.path.join(path, file)):
             missing.setdefault(unit, []).append(file)
     return missing
@@ -237,7 +239,7 @@ def missing_chunks(path: str | Path) -> dict[str, list[str]]:
 
 def _refuse_missing(path: str | Path) -> None:
     """One StoreError naming the done units whose chunks are gone, instead of reading them as fill."""
-    missing = missing_chunks(path)
+    missing = missing_chunks(path, chunk_owners(done_records(path)))
     if missing:
         units = "; ".join(f"{u}: {', '.join(files[:3])}" for u, files in list(missing.items())[:3])
         raise StoreError(
@@ -435,13 +437,11 @@ def _array(path: str, name: str) -> zarr.Array:
 def chunk_files(path: str | Path, write: Write) -> list[str]:
     """The chunk files ``write`` covers, relative to the store (``act_cov/c/3/0/1``)."""
     array = _array(str(path), write.name)
+    index = (*write.index, *[slice(None)] * (array.ndim - len(write.index)))
     ranges = []
-    for i, size, chunk in zip(write.index, array.shape, array.chunks, strict=False):
+    for i, size, chunk in zip(index, array.shape, array.chunks, strict=True):
         start, stop, _ = (slice(i, i + 1) if isinstance(i, int) else i).indices(size)
         ranges.append(range(start // chunk, -(-stop // chunk)))
-    ranges += [range(-(-size // chunk)) for size, chunk in zip(array.shape, array.chunks, strict=True)][
-        len(ranges) :
-    ]
     return [f"{write.name}/{array.metadata.encode_chunk_key(key)}" for key in itertools.product(*ranges)]
 
 

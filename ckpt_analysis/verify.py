@@ -15,9 +15,10 @@ import numpy as np
 
 from ckpt_analysis.progress import progress
 from ckpt_analysis.store import (
-    UNITS_DIR,
     checksum_ok,
-    done_chunk_files,
+    chunk_owners,
+    done_records,
+    missing_chunks,
     read_sidecar,
     reset_chunks,
     set_done,
@@ -68,9 +69,9 @@ def verify_store(path: str | Path) -> Report:
     unless its chunks are. Raises StoreError if ``path`` is not a results store.
     """
     root = Path(path)
-    store_meta(root)  # the one clear error for a path that is not a store
-    owners = done_chunk_files(root)
-    report = Report()
+    records = done_records(root)  # raises the one clear error for a path that is not a store
+    owners = chunk_owners(records)
+    report = Report(unrecorded_units=sum("chunks" not in r for r in records))
     start = time.perf_counter()
     arrays = _arrays(root)
     with progress(len(arrays), f"verify {root.name}") as advance:
@@ -80,10 +81,8 @@ def verify_store(path: str | Path) -> Report:
             for file in _chunk_files(root / name / "c"):
                 _check_file(root, file, checksummed, owners, report)
             advance(name, True)
-    report.damage += [
-        Damage(rel, "missing", unit) for rel, unit in owners.items() if not (root / rel).is_file()
-    ]
-    report.unrecorded_units = _unrecorded(root)
+    for unit, files in missing_chunks(root, owners).items():
+        report.damage += [Damage(file, "missing", unit) for file in files]
     report.seconds = time.perf_counter() - start
     return report
 
@@ -113,11 +112,6 @@ def _check_file(root: Path, file: Path, checksummed: bool, owners: dict[str, str
     if not checksum_ok(raw):
         rel = file.relative_to(root).as_posix()
         report.damage.append(Damage(rel, "checksum", owners.get(rel)))
-
-
-def _unrecorded(root: Path) -> int:
-    records = (json.loads(f.read_text()) for f in (root / UNITS_DIR).glob("*.json"))
-    return sum(r.get("status") == "done" and "chunks" not in r for r in records)
 
 
 def repair(path: str | Path, report: Report) -> list[str]:
