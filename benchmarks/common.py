@@ -67,7 +67,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}"
 
 
-CARRY_HEADER = ["trajectory", "clusters", "carry homogeneity (top 3)", "F1", "carry AUC", "POLCA explains"]
+CARRY_HEADER = [
+    "trajectory",
+    "window",
+    "clusters",
+    "carry homogeneity (top 3)",
+    "F1",
+    "carry AUC",
+    "POLCA explains",
+]
 
 
 def carry_rows(store: Path, *lead: str) -> list[list[str]]:
@@ -83,5 +91,5 @@ def carry_rows(store: Path, *lead: str) -> list[list[str]]:
     for r in cluster_table(ds):
         top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
         scores = [f"{r.f1:.3f}", f"{r.label_auc:.3f}", explained]
-        rows.append([*lead, r.trajectory, str(r.clusters), top, *scores])
+        rows.append([*lead, r.trajectory, r.window, str(r.clusters), top, *scores])
     return rows

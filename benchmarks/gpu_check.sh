@@ -3,16 +3,19 @@
 # per-unit cost on the Pythia-70M stand-in, and a timed prefix of the paper-scale POLCA setting.
 # Each step has its own time limit and writes its log under OUT (default: gpu_out); a step that
 # fails or runs out of time does not stop the next.
-# Run: bash benchmarks/gpu_check.sh [PAPER_STEPS]   (about 9 minutes on one H200)
+# Run: bash benchmarks/gpu_check.sh [PAPER_STEPS]   (about 9 minutes on one H200); ONLY="cuda_tests
+# paper_prefix" runs only the named steps (the paper_units summary always runs).
 set -uo pipefail
 out=${OUT:-gpu_out}
 steps=${1:-1000}
+only=${ONLY:-cuda_tests pythia_standin paper_prefix paper_units}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log, record rc and time
     local name=$1 limit=$2
     shift 2
+    [[ " $only paper_units " == *" $name "* ]] || return 0
     local start=$SECONDS
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     echo "$name: rc=$? in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
@@ -25,7 +28,7 @@ for m in (torch, transformers, huggingface_hub, zarr, dask, distributed, xarray,
 print(torch.cuda.get_device_name(0))' >>"$out/card.txt" 2>&1
 step cuda_tests 120 python3 -m pytest -m cuda -p no:cacheprovider -q tests/test_cuda.py
 step pythia_standin 140 python3 benchmarks/pythia_standin.py /tmp/standin --device cuda
-step paper_prefix 240 python3 benchmarks/polca_scale_up.py /tmp/paper --paper --only paper --steps "$steps"
+step paper_prefix "${PAPER_LIMIT:-240}" python3 benchmarks/polca_scale_up.py /tmp/paper --paper --only paper --steps "$steps"
 # Whatever the prefix finished, measured per unit (from its sidecars), even if it ran out of time.
 step paper_units 30 python3 -c "
 from ckpt_analysis.config import load_job

@@ -9,10 +9,14 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 - ``small`` (issue 15): the demo model in a regime of small steps, as the paper trains — AdamW
   betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps, batch 64 — at lr 3e-4 (10× below the
   demo's) for 6000 steps (10× more), checkpoints every 50;
-- ``paper`` (only with ``--paper``, on a CUDA machine): the paper's setting, hidden 512, 3 layers,
-  8 heads (9.5M parameters), AdamW lr 1e-5, betas (0.9, 0.95), weight decay 0.1, 100 warm-up
-  steps, batch 64, 10,000 steps, a checkpoint every 20 (501) — not yet run (no GPU has been lent;
-  its expected cost is in docs/polca.md).
+- ``paper`` (only with ``--paper``, on a CUDA machine): the POLCA paper's own protocol, setting by
+  setting (docs/polca.md, "The paper's protocol"): a GPT-2-style model (learned positions,
+  sequential residual; the paper used TransformerLens) of 3 layers, width 512, 4 heads, MLP 2048
+  (9.5M parameters); AdamW lr 1e-5, weight decay 0.1, betas (0.9, 0.95), 100 warm-up steps, batch
+  64, 10,000 steps, a checkpoint every 20; 1250 problems (5000 answer tokens) analysed; the Hessian
+  on a separate 1250-problem training sample; one vector every 200 steps (50); the paper's
+  second-order term; HDBSCAN min_cluster_size 150 of 5000; the random and shuffled-checkpoint
+  bases as its ablations.
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
 Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,19 +59,75 @@ PAPER = with_paper_optimiser(
         lr=1e-5,
         hidden_size=512,
         num_layers=3,
-        num_heads=8,
+        num_heads=4,
         device="cuda",
+        architecture="gpt2",
     )
 )
+PAPER_BASIS_EVERY = 200
+PAPER_JOB = """name = "polca-paper-protocol"
+output = "polca.zarr"
+
+[checkpoints]
+source = "local"
+path = "run"
+
+[data]
+source = "addition"
+num_examples = 1250
+seed = 4321
+
+[sample]
+source = "addition"
+num_examples = 1250
+seed = 2025
+
+[analyses.hessian_basis]
+k = 1
+steps = {basis_steps}
+sample_sequences = 1250
+random = true
+axis = 0
+shuffled = true
+rayleigh = true
+
+[analyses.token_loss]
+
+[analyses.polca]
+bases = ["hessian", "random", "shuffled"]
+second_order = "paper"
+
+[analyses.clusters]
+trajectories = ["polca", "polca_random", "polca_shuffled", "exact_loss", "fisher"]
+min_cluster_fraction = 0.03
+label = "carry"
+restrict = "place"
+restrict_values = [1, 2]
+restrict_fraction = 0.85
+lag = 100
+window = [["start", "end"], ["tau", "end"]]
+
+[compute]
+workers = 1
+batch_size = 1250
+"""
 
 
-def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]:
-    """Train (unless done) and run the demo's POLCA job on ``workdir/name``; print the cost."""
+def paper_job(train: TrainConfig) -> str:
+    """The paper protocol's analysis job for a run of ``train.steps``: a basis vector every 200 steps."""
+    steps = list(range(PAPER_BASIS_EVERY, train.steps + 1, PAPER_BASIS_EVERY))
+    return PAPER_JOB.format(basis_steps=steps)
+
+
+def run_setting(
+    workdir: Path, name: str, train: TrainConfig, job_text: Callable[[TrainConfig], str]
+) -> list[list[str]]:
+    """Train (unless done) and run the setting's POLCA job on ``workdir/name``; print the cost."""
     folder = workdir / name
     start = time.perf_counter()
     accuracy = train_or_reuse(folder / "run", train)
     trained = time.perf_counter()
-    (folder / "polca.toml").write_text(polca_job(train))  # basis spacing and lag as the demo's
+    (folder / "polca.toml").write_text(job_text(train))
     job = load_job(folder / "polca.toml")
     run_job(job)
     analysed = time.perf_counter()
@@ -89,9 +150,10 @@ def run_setting(workdir: Path, name: str, train: TrainConfig) -> list[list[str]]
 def main(workdir: Path, *, paper: bool, only: list[str], steps: int | None) -> None:
     hf_logging.disable_progress_bar()
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
-    for name, train in {**SETTINGS, **({"paper": PAPER} if paper else {})}.items():
+    settings = {name: (train, polca_job) for name, train in SETTINGS.items()}  # the demo's job, scaled
+    for name, (train, job_text) in {**settings, **({"paper": (PAPER, paper_job)} if paper else {})}.items():
         if not only or name in only:
-            rows += run_setting(workdir, name, replace(train, steps=steps) if steps else train)
+            rows += run_setting(workdir, name, replace(train, steps=steps) if steps else train, job_text)
     header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 

@@ -466,9 +466,14 @@ def clusters(
     ] = "polca",
     vector: Annotated[int | None, typer.Option(help="Basis vector (default: the best-scoring one).")] = None,
     nearest: Annotated[int, typer.Option(help="Tokens shown per cluster, nearest its medoid first.")] = 5,
+    window: Annotated[
+        str | None,
+        typer.Option(help='The window\'s label, e.g. "0-600" or "tau-600" (default: the first stored).'),
+    ] = None,
 ) -> None:
     """Read a vector's clusters: size, breakthrough step, hidden flag, label homogeneity, and the
-    tokens nearest each cluster's medoid in context, as context⟨token⟩."""
+    tokens nearest each cluster's medoid in context, as context⟨token⟩, in one window of steps
+    (docs/polca.md, "Windows")."""
     from ckpt_analysis.report import cluster_examples
     from ckpt_analysis.store import open_results
 
@@ -476,7 +481,16 @@ def clusters(
     if "cluster_label" not in ds or trajectory not in ds.trajectory.values.tolist():
         found = ds.trajectory.values.tolist() if "trajectory" in ds else []
         raise CkptAnalysisError(f"{store} has no {trajectory!r} clusters; it has: {found or 'none'}")
-    for c in cluster_examples(ds, trajectory, vector=vector, nearest=nearest):
+    windows = ds.window.values.tolist()
+    if window is not None and window not in windows:
+        raise CkptAnalysisError(f"{store} has no clusters in the window {window!r}; it has: {windows}")
+    index = 0 if window is None else windows.index(window)
+    part = ds.isel(window=index).sel(trajectory=trajectory)
+    out.print(
+        f"window {windows[index]}: checkpoints from step {float(part.cluster_window_start):.0f} to "
+        f"{float(part.cluster_window_end):.0f}, τ = {float(part.cluster_tau):.0f}"
+    )
+    for c in cluster_examples(ds, trajectory, window=index, vector=vector, nearest=nearest):
         hidden = " [hidden breakthrough]" if c.hidden else ""
         out.print(
             f"[bold]vector {c.vector} cluster {c.cluster}[/]: {c.size} tokens, breakthrough at step "

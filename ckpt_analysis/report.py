@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class TrajectoryScores:
     """One row of the demo table: how well a trajectory type's clusters isolate a label."""
 
     trajectory: str
+    window: str
+    """The ``window`` coordinate: the steps the curves span (docs/polca.md, "Windows")."""
     clusters: int
     top_homogeneity: tuple[float, ...]
     unrestricted: float
@@ -48,10 +51,11 @@ def _best_per_vector(homogeneity: np.ndarray) -> np.ndarray:
 
 
 def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
-    """Per trajectory type: top-3 homogeneity, recall and F1 of the most homogeneous cluster, hidden share."""
+    """Per window and trajectory type: top-3 homogeneity, recall and F1 of the most homogeneous
+    cluster, hidden share."""
     rows = []
-    for trajectory in ds.trajectory.values.tolist():
-        part = ds.sel(trajectory=trajectory)
+    for window, trajectory in itertools.product(ds.window.values.tolist(), ds.trajectory.values.tolist()):
+        part = ds.sel(window=window, trajectory=trajectory)
         raw = part.cluster_homogeneity.values
         homogeneity = np.where(part.cluster_scored.values == 1, raw, np.nan)
         found = np.isfinite(homogeneity)
@@ -59,6 +63,7 @@ def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
         rows.append(
             TrajectoryScores(
                 trajectory=str(trajectory),
+                window=str(window),
                 clusters=int(np.isfinite(raw).sum()),
                 top_homogeneity=tuple(float(x) for x in part.cluster_top_homogeneity.values),
                 unrestricted=float(np.nanmax(raw)) if np.isfinite(raw).any() else float("nan"),
@@ -71,17 +76,29 @@ def cluster_table(ds: xr.Dataset) -> list[TrajectoryScores]:
     return rows
 
 
-def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4) -> list[Path]:
+def window_span(part: xr.Dataset) -> slice:
+    """The checkpoints of one window's clusters (``part`` selected at one window and trajectory)."""
+    from ckpt_analysis.analyses.clusters import window_span as span
+
+    return span(float(part.cluster_window_start), float(part.cluster_window_end), part.step.values)
+
+
+def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4, window: int = 0) -> list[Path]:
     """PNG per basis vector (the ``vectors`` with the most homogeneous clusters): the projected loss
-    of each cluster beside the exact loss of the same tokens, as in the paper's figures."""
+    of each cluster beside the exact loss of the same tokens, as in the paper's figures, over the
+    clusters' ``window`` (an index; the first by default)."""
+    from ckpt_analysis.analyses.clusters import trajectory_curves
+
     plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
-    part = ds.sel(trajectory="polca")
+    part = ds.isel(window=window).sel(trajectory="polca")
     labels = part.cluster_label.values
     best = _best_per_vector(part.cluster_homogeneity.values)
     order = [int(b) for b in np.argsort(-best) if best[b] >= 0][:vectors]
-    steps, loss, projected = ds.step.values, ds.token_loss.values, ds.projected_loss.values
+    span = window_span(part)
+    steps, loss = ds.step.values[span], ds.token_loss.values[span]
+    projected = trajectory_curves("polca", lambda name: ds[name].values, span)[0].transpose(2, 0, 1)
     paths = []
     for b in order:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
@@ -186,13 +203,14 @@ class ClusterExample:
 
 
 def cluster_examples(
-    ds: xr.Dataset, trajectory: str, *, vector: int | None = None, nearest: int = 5
+    ds: xr.Dataset, trajectory: str, *, window: int = 0, vector: int | None = None, nearest: int = 5
 ) -> list[ClusterExample]:
     """Each cluster of one vector (default: the one with the most homogeneous scored cluster, else
-    the one with most clusters) with the ``nearest`` tokens to its medoid as ``context⟨token⟩``."""
+    the one with most clusters) with the ``nearest`` tokens to its medoid as ``context⟨token⟩``, in
+    the clusters' ``window`` (an index; the first by default)."""
     from ckpt_analysis.analyses.clusters import nearest_to_medoid, trajectory_curves
 
-    part = ds.sel(trajectory=trajectory)
+    part = ds.isel(window=window).sel(trajectory=trajectory)
     labels = part.cluster_label.values
     if vector is None:
         score = part.cluster_homogeneity.values if "cluster_homogeneity" in part else None
@@ -200,7 +218,7 @@ def cluster_examples(
             vector = int(np.argmax(_best_per_vector(score)))
         else:
             vector = int(np.argmax(labels.max(axis=1)))
-    curves, _ = trajectory_curves(trajectory, lambda name: ds[name].values)
+    curves, _ = trajectory_curves(trajectory, lambda name: ds[name].values, window_span(part))
     context, text = ds.token_context.values, ds.token_text.values
     homogeneity = part.cluster_homogeneity.values[vector] if "cluster_homogeneity" in part else None
     out = []
@@ -324,6 +342,7 @@ def carry_scores_table(scores: list[TrajectoryScores]) -> Table:
     """Each trajectory type's clusters scored against the carry label, beside the paper's figures."""
     table = Table(
         "trajectory",
+        "window (steps)",
         "clusters",
         "carry homogeneity (top 3)",
         "recall",
@@ -340,7 +359,7 @@ def carry_scores_table(scores: list[TrajectoryScores]) -> Table:
         top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in row.top_homogeneity)
         name = "polca_axis (LCA)" if row.trajectory == "polca_axis" else row.trajectory
         numbers = (row.recall, row.f1, row.hidden_fraction, row.unrestricted, row.label_auc)
-        table.add_row(name, str(row.clusters), top, *(f"{v:.3f}" for v in numbers))
+        table.add_row(name, row.window, str(row.clusters), top, *(f"{v:.3f}" for v in numbers))
     return table
 
 

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy.stats import rankdata
 
-from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, suffix
+from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, filters, suffix
+from ckpt_analysis.config import require_distinct
 from ckpt_analysis.data import label_names, label_variable
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import (
@@ -24,8 +25,16 @@ from ckpt_analysis.registry import (
     register,
 )
 
-Trajectory = Literal["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"]
-PROJECTED = {"polca": "hessian", "polca_random": "random", "polca_axis": "axis", "fisher": "hessian"}
+Trajectory = Literal[
+    "polca", "polca_random", "polca_axis", "polca_shuffled", "exact_loss", "loss_change", "fisher"
+]
+PROJECTED = {
+    "polca": "hessian",
+    "polca_random": "random",
+    "polca_axis": "axis",
+    "polca_shuffled": "shuffled",
+    "fisher": "hessian",
+}
 """Trajectory types read from POLCA outputs, and the basis each needs (``polca_axis`` is LCA)."""
 FILTERED, OUTLIER = -2, -1
 TOP = 3
@@ -160,19 +169,36 @@ def medoid(curves: np.ndarray, members: np.ndarray) -> int:
     return int(idx[np.argmin(distance)])
 
 
-def trajectory_curves(kind: str, read: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The curves (vector, token, step) a trajectory type clusters, and which tokens are kept."""
-    loss = read("token_loss").astype(np.float64)
+def trajectory_curves(
+    kind: str, read: Callable[[str], np.ndarray], span: slice = slice(None)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The curves (vector, token, step) a trajectory type clusters over the checkpoints ``span``, and
+    which tokens are kept.
+
+    docs/polca.md, "Windows": projected losses are re-summed from the span's first checkpoint,
+    L_b(x, t) − L_b(x, t₀), and the filters are applied at its last; the other curves are sliced.
+    """
+    loss = read("token_loss").astype(np.float64)[span]
     if kind == "exact_loss":
         return loss.T[None], np.ones((1, loss.shape[1]), dtype=bool)
     if kind == "loss_change":
         return np.diff(loss, axis=0).T[None], np.ones((1, loss.shape[1]), dtype=bool)
     if kind == "fisher":
-        fisher = read("proj_grad").astype(np.float64) ** 2  # docs/polca.md baseline: P[t,b,x]²
+        fisher = read("proj_grad").astype(np.float64)[span] ** 2  # docs/polca.md baseline: P[t,b,x]²
         return fisher.transpose(1, 2, 0), np.ones(fisher.shape[1:], dtype=bool)
-    x = suffix(PROJECTED[kind])
-    projected = read(f"projected_loss{x}").astype(np.float64)  # (C, K, N)
-    return projected.transpose(1, 2, 0), read(f"token_kept{x}") == 1
+    projected = read(f"projected_loss{suffix(PROJECTED[kind])}").astype(np.float64)[span]  # (C, K, N)
+    projected = projected - projected[:1]
+    return projected.transpose(1, 2, 0), filters(projected)[1]
+
+
+def _onsets(
+    grid: np.ndarray, curves: np.ndarray, lag: int, convention: Literal["acceleration", "paper"]
+) -> np.ndarray:
+    """:func:`breakthrough_steps`, NaN for every curve of a window shorter than 2·lag."""
+    try:
+        return breakthrough_steps(grid, curves, lag, convention).astype(np.float64)
+    except ValueError:
+        return np.full(len(curves), np.nan)
 
 
 def nearest_to_medoid(curves: np.ndarray, members: np.ndarray, count: int) -> np.ndarray:
@@ -180,6 +206,40 @@ def nearest_to_medoid(curves: np.ndarray, members: np.ndarray, count: int) -> np
     centre = curves[medoid(curves, members)]
     idx = np.nonzero(members)[0]
     return np.asarray(idx[np.argsort(np.sqrt(((curves[idx] - centre) ** 2).sum(-1)), kind="stable")[:count]])
+
+
+Bound = int | str
+"""A window bound: a training step, ``"start"`` / ``"tau"`` (starts) or ``"end"``."""
+
+
+def window_pairs(window: list[Bound] | list[list[Bound]] | None) -> list[tuple[Bound, Bound]]:
+    """``[analyses.clusters] window`` as a list of (start, end) pairs (default: the whole run)."""
+    if window is None:
+        return [("start", "end")]
+    pairs: list[Any] = window if window and isinstance(window[0], list) else [window]
+    if any(not isinstance(p, list) or len(p) != 2 for p in pairs):
+        raise JobSpecError(
+            f"analyses.clusters.window = {window!r} must be one [start, end] pair or a list of them, "
+            'e.g. ["tau", "end"] or [[0, "end"], ["tau", "end"]]'
+        )
+    return [(p[0], p[1]) for p in pairs]
+
+
+def window_label(start: Bound, end: Bound, steps: np.ndarray) -> str:
+    """The ``window`` coordinate: ``"<start>-<end>"`` in steps (``"tau-<end>"`` from τ)."""
+    first = int(steps[0]) if start == "start" else start
+    last = int(steps[-1]) if end == "end" else end
+    return f"{first}-{last}"
+
+
+def window_span(start: float, end: float, steps: np.ndarray) -> slice:
+    """docs/polca.md, "Windows": the checkpoints from the first at or after ``start`` to the last at or
+    before ``end``; ValueError if that leaves fewer than two."""
+    first = int(np.searchsorted(steps, start, side="left"))
+    last = int(np.searchsorted(steps, end, side="right")) - 1
+    if last - first < 1:
+        raise ValueError(f"the window {start:g}–{end:g} holds fewer than two checkpoints of {steps.tolist()}")
+    return slice(first, last + 1)
 
 
 # --- the analysis ---
@@ -201,6 +261,7 @@ class ClusterParams:
     restrict_values: list[int] | None = None
     restrict_fraction: float = 0.85
     max_clusters: int = 20
+    window: list[Bound] | list[list[Bound]] | None = None
 
 
 @register
@@ -226,18 +287,34 @@ class Clusters(Analysis[ClusterParams]):
             raise JobSpecError(f"analyses.clusters needs analyses.polca.bases to include {absent}")
         return max(sizes[b][1] for b in needed)
 
-    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        return {
-            "trajectory": np.array(self.params.trajectories, dtype=object),
-            "cluster": np.arange(self.params.max_clusters),
-            "rank": np.arange(TOP),
-        }
+    def _windows(self, steps: np.ndarray) -> dict[str, tuple[Bound, Bound]]:
+        """Each window by its label, checked against the run (a window from τ once τ is known)."""
+        pairs = window_pairs(self.params.window)
+        labels = [window_label(a, b, steps) for a, b in pairs]
+        require_distinct(labels, "analyses.clusters.window")
+        windows = dict(zip(labels, pairs, strict=True))
+        for label, (start, end) in windows.items():
+            if start not in ("start", "tau") and not (isinstance(start, int) and start >= 0):
+                raise JobSpecError(
+                    f'analyses.clusters.window start {start!r} must be a step, "start" or "tau"'
+                )
+            if end != "end" and not (isinstance(end, int) and end >= 0):
+                raise JobSpecError(f'analyses.clusters.window end {end!r} must be a step or "end"')
+            if start != "tau":
+                first, last = label.split("-")
+                self._span(label, float(first), float(last), steps)
+        return windows
 
-    def _lag(self, steps: np.ndarray) -> int:
-        """Δ in steps: the option, else 5 × the finest checkpoint spacing."""
-        return self.params.lag or 5 * int(np.diff(steps).min())
+    @staticmethod
+    def _span(label: str, start: float, end: float, steps: np.ndarray) -> slice:
+        """The window's checkpoints; JobSpecError if it holds fewer than two."""
+        try:
+            return window_span(start, end, steps)
+        except ValueError as error:
+            raise JobSpecError(f"analyses.clusters.window {label}: {error}") from None
 
     def _check_lag(self, steps: np.ndarray) -> None:
+        """The whole run must hold 2·lag (a shorter window stores no breakthrough steps)."""
         for kind in self.params.trajectories:
             curve = steps[1:] if kind == "loss_change" else steps
             try:
@@ -247,6 +324,19 @@ class Clusters(Analysis[ClusterParams]):
                     f"analyses.clusters.lag = {self._lag(steps)} steps needs {kind} trajectories longer than "
                     f"2·lag; they span {curve[-1] - curve[0]} steps"
                 ) from None
+
+    def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
+        steps = np.array([c.step for c in ctx.checkpoints])
+        return {
+            "window": np.array(list(self._windows(steps)), dtype=object),
+            "trajectory": np.array(self.params.trajectories, dtype=object),
+            "cluster": np.arange(self.params.max_clusters),
+            "rank": np.arange(TOP),
+        }
+
+    def _lag(self, steps: np.ndarray) -> int:
+        """Δ in steps: the option, else 5 × the finest checkpoint spacing."""
+        return self.params.lag or 5 * int(np.diff(steps).min())
 
     def _check_restriction(self, ctx: PlanContext) -> None:
         """``restrict`` names a label and ``restrict_values`` says which of its values count."""
@@ -272,7 +362,9 @@ class Clusters(Analysis[ClusterParams]):
             )
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        self._check_lag(np.array([c.step for c in ctx.checkpoints]))
+        steps = np.array([c.step for c in ctx.checkpoints])
+        windows = self._windows(steps)
+        self._check_lag(steps)
         self._check_restriction(ctx)
         if self.params.label and self.params.label not in label_names(ctx.job.data):
             raise JobSpecError(
@@ -285,44 +377,44 @@ class Clusters(Analysis[ClusterParams]):
             ctx.num_tokens,
             self.params.max_clusters,
         )
-        rows = {"trajectory": r}
+        rows = {"window": len(windows), "trajectory": r}
         per_vector, per_cluster = {**rows, "cluster_vector": v}, {**rows, "cluster_vector": v, "cluster": m}
+        of = functools.partial(Variable.of, unit_axes=2)
         out = [
-            Variable.of(
+            of(
                 "cluster_label",
                 {**per_vector, "token": n},
                 "int32",
                 fill=-3,
                 doc="cluster id; −1 outlier, −2 filtered out, −3 unused vector",
             ),
-            Variable.of("cluster_size", per_cluster, "int64", doc="member tokens"),
-            Variable.of("cluster_medoid", per_cluster, "int64", doc="token index"),
-            Variable.of("cluster_breakthrough", per_cluster, doc="mean breakthrough step (acceleration)"),
-            Variable.of(
-                "cluster_breakthrough_paper", per_cluster, doc="mean breakthrough step (paper-literal)"
-            ),
-            Variable.of("cluster_hidden", per_cluster, "int8", doc="breakthrough > τ"),
-            Variable.of("cluster_tau", rows, doc="τ, in steps"),
-            Variable.of("cluster_hidden_fraction", rows, doc="share of clusters with hidden breakthroughs"),
+            of("cluster_size", per_cluster, "int64", doc="member tokens"),
+            of("cluster_medoid", per_cluster, "int64", doc="token index"),
+            of("cluster_breakthrough", per_cluster, doc="mean breakthrough step (acceleration)"),
+            of("cluster_breakthrough_paper", per_cluster, doc="mean breakthrough step (paper-literal)"),
+            of("cluster_hidden", per_cluster, "int8", doc="breakthrough > τ"),
+            of("cluster_tau", rows, doc="τ, in steps"),
+            of("cluster_hidden_fraction", rows, doc="share of clusters with hidden breakthroughs"),
+            of("cluster_window_start", rows, doc="step of the window's first checkpoint"),
+            of("cluster_window_end", rows, doc="step of the window's last checkpoint"),
         ]
         if self.params.label:
             out += [
-                Variable.of(f"cluster_{s}", per_cluster, doc=f"label {s}")
-                for s in ("homogeneity", "recall", "f1")
+                of(f"cluster_{s}", per_cluster, doc=f"label {s}") for s in ("homogeneity", "recall", "f1")
             ]
             out += [
-                Variable.of(
+                of(
                     "cluster_scored",
                     per_cluster,
                     "int8",
                     doc="1 if the cluster passes the restriction (always 1 without one)",
                 ),
-                Variable.of(
+                of(
                     "cluster_label_auc",
                     per_vector,
                     doc="ROC AUC of the label against each curve's total change (restricted tokens)",
                 ),
-                Variable.of(
+                of(
                     "cluster_top_homogeneity",
                     {**rows, "rank": TOP},
                     doc="best scored cluster per vector, top 3 across vectors",
@@ -334,17 +426,31 @@ class Clusters(Analysis[ClusterParams]):
         deps = [u.id for u in TokenLoss.from_spec({}).units(ctx)]
         if self._projected():
             deps.append(Unit(Polca.name, FINALIZE).id)
-        return [Unit(self.name, t, None, tuple(deps)) for t in self.params.trajectories]
+        windows = self._windows(np.array([c.step for c in ctx.checkpoints]))
+        return [
+            Unit(self.name, f"{t}@{w}", None, tuple(deps)) for w in windows for t in self.params.trajectories
+        ]
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         steps = np.array([c.step for c in ctx.checkpoints])
+        kind, label = unit.key.split("@")
         read = functools.cache(ctx.read)  # token_loss serves both τ and the curves
         loss = read("token_loss").astype(np.float64)  # (C, N)
-        sets, kept = trajectory_curves(unit.key, read)  # (V, N, C'), (V, N)
-        row = self.params.trajectories.index(unit.key)  # type: ignore[arg-type]
         tau = self.params.tau if self.params.tau is not None else default_tau(steps, loss.mean(axis=1))
-        curve_steps = steps[1:] if unit.key == "loss_change" else steps
+        start, end = label.split("-")
+        span = self._span(label, tau if start == "tau" else float(start), float(end), steps)
+        sets, kept = trajectory_curves(kind, read, span)  # (V, N, C'), (V, N)
+        index = (list(self._windows(steps)).index(label), self.params.trajectories.index(kind))  # type: ignore[arg-type]
+        curve_steps = steps[span][1:] if kind == "loss_change" else steps[span]
         lag = self._lag(steps)
+        if curve_steps[-1] - curve_steps[0] <= 2 * lag:
+            log.warning(
+                "clusters/%s: the window spans %d steps, not more than 2·lag = %d, so its breakthrough "
+                "steps and hidden flags are NaN (its clusters are scored)",
+                unit.key,
+                curve_steps[-1] - curve_steps[0],
+                2 * lag,
+            )
         has_label = self._has_label(ctx)
         allowed = None
         if self.params.restrict:
@@ -365,7 +471,8 @@ class Clusters(Analysis[ClusterParams]):
             )
         used = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
         vectors = max((len(ctx.read(f"basis_kept{suffix(b)}")) for b in used), default=1)
-        return self._writes(row, results, tau, vectors)
+        window = np.array([steps[span][0], steps[span][-1]], dtype=np.float64)
+        return self._writes(index, results, tau, vectors, window)
 
     def _has_label(self, ctx: UnitContext) -> np.ndarray | None:
         if not self.params.label:
@@ -390,7 +497,7 @@ class Clusters(Analysis[ClusterParams]):
                 min_samples_fraction=self.params.min_samples_fraction,
             )
         grid, uniform = uniform_grid(steps, curves)
-        onsets = {c: breakthrough_steps(grid, uniform, lag, c) for c in ("acceleration", "paper")}
+        onsets = {c: _onsets(grid, uniform, lag, c) for c in ("acceleration", "paper")}
         m = self.params.max_clusters
         out = {
             "auc": np.array(np.nan if has_label is None else _curve_auc(curves, has_label, allowed)),
@@ -408,7 +515,8 @@ class Clusters(Analysis[ClusterParams]):
             out["medoid"][cluster] = medoid(curves, members)
             out["breakthrough"][cluster] = onsets["acceleration"][members].mean()
             out["paper"][cluster] = onsets["paper"][members].mean()
-            out["hidden"][cluster] = out["breakthrough"][cluster] > tau
+            onset = out["breakthrough"][cluster]
+            out["hidden"][cluster] = np.nan if np.isnan(onset) else onset > tau
             if has_label is not None:
                 scores = label_scores(labels, has_label, cluster)
                 out["homogeneity"][cluster], out["recall"][cluster], out["f1"][cluster] = scores
@@ -418,7 +526,12 @@ class Clusters(Analysis[ClusterParams]):
         return out
 
     def _writes(
-        self, row: int, results: list[dict[str, np.ndarray]], tau: float, vectors: int
+        self,
+        row: tuple[int, int],
+        results: list[dict[str, np.ndarray]],
+        tau: float,
+        vectors: int,
+        window: np.ndarray,
     ) -> list[Write]:
         def stack(key: str, fill: float) -> np.ndarray:
             rows = [r[key] for r in results]
@@ -427,30 +540,30 @@ class Clusters(Analysis[ClusterParams]):
 
         hidden = stack("hidden", np.nan)
         writes = [
-            Write("cluster_label", (row,), stack("labels", -3).astype(np.int32)),
-            Write("cluster_size", (row,), stack("size", -1)),
-            Write("cluster_medoid", (row,), stack("medoid", -1)),
-            Write("cluster_breakthrough", (row,), stack("breakthrough", np.nan)),
-            Write("cluster_breakthrough_paper", (row,), stack("paper", np.nan)),
-            Write("cluster_hidden", (row,), np.nan_to_num(hidden, nan=-1).astype(np.int8)),
-            Write("cluster_tau", (row,), np.array(tau)),
+            Write("cluster_label", row, stack("labels", -3).astype(np.int32)),
+            Write("cluster_size", row, stack("size", -1)),
+            Write("cluster_medoid", row, stack("medoid", -1)),
+            Write("cluster_breakthrough", row, stack("breakthrough", np.nan)),
+            Write("cluster_breakthrough_paper", row, stack("paper", np.nan)),
+            Write("cluster_hidden", row, np.nan_to_num(hidden, nan=-1).astype(np.int8)),
+            Write("cluster_tau", row, np.array(tau)),
+            Write("cluster_window_start", row, np.array(window[0])),
+            Write("cluster_window_end", row, np.array(window[1])),
             Write(
                 "cluster_hidden_fraction",
-                (row,),
+                row,
                 np.array(np.nanmean(hidden) if np.isfinite(hidden).any() else np.nan),
             ),
         ]
         if self.params.label:
             scored = stack("scored", np.nan)
             homogeneity = np.where(scored == 1, stack("homogeneity", np.nan), np.nan)
-            writes += [
-                Write(f"cluster_{s}", (row,), stack(s, np.nan)) for s in ("homogeneity", "recall", "f1")
-            ]
-            writes.append(Write("cluster_scored", (row,), np.nan_to_num(scored, nan=-1).astype(np.int8)))
-            writes.append(Write("cluster_label_auc", (row,), stack("auc", np.nan)))
+            writes += [Write(f"cluster_{s}", row, stack(s, np.nan)) for s in ("homogeneity", "recall", "f1")]
+            writes.append(Write("cluster_scored", row, np.nan_to_num(scored, nan=-1).astype(np.int8)))
+            writes.append(Write("cluster_label_auc", row, stack("auc", np.nan)))
             best = np.array([np.nanmax(h) if np.isfinite(h).any() else np.nan for h in homogeneity])
             finite = np.sort(best[np.isfinite(best)])[::-1][:TOP]
             top = np.full(TOP, np.nan)
             top[: len(finite)] = finite
-            writes.append(Write("cluster_top_homogeneity", (row,), top))
+            writes.append(Write("cluster_top_homogeneity", row, top))
         return writes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -56,6 +57,20 @@ class BasisParams(CurvatureParams):
     random: bool = True
     axis: int = 50
     rayleigh: bool = False
+    shuffled: bool = False
+    """The POLCA paper's ablation (its Appendix E): Algorithm 1 again, over the basis checkpoints in
+    a seeded random order (``basis_shuffled``)."""
+
+
+SHUFFLED = "shuffled/"
+"""Key prefix of the shuffled chain's units (``hessian_basis/shuffled/step=200``)."""
+
+
+def link_variable(name: str, *, shuffled: bool) -> str:
+    """The store name of one of :data:`LINK_VARIABLES` for the Hessian or the shuffled basis."""
+    if not shuffled:
+        return f"basis_{name}"
+    return "basis_shuffled" if name == "vectors" else f"basis_shuffled_{name}"
 
 
 def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> CurvatureOperator:
@@ -170,6 +185,13 @@ class HessianBasis(_Curvature[BasisParams]):
             raise JobSpecError(f"analyses.hessian_basis.every = {every} selects no checkpoint")
         return links
 
+    def _order(self, ctx: PlanContext | UnitContext, *, shuffled: bool) -> list[int]:
+        """The basis checkpoints in the order the chain visits them (seeded permutation if shuffled)."""
+        links = self._links(ctx)
+        if not shuffled:
+            return links
+        return [links[i] for i in np.random.default_rng(self.params.seed).permutation(len(links))]
+
     def _size(self, ctx: PlanContext | UnitContext) -> int:
         return self.params.k * len(self._links(ctx))
 
@@ -184,13 +206,9 @@ class HessianBasis(_Curvature[BasisParams]):
         if p.axis > n:
             raise JobSpecError(f"analyses.hessian_basis.axis = {p.axis} exceeds the {n} selected parameters")
         basis, axis = {"basis": k}, {"basis_axis": p.axis}
-        out = [
-            Variable.of("basis_vectors", {**basis, "param": n}, p.dtype, doc="Algorithm-1 basis vectors"),
-            Variable.of("basis_step", basis, "int64", doc="checkpoint step of origin"),
-            Variable.of("basis_eigval", basis, doc=f"Ritz value of Π⊥CΠ⊥, C the {p.operator} operator"),
-            Variable.of("basis_residual", basis, doc="‖Π⊥HΠ⊥v − λv‖"),
-            Variable.of("basis_converged", basis, "int8", doc="residual within tol"),
-        ]
+        out = self._link_variables(basis, n, shuffled=False)
+        if p.shuffled:
+            out += self._link_variables(basis, n, shuffled=True)
         if p.random:
             doc = "seeded random orthonormal basis (ablation)"
             out.append(Variable.of("basis_random", {**basis, "param": n}, p.dtype, doc=doc))
@@ -207,15 +225,35 @@ class HessianBasis(_Curvature[BasisParams]):
             out.append(Variable.of("basis_axis_eigval", axis, doc=doc))
         return out
 
+    def _link_variables(self, basis: dict[str, int], n: int, *, shuffled: bool) -> list[Variable]:
+        p = self.params
+        v = functools.partial(link_variable, shuffled=shuffled)
+        how = ", basis checkpoints in a shuffled order (ablation)" if shuffled else ""
+        return [
+            Variable.of(v("vectors"), {**basis, "param": n}, p.dtype, doc=f"Algorithm-1 basis vectors{how}"),
+            Variable.of(v("step"), basis, "int64", doc="checkpoint step of origin"),
+            Variable.of(v("eigval"), basis, doc=f"Ritz value of Π⊥CΠ⊥, C the {p.operator} operator"),
+            Variable.of(v("residual"), basis, doc="‖Π⊥HΠ⊥v − λv‖"),
+            Variable.of(v("converged"), basis, "int8", doc="residual within tol"),
+        ]
+
     def units(self, ctx: PlanContext) -> list[Unit]:
-        units: list[Unit] = []
-        for i in self._links(ctx):
-            deps = (units[-1].id,) if units else ()
-            units.append(Unit(self.name, f"step={ctx.checkpoints[i].step}", checkpoint=i, deps=deps))
+        units = self._chain(ctx, shuffled=False)
+        if self.params.shuffled:
+            units += self._chain(ctx, shuffled=True)
         if self.params.random:
             units.append(Unit(self.name, "random"))
         if self.params.axis:
             units.append(Unit(self.name, "axis", checkpoint=len(ctx.checkpoints) - 1))
+        return units
+
+    def _chain(self, ctx: PlanContext, *, shuffled: bool) -> list[Unit]:
+        """Algorithm 1 as a chain: each link depends on the one before it."""
+        units: list[Unit] = []
+        prefix = SHUFFLED if shuffled else ""
+        for i in self._order(ctx, shuffled=shuffled):
+            deps = (units[-1].id,) if units else ()
+            units.append(Unit(self.name, f"{prefix}step={ctx.checkpoints[i].step}", checkpoint=i, deps=deps))
         return units
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
@@ -224,14 +262,15 @@ class HessianBasis(_Curvature[BasisParams]):
         assert unit.checkpoint is not None
         if unit.key == "axis":
             return self._axis(ctx, unit.checkpoint)
-        return self._link(ctx, unit.checkpoint)
+        return self._link(ctx, unit.checkpoint, shuffled=unit.key.startswith(SHUFFLED))
 
-    def _link(self, ctx: UnitContext, checkpoint: int) -> list[Write]:
+    def _link(self, ctx: UnitContext, checkpoint: int, *, shuffled: bool) -> list[Write]:
         p = self.params
-        start = self._links(ctx).index(checkpoint) * p.k
+        v = functools.partial(link_variable, shuffled=shuffled)
+        start = self._order(ctx, shuffled=shuffled).index(checkpoint) * p.k
         op = _operator(p, ctx, checkpoint)
         like = op.flat_params()
-        previous = torch.from_numpy(ctx.read("basis_vectors")[:start]).to(like) if start else None
+        previous = torch.from_numpy(ctx.read(v("vectors"))[:start]).to(like) if start else None
         if previous is not None and not torch.isfinite(previous).all():
             raise RuntimeError("earlier basis vectors are missing; their units must finish first")
         pairs = lanczos(
@@ -247,11 +286,11 @@ class HessianBasis(_Curvature[BasisParams]):
         )
         rows = (slice(start, start + p.k),)
         return [
-            Write("basis_vectors", rows, pairs.vectors.cpu().numpy()),
-            Write("basis_step", rows, np.full(p.k, ctx.checkpoints[checkpoint].step)),
-            Write("basis_eigval", rows, pairs.values),
-            Write("basis_residual", rows, pairs.residuals),
-            Write("basis_converged", rows, pairs.converged.astype(np.int8)),
+            Write(v("vectors"), rows, pairs.vectors.cpu().numpy()),
+            Write(v("step"), rows, np.full(p.k, ctx.checkpoints[checkpoint].step)),
+            Write(v("eigval"), rows, pairs.values),
+            Write(v("residual"), rows, pairs.residuals),
+            Write(v("converged"), rows, pairs.converged.astype(np.int8)),
         ]
 
     def _random(self, ctx: UnitContext) -> list[Write]:

@@ -31,8 +31,14 @@ BASIS_VARIABLES = {
     "hessian": ("basis_vectors", "basis"),
     "random": ("basis_random", "basis"),
     "axis": ("basis_axis_vectors", "basis_axis"),
+    "shuffled": ("basis_shuffled", "basis"),
 }
-EIGVAL_VARIABLES = {"hessian": "basis_eigval", "random": "basis_random_eigval", "axis": "basis_axis_eigval"}
+EIGVAL_VARIABLES = {
+    "hessian": "basis_eigval",
+    "random": "basis_random_eigval",
+    "axis": "basis_axis_eigval",
+    "shuffled": "basis_shuffled_eigval",
+}
 """λ_b of the ``paper`` variant: Ritz values, or Rayleigh quotients for the other bases (docs/polca.md)."""
 PAPER_GUARD = 1e-12
 FINALIZE = "finalize"
@@ -171,7 +177,7 @@ class TokenLoss(Analysis[TokenLossParams]):
         return [Write("token_loss", (unit.checkpoint,), torch.cat(parts).numpy())]
 
 
-Basis = Literal["hessian", "random", "axis"]
+Basis = Literal["hessian", "random", "axis", "shuffled"]
 
 
 def suffix(basis: str) -> str:
@@ -224,11 +230,15 @@ class Polca(Analysis[PolcaParams]):
         """Validate the bases against hessian_basis; return its parameter patterns."""
         basis = self._basis(ctx).params
         if not self.params.bases or len(set(self.params.bases)) != len(self.params.bases):
-            raise JobSpecError("analyses.polca.bases must list distinct bases: 'hessian', 'random', 'axis'")
+            raise JobSpecError(
+                "analyses.polca.bases must list distinct bases: 'hessian', 'random', 'axis', 'shuffled'"
+            )
         if "random" in self.params.bases and not basis.random:
             raise JobSpecError("analyses.polca.bases has 'random' but hessian_basis.random = false")
         if "axis" in self.params.bases and not basis.axis:
             raise JobSpecError("analyses.polca.bases has 'axis' but hessian_basis.axis = 0")
+        if "shuffled" in self.params.bases and not basis.shuffled:
+            raise JobSpecError("analyses.polca.bases has 'shuffled' but hessian_basis.shuffled = false")
         measured = self.params.measure_all_variants
         stray = sorted(set(measured) - set(self.params.bases)) if isinstance(measured, list) else []
         if stray:
@@ -236,7 +246,8 @@ class Polca(Analysis[PolcaParams]):
                 f"analyses.polca.measure_all_variants names {', '.join(map(repr, stray))}, not in "
                 f"bases = {self.params.bases}"
             )
-        if self.params.second_order == "paper" and self.params.bases != ["hessian"] and not basis.rayleigh:
+        rayleigh_needed = set(self.params.bases) - {"hessian", "shuffled"}  # the others have no Ritz values
+        if self.params.second_order == "paper" and rayleigh_needed and not basis.rayleigh:
             raise JobSpecError(
                 "second_order = 'paper' on the random or axis basis needs their λ_b: "
                 "set hessian_basis.rayleigh = true (one HVP per vector)"

@@ -125,7 +125,7 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
         steps=cov_ds.step.values,
         total_variance=np.trace(cov, axis1=-2, axis2=-1),
         participation=participation_ratio(cov),
-        scores=cluster_table(polca_ds),
+        scores=_demo_scores(polca_ds),
         explained=conservation(polca_ds),
         plots=[
             *plot_clusters(polca_ds, workdir / "plots"),
@@ -134,6 +134,12 @@ def run_demo(workdir: Path, *, train: TrainConfig | None = None, force: bool = F
         ],
         alignment={lr: alignment_table(ds) for lr, ds in lt_runs.items()},
     )
+
+
+def _demo_scores(ds: xr.Dataset) -> list[TrajectoryScores]:
+    """Every trajectory over the whole run, and POLCA on both bases from τ (docs/polca.md, "Windows")."""
+    whole = str(ds.window.values[0])
+    return [r for r in cluster_table(ds) if r.window == whole or r.trajectory in ("polca", "polca_random")]
 
 
 def _leading_terms(workdir: Path, lr: float, force: bool, outcomes: list[Outcome]) -> xr.Dataset:

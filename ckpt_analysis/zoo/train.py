@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from ckpt_analysis.progress import progress, quiet_transformers_bars
 from ckpt_analysis.tasks import arithmetic, grammar
 
 if TYPE_CHECKING:
-    from transformers import GPTNeoXForCausalLM
+    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,18 @@ class TrainConfig:
     num_layers: int = 2
     num_heads: int = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    architecture: Literal["gpt_neox", "gpt2"] = "gpt_neox"
+    """``gpt2``: learned absolute positions, a sequential residual and an untied unembedding, the
+    block of the POLCA paper's TransformerLens model; ``gpt_neox``: the demo's parallel block."""
 
 
 def with_paper_optimiser(config: TrainConfig) -> TrainConfig:
     """``config`` with the POLCA paper's AdamW: betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps."""
     return replace(config, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=100)
+
+
+SPECIAL_IDS: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+"""The arithmetic and grammar tokenizers' special tokens, as the tiny models' configs name them."""
 
 
 def tiny_gpt_neox(
@@ -66,12 +73,30 @@ def tiny_gpt_neox(
         num_attention_heads=num_heads,
         intermediate_size=4 * hidden_size,
         max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **SPECIAL_IDS,
     )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
+
+
+def tiny_gpt2(
+    vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int, seed: int = 0
+) -> GPT2LMHeadModel:
+    """A small GPT-2 of the same shape (MLP 4 × hidden, 64 positions), its unembedding untied as
+    in the POLCA paper's TransformerLens model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    sizes: dict[str, Any] = {
+        "n_embd": hidden_size,
+        "n_layer": num_layers,
+        "n_head": num_heads,
+        "n_inner": 4 * hidden_size,
+    }
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=64, tie_word_embeddings=False, **sizes, **SPECIAL_IDS
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
 
 
 def answer_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -180,15 +205,17 @@ class _Optimiser:
 
 def _model(
     config: TrainConfig | GrammarTrainConfig, vocab_size: int, *, max_positions: int = 64
-) -> GPTNeoXForCausalLM:
-    model = tiny_gpt_neox(
-        vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        max_positions=max_positions,
-        seed=config.seed,
-    )
+) -> GPTNeoXForCausalLM | GPT2LMHeadModel:
+    sizes = {
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_layers,
+        "num_heads": config.num_heads,
+    }
+    model: GPTNeoXForCausalLM | GPT2LMHeadModel
+    if isinstance(config, TrainConfig) and config.architecture == "gpt2":
+        model = tiny_gpt2(vocab_size, **sizes, seed=config.seed)
+    else:
+        model = tiny_gpt_neox(vocab_size, **sizes, max_positions=max_positions, seed=config.seed)
     torch.nn.Module.to(model, resolve_device(config.device))  # transformers mis-types .to
     return model
 

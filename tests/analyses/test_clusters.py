@@ -90,13 +90,18 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
             "trajectories": ["polca", "polca_random", "polca_axis", "exact_loss", "loss_change", "fisher"],
             "label": "carry",
             "lag": 40,
+            "tau": 70,
+            "window": [["start", "end"], [60, "end"], ["tau", "end"], [120, 180]],
         },
     }
     job = job_from_dict(
         job_dict(run, tmp_path / "c.zarr", analyses=analyses, data={"num_examples": 80}), base=tmp_path
     )
     assert {o.status for o in run_job(job)} == {"done"}
-    ds = open_results(job.output)
+    full = open_results(job.output)
+    assert full.window.values.tolist() == ["0-180", "60-180", "tau-180", "120-180"]
+    _check_windows(full)
+    ds = full.isel(window=0)
     labels = ds.cluster_label.sel(trajectory="exact_loss").values
     assert (labels[1:] == -3).all() and (labels[0] >= -1).all()  # exact loss: one clustering of all tokens
     polca = ds.cluster_label.sel(trajectory="polca").values
@@ -110,7 +115,7 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
     homogeneity = ds.cluster_homogeneity.sel(trajectory="exact_loss").values[0]
     from ckpt_analysis.report import cluster_examples
 
-    examples = cluster_examples(ds, "exact_loss", nearest=3)
+    examples = cluster_examples(full, "exact_loss", nearest=3)
     medoids = ds.cluster_medoid.sel(trajectory="exact_loss").values[0]
     for example in examples:
         assert example.size == sizes[example.cluster] and 1 <= len(example.examples) <= 3
@@ -129,6 +134,57 @@ def test_cluster_analysis_end_to_end(tmp_path: Path) -> None:
     projected = ds.projected_loss_axis.values[-1]  # L_b(x, end): the curve's change from L_b(x, 0) = 0
     expected = [roc_auc_score(carry, projected[b]) for b in range(6)]
     np.testing.assert_allclose(ds.cluster_label_auc.sel(trajectory="polca_axis").values[:6], expected)
+
+
+def _check_windows(ds: Any) -> None:
+    """Windowed clusters equal a by-hand re-sum of the stored POLCA terms from the window's start."""
+    steps, carry = ds.step.values, ds.label_carry.values == 1
+    tau = float(ds.cluster_tau.isel(window=0, trajectory=0))
+    assert ds.cluster_window_start.sel(trajectory="polca").values.tolist() == [
+        0,
+        60,
+        steps[steps >= tau][0],
+        120,
+    ]
+    assert (ds.cluster_window_end.values == 180).all()
+    part = ds.sel(window="60-180", trajectory="polca")
+    terms = ds.polca.values[3:-1]  # POLCA[t] for the intervals from step 60 on
+    resummed = np.concatenate([np.zeros_like(terms[:1]), np.cumsum(terms, axis=0)])  # L_b(x, t) − L_b(x, 60)
+    kept_b = resummed[-1].mean(axis=1) < 0
+    kept = kept_b[:, None] & (resummed[-1] <= 0)
+    labels = part.cluster_label.values[: kept.shape[0]]
+    assert ((labels == -2) == ~kept).all()
+    for b in np.nonzero(kept.sum(axis=1) >= 3)[0]:
+        expected = hdbscan_labels(
+            resummed[:, b, kept[b]].T, min_cluster_fraction=0.03, min_samples_fraction=1 / 15
+        )
+        np.testing.assert_array_equal(labels[b, kept[b]], expected)
+    auc = part.cluster_label_auc.values[: kept.shape[0]]
+    np.testing.assert_allclose(auc, [roc_auc_score(carry, resummed[-1, b]) for b in range(kept.shape[0])])
+    short = ds.sel(window="120-180")  # 60 steps < 2·lag: clusters scored, no breakthrough steps
+    assert np.isnan(short.cluster_breakthrough.values).all() and (short.cluster_hidden.values == -1).all()
+    assert (short.cluster_label.sel(trajectory="exact_loss").values[0] >= -1).all()
+    exact = ds.sel(window="60-180", trajectory="exact_loss").cluster_label_auc.values[0]
+    loss = ds.token_loss.values
+    assert exact == pytest.approx(roc_auc_score(carry, loss[-1] - loss[3]))
+
+
+def test_windows_are_refused_by_name_when_they_hold_too_few_checkpoints(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", list(range(0, 200, 20)), seed=3, **SMALL)
+    for window, message in (
+        ([200, "end"], "fewer than two checkpoints"),
+        (["later", "end"], 'must be a step, "start" or "tau"'),
+        ([[0, "end"], [0, 180]], "names 0-180 more than once"),
+        (["tau"], "one \\[start, end\\] pair or a list of them"),
+    ):
+        analyses = {
+            "token_loss": {},
+            "clusters": {"trajectories": ["exact_loss"], "lag": 40, "window": window},
+        }
+        job = job_from_dict(job_dict(run, tmp_path / "w.zarr", analyses=analyses), base=tmp_path)
+        with pytest.raises(JobSpecError, match=message):
+            run_job(job)
+        assert not (tmp_path / "w.zarr").exists()
 
 
 def test_label_auc_equals_sklearn_with_ties() -> None:

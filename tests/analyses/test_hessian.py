@@ -19,7 +19,7 @@ SMALL: dict[str, Any] = {"hidden_size": 8, "num_layers": 1, "num_heads": 2}
 SOLVER = {"dtype": "float64", "tol": 1e-10, "max_iter": 400, "sample_sequences": 12}
 ANALYSES = {
     "hessian": {**SOLVER, "k": 3, "trace_probes": 30, "density": True, "density_steps": 20},
-    "hessian_basis": {**SOLVER, "k": 2, "axis": 5, "rayleigh": True},
+    "hessian_basis": {**SOLVER, "k": 2, "axis": 5, "rayleigh": True, "shuffled": True, "seed": 3},
 }
 
 
@@ -59,18 +59,24 @@ def test_eigenvalues_and_traces_match_the_dense_hessian(hessian_store) -> None: 
         np.testing.assert_allclose(ds.hessian_slq_weight.isel(step=i).sum("node"), 1.0, rtol=1e-9)
 
 
-def test_iterative_basis_equals_top_eigenvectors_of_projected_dense_hessians(hessian_store) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("name", "order"), [("basis", [0, 100, 200]), ("basis_shuffled", [200, 100, 0])]
+)  # the shuffled chain: numpy's permutation of the three links with seed 3
+def test_iterative_basis_equals_top_eigenvectors_of_projected_dense_hessians(
+    hessian_store: tuple[Any, Any, list[torch.Tensor]], name: str, order: list[int]
+) -> None:
     _, ds, dense = hessian_store
-    basis = ds.basis_vectors.values
+    basis = ds[name if name == "basis_shuffled" else "basis_vectors"].values
     assert np.abs(basis @ basis.T - np.eye(len(basis))).max() <= 1e-5
-    assert ds.basis_step.values.tolist() == [0, 0, 100, 100, 200, 200]
-    for link, h in enumerate(dense):
+    assert ds[f"{name}_step"].values.tolist() == [s for s in order for _ in range(2)]
+    for link, step in enumerate(order):
+        h = dense[[0, 100, 200].index(step)]
         earlier = basis[: 2 * link]
         complement = null_space(earlier) if link else np.eye(h.shape[0])  # orthonormal basis of range(Π⊥)
         values, vectors = np.linalg.eigh(complement.T @ h.numpy() @ complement)
         top = np.argsort(-values)[:2]
         rows = slice(2 * link, 2 * link + 2)
-        np.testing.assert_allclose(ds.basis_eigval.values[rows], values[top], rtol=1e-6)
+        np.testing.assert_allclose(ds[f"{name}_eigval"].values[rows], values[top], rtol=1e-6)
         cosines = np.abs(np.sum(basis[rows] * (complement @ vectors[:, top]).T, axis=1))
         assert cosines.min() >= 0.9999
 

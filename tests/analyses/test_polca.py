@@ -107,10 +107,11 @@ def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
             "sample_sequences": 8,
             "tol": 1e-6,
             "rayleigh": True,
+            "shuffled": True,
         },
         "token_loss": {},
         "polca": {
-            "bases": ["hessian", "random", "axis"],
+            "bases": ["hessian", "random", "axis", "shuffled"],
             "second_order": "trapezoid",
             "measure_all_variants": True,
         },
@@ -171,7 +172,7 @@ def test_every_variant_is_measured_and_filters_are_consistent(polca_store) -> No
     assert ds.proj_curv.shape == ds.proj_grad.shape and np.isfinite(ds.proj_grad_mid.values[:3]).all()
 
 
-def test_random_and_axis_bases_run_through_the_same_pipeline(polca_store) -> None:  # type: ignore[no-untyped-def]
+def test_random_axis_and_shuffled_bases_run_through_the_same_pipeline(polca_store) -> None:  # type: ignore[no-untyped-def]
     job, ds = polca_store
     source = CheckpointSource.from_spec(job.checkpoints)
     models = [source.load(c) for c in source.checkpoints()]
@@ -182,6 +183,10 @@ def test_random_and_axis_bases_run_through_the_same_pipeline(polca_store) -> Non
         np.testing.assert_allclose(
             ds.step_proj_axis.values[t], step[index], rtol=1e-5, atol=1e-8
         )  # LCA: Δθ_i
+        shuffled = ds.basis_shuffled.values.astype(np.float64) @ step
+        np.testing.assert_allclose(ds.step_proj_shuffled.values[t], shuffled, rtol=1e-5, atol=1e-7)
+    assert sorted(ds.basis_shuffled_step.values.tolist()) == sorted(ds.basis_step.values.tolist())
+    assert np.isfinite(ds.polca_explained_shuffled.to_series()).all()  # paper via its Ritz values
     assert ds.projected_loss_axis.dims == ("step", "basis_axis", "token")
     assert ds.projected_loss_random.shape == ds.projected_loss.shape
     for x in ("random", "axis"):
