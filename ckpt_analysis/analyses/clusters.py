@@ -266,7 +266,8 @@ class ClusterParams:
 
 @register
 class Clusters(Analysis[ClusterParams]):
-    """One global unit per trajectory type: clusters per basis vector (or once for exact losses)."""
+    """One global unit per trajectory type and window: clusters per basis vector (or once for exact
+    losses) of the curves over the window's checkpoints (docs/polca.md, "Windows")."""
 
     name = "clusters"
 
@@ -443,7 +444,9 @@ class Clusters(Analysis[ClusterParams]):
         index = (list(self._windows(steps)).index(label), self.params.trajectories.index(kind))  # type: ignore[arg-type]
         curve_steps = steps[span][1:] if kind == "loss_change" else steps[span]
         lag = self._lag(steps)
-        if curve_steps[-1] - curve_steps[0] <= 2 * lag:
+        try:
+            lag_shift(step_grid(curve_steps), lag)
+        except ValueError:
             log.warning(
                 "clusters/%s: the window spans %d steps, not more than 2·lag = %d, so its breakthrough "
                 "steps and hidden flags are NaN (its clusters are scored)",
