@@ -10,7 +10,9 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
+import xarray
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from ckpt_analysis.tasks.arithmetic import build_tokenizer
@@ -78,10 +80,35 @@ CARRY_HEADER = [
 ]
 
 
+SCORE_HEADER = [
+    "window",
+    "trajectory",
+    "clusters",
+    "carry homogeneity (top 3)",
+    "F1",
+    "carry AUC",
+    "base rate",
+    "≥ 0.8",
+]
+
+
+def score_rows(ds: xarray.Dataset) -> list[list[str]]:
+    """Per window and trajectory: clusters, best scored carry homogeneity, F1, AUC, base rate."""
+    from ckpt_analysis.report import cluster_table
+
+    allowed = np.isin(ds.label_place.values, [1, 2])
+    base = float((ds.label_carry.values[allowed] == 1).mean())
+    rows = []
+    for r in cluster_table(ds):
+        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
+        found = "yes" if np.nanmax([*r.top_homogeneity, -1]) >= 0.8 else "no"
+        cells = [str(r.clusters), top, f"{r.f1:.3f}", f"{r.label_auc:.3f}", f"{base:.3f}", found]
+        rows.append([r.window, r.trajectory, *cells])
+    return rows
+
+
 def carry_rows(store: Path, *lead: str) -> list[list[str]]:
     """A POLCA store's carry table (``report.cluster_table``), each row led by ``lead``."""
-    import numpy as np
-
     from ckpt_analysis.report import cluster_table
     from ckpt_analysis.store import open_results
 

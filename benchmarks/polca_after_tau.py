@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from common import table
+from common import SCORE_HEADER, score_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.report import cluster_table, plot_clusters, pyplot
+from ckpt_analysis.report import plot_clusters, pyplot
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import train_or_reuse
@@ -102,20 +102,7 @@ def loss_rows(ds: xr.Dataset, groups: dict[tuple[int, int], np.ndarray]) -> list
     return rows
 
 
-def score_rows(ds: xr.Dataset) -> list[list[str]]:
-    """Per window and trajectory: clusters, best scored carry homogeneity, F1, AUC, base rate."""
-    allowed = np.isin(ds.label_place.values, [1, 2])
-    base = float((ds.label_carry.values[allowed] == 1).mean())
-    rows = []
-    for r in cluster_table(ds):
-        top = ", ".join("—" if np.isnan(h) else f"{h:.3f}" for h in r.top_homogeneity)
-        found = "yes" if np.nanmax([*r.top_homogeneity, -1]) >= 0.8 else "no"
-        cells = [str(r.clusters), top, f"{r.f1:.3f}", f"{r.label_auc:.3f}", f"{base:.3f}", found]
-        rows.append([r.window, r.trajectory, *cells])
-    return rows
-
-
-def plot_groups(ds: xr.Dataset, groups: dict[tuple[int, int], np.ndarray], path: Path) -> None:
+def plot_groups(ds: xr.Dataset, groups: dict[tuple[int, int], np.ndarray], path: Path, run: str) -> None:
     """Each group's mean loss against the step, with every window's start marked."""
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(8, 4.2))
@@ -129,7 +116,7 @@ def plot_groups(ds: xr.Dataset, groups: dict[tuple[int, int], np.ndarray], path:
     axis.set_yscale("log")
     axis.set_xlabel("training step")
     axis.set_ylabel("mean answer-digit loss (nats, log)")
-    axis.set_title("addition run continued past τ: mean loss per (place, carry) group; dotted: window starts")
+    axis.set_title(f"{run}: mean loss per (place, carry) group; dotted: window starts")
     axis.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,9 +145,8 @@ def main(workdir: Path) -> None:
     print(f"τ of this run: {tau:.0f}; 10s carries unlearned until step {start}")
     header = ["window", *(f"{PLACE[p]}, carry {c}" for p, c in GROUPS)]
     print(table(header, loss_rows(ds, groups)))
-    score_header = ["window", "trajectory", "clusters", "carry homogeneity (top 3)", "F1", "carry AUC"]
-    print(table([*score_header, "base rate", "≥ 0.8"], score_rows(ds)))
-    plot_groups(ds, groups, folder / "groups.png")
+    print(table(SCORE_HEADER, score_rows(ds)))
+    plot_groups(ds, groups, folder / "groups.png", "addition run continued past τ")
     for i, window in enumerate(ds.window.values.tolist()):
         for path in plot_clusters(ds, folder / f"clusters_{window}", window=i, vectors=2):
             print(f"figure: {path}")

@@ -9,14 +9,19 @@ the basis spacing and breakthrough lag derived from the run length exactly as th
 - ``small`` (issue 15): the demo model in a regime of small steps, as the paper trains — AdamW
   betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps, batch 64 — at lr 3e-4 (10× below the
   demo's) for 6000 steps (10× more), checkpoints every 50;
-- ``paper`` (only with ``--paper``, on a CUDA machine): the POLCA paper's own protocol, setting by
-  setting (docs/polca.md, "The paper's protocol"): a GPT-2-style model (learned positions,
-  sequential residual; the paper used TransformerLens) of 3 layers, width 512, 4 heads, MLP 2048
-  (9.5M parameters); AdamW lr 1e-5, weight decay 0.1, betas (0.9, 0.95), 100 warm-up steps, batch
-  64, 10,000 steps, a checkpoint every 20; 1250 problems (5000 answer tokens) analysed; the Hessian
-  on a separate 1250-problem training sample; one vector every 200 steps (50); the paper's
-  second-order term; HDBSCAN min_cluster_size 150 of 5000; the random and shuffled-checkpoint
-  bases as its ablations.
+- ``paper`` (only with ``--paper``; a CUDA machine for the whole run, any machine for a
+  ``--steps`` prefix): the POLCA paper's own protocol, setting by setting (docs/polca.md, "The
+  paper's protocol"): a GPT-2-style model (learned positions, sequential residual; the paper used
+  TransformerLens) of 3 layers, width 512, 4 heads, MLP 2048 (9.5M parameters); AdamW lr 1e-5,
+  weight decay 0.1, betas (0.9, 0.95), 100 warm-up steps, batch 64, 10,000 steps, a checkpoint
+  every 20; 1250 problems (5000 answer tokens) analysed; the Hessian on a separate 1250-problem
+  training sample; one vector every 200 steps (50); the paper's second-order term; HDBSCAN
+  min_cluster_size 150 of 5000; the random and shuffled-checkpoint bases as its ablations;
+- ``paper_cpu`` (only with ``--paper-cpu``; about an hour on 2 cores): the same protocol and
+  analysis job on a CPU-sized twin, with only the model width, the step count and the learning
+  rate scaled (:data:`PAPER_CPU`), so that at least 80 % of its checkpoints come after τ as in the
+  paper's run. It also prints τ, the share of checkpoints after it, per window and trajectory the
+  carry scores beside the base rate, and writes the (place, carry) loss figure ``groups.png``.
 
 Prints each setting's carry table next to the demo's (when ``WORKDIR/polca.zarr`` exists).
 Run: ``python benchmarks/polca_scale_up.py demo_out [--paper] [--only small]`` (about 25 minutes on
@@ -35,7 +40,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from common import CARRY_HEADER, carry_rows, table
+from common import CARRY_HEADER, SCORE_HEADER, carry_rows, score_rows, table
+from polca_after_tau import group_losses, plot_groups
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
@@ -60,11 +66,15 @@ PAPER = with_paper_optimiser(
         hidden_size=512,
         num_layers=3,
         num_heads=4,
-        device="cuda",
         architecture="gpt2",
     )
 )
-PAPER_BASIS_EVERY = 200
+PAPER_CPU = replace(PAPER, hidden_size=64, steps=5000, save_every=50, lr=3e-3)
+"""The CPU twin: width 64 (MLP 256) and 5000 steps, a checkpoint every 50 (101); the basis
+spacing and the lag keep the paper's ratio to the checkpoint spacing (a vector every 10
+checkpoints, 10 per basis; lag 5 checkpoints). The learning rate is raised with the width so that
+the run learns in 5000 steps and τ falls within its first fifth (a pilot of four rates and widths,
+docs/polca.md, "A CPU-sized twin")."""
 PAPER_JOB = """name = "polca-paper-protocol"
 output = "polca.zarr"
 
@@ -104,7 +114,7 @@ label = "carry"
 restrict = "place"
 restrict_values = [1, 2]
 restrict_fraction = 0.85
-lag = 100
+lag = {lag}
 window = [["start", "end"], ["tau", "end"]]
 
 [compute]
@@ -114,9 +124,10 @@ batch_size = 1250
 
 
 def paper_job(train: TrainConfig) -> str:
-    """The paper protocol's analysis job for a run of ``train.steps``: a basis vector every 200 steps."""
-    steps = list(range(PAPER_BASIS_EVERY, train.steps + 1, PAPER_BASIS_EVERY))
-    return PAPER_JOB.format(basis_steps=steps)
+    """The paper protocol's analysis job for ``train``: as the paper, a basis vector every 10
+    checkpoints (every 200 steps at its spacing of 20) and a lag of 5 (100 steps)."""
+    every = 10 * train.save_every
+    return PAPER_JOB.format(basis_steps=list(range(every, train.steps + 1, every)), lag=5 * train.save_every)
 
 
 def run_setting(
@@ -147,13 +158,27 @@ def run_setting(
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
-def main(workdir: Path, *, paper: bool, only: list[str], steps: int | None) -> None:
+def protocol_report(folder: Path) -> None:
+    """τ, the share of checkpoints after it, the carry scores beside the base rate, the group figure."""
+    ds = open_results(folder / "polca.zarr")
+    tau = float(ds.cluster_tau.isel(window=0, trajectory=0))
+    after = float((ds.step.values > tau).mean())
+    print(f"{folder.name}: τ = {tau:.0f}, {after:.0%} of the {ds.sizes['step']} checkpoints after it")
+    print(table(SCORE_HEADER, score_rows(ds)))
+    plot_groups(ds, group_losses(ds), folder / "groups.png", f"{folder.name} protocol run")
+
+
+def main(workdir: Path, *, papers: list[str], only: list[str], steps: int | None) -> None:
     hf_logging.disable_progress_bar()
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
     settings = {name: (train, polca_job) for name, train in SETTINGS.items()}  # the demo's job, scaled
-    for name, (train, job_text) in {**settings, **({"paper": (PAPER, paper_job)} if paper else {})}.items():
+    protocols = {"paper": (PAPER, paper_job), "paper_cpu": (PAPER_CPU, paper_job)}
+    settings |= {name: protocols[name] for name in papers}
+    for name, (train, job_text) in settings.items():
         if not only or name in only:
             rows += run_setting(workdir, name, replace(train, steps=steps) if steps else train, job_text)
+            if name in protocols:
+                protocol_report(workdir / name)
     header = ["setting", "accuracy", *CARRY_HEADER]
     print(table(header, rows))
 
@@ -164,7 +189,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("workdir", nargs="?", default="demo_out")
     parser.add_argument("--paper", action="store_true", help="also the 9.5M-parameter setting (CUDA)")
+    parser.add_argument("--paper-cpu", action="store_true", help="also the paper protocol's CPU-sized twin")
     parser.add_argument("--only", nargs="+", default=[], help="run only these settings")
     parser.add_argument("--steps", type=int, help="train only this prefix of each setting (a cost timing)")
     args = parser.parse_args()
-    main(Path(args.workdir), paper=args.paper, only=args.only, steps=args.steps)
+    papers = [name for name, chosen in (("paper", args.paper), ("paper_cpu", args.paper_cpu)) if chosen]
+    main(Path(args.workdir), papers=papers, only=args.only, steps=args.steps)

@@ -65,3 +65,15 @@ def test_a_prefix_takes_a_basis_vector_every_200_steps_it_trained(script: Module
 
     job = tomllib.loads(script.paper_job(replace(script.PAPER, steps=600)))
     assert job["analyses"]["hessian_basis"]["steps"] == [200, 400, 600]
+
+
+def test_the_cpu_twin_scales_only_model_width_run_length_and_learning_rate(script: ModuleType) -> None:
+    from dataclasses import asdict
+
+    twin, paper = asdict(script.PAPER_CPU), asdict(script.PAPER)
+    changed = {key for key in paper if twin[key] != paper[key]}
+    assert changed == {"hidden_size", "steps", "save_every", "lr"}
+    job = tomllib.loads(script.paper_job(script.PAPER_CPU))
+    every = 10 * twin["save_every"]
+    assert job["analyses"]["hessian_basis"]["steps"] == list(range(every, twin["steps"] + 1, every))
+    assert job["analyses"]["clusters"]["lag"] == 5 * twin["save_every"]
