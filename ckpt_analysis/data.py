@@ -106,6 +106,20 @@ def level_names(source: str) -> dict[str, tuple[str, ...]]:
     return {"pos": grammar.POS, "role": grammar.ROLES} if source == "grammar" else {}
 
 
+def vocabulary_labels(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
+) -> dict[str, np.ndarray]:
+    """Label columns a built-in task defines for every vocabulary id, ``(vocab_size,)`` with −1 for
+    an id outside it: the grammar's ``pos``, from its lexicon. Other labels depend on context."""
+    if spec.source != "grammar" or tokenizer is None:
+        return {}
+    pos = np.full(vocab_size, -1, dtype=np.int64)
+    for word, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            pos[i] = grammar.word_pos(word)
+    return {"pos": pos}
+
+
 def label_variable(column: str) -> str:
     """The store variable of a label column: ``label_<column>``, or the column's own name when it
     already starts with ``label`` (a column ``label`` is stored as ``label``, not ``label_label``)."""

@@ -126,6 +126,21 @@ def _level(ds: xr.Dataset, label: str, value: int) -> str:
     return names[value] if 0 <= value < len(names) else str(value)
 
 
+def _diagnostic_references(ds: xr.Dataset, name: str, axes: Any) -> None:
+    """A uniform guess's loss and entropy (log V), and the category match of ``name`` if stored."""
+    vocab = ds.attrs.get("ckpt_analysis", {}).get("model_config", {}).get("vocab_size")
+    if vocab:
+        for ax in (axes[0], axes[2]):
+            line = ax.axhline(
+                np.log(vocab), color="grey", linestyle=":", label=f"uniform guess (log {vocab})"
+            )
+        axes[2].legend(handles=[line], fontsize=7)
+    if "diag_match" in ds and name in ds.match_label.values.tolist():
+        label = f"top guess has the target's {name} (all values)"
+        (line,) = axes[1].plot(ds.step, ds.diag_match.sel(match_label=name), "k--", marker="x", label=label)
+        axes[1].legend(handles=[line], fontsize=7)
+
+
 def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
     figures = []
@@ -147,7 +162,9 @@ def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
                 )
             ax.set_ylabel(label)
             _step_axis(ax, ds.step.values)
+        _diagnostic_references(ds, name, axes)
         axes[0].legend(fontsize=7)
+        fig.suptitle(f"Output diagnostics grouped by {name}: one line per value of {name}")
         caption = f"Output diagnostics by {name}: mean loss, correct@1 and entropy per value of {name}."
         figures.append(Figure(_save(fig, out / f"diagnostics_{name}.png"), caption))
     return figures

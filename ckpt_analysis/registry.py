@@ -39,6 +39,8 @@ class Variable:
     chunks: tuple[int, ...]
     fill: float | int
     doc: str = ""
+    attrs: tuple[tuple[str, str], ...] = ()
+    """Further attributes stored on the array beside its ``description`` (e.g. geometry's point kind)."""
 
     def __post_init__(self) -> None:
         if not len(self.dims) == len(self.shape) == len(self.chunks):
@@ -59,6 +61,7 @@ class Variable:
         chunk: Mapping[str, int] | None = None,
         fill: float | int | None = None,
         doc: str = "",
+        attrs: Mapping[str, str] | None = None,
     ) -> Variable:
         """Declare a variable by ``{dim: size}``, in dimension order.
 
@@ -80,6 +83,7 @@ class Variable:
             chunks=chunks,
             fill=default if fill is None else fill,
             doc=doc,
+            attrs=tuple((attrs or {}).items()),
         )
 
 

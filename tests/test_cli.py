@@ -193,7 +193,7 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
     ):
         assert text in result.stdout
     runs = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert runs == [f"checkpoint-{s}" for s in (0, 10, 20, 30, 40)]
+    assert runs == [*(f"checkpoint-{s}" for s in (0, 10, 20, 30, 40)), "training.json"]
     for store in ("covariance.zarr", "polca.zarr", "leading_terms_lr0.1.zarr", "leading_terms_lr1.0.zarr"):
         status = cli("status", tmp_path / store).stdout
         assert status.endswith("0 failed, 0 running, 0 missing"), status
@@ -228,7 +228,10 @@ def test_the_small_step_subtraction_job_trains_runs_and_scores_borrows(tmp_path:
     assert trained.returncode == 0, trained.stderr
     assert "answer-digit accuracy" in trained.stdout
     run = tmp_path / "small_steps" / "subtraction_run"
-    assert sorted(p.name for p in run.iterdir()) == [f"checkpoint-{s}" for s in (0, 10, 20, 30)]
+    assert sorted(p.name for p in run.iterdir()) == [
+        *(f"checkpoint-{s}" for s in (0, 10, 20, 30)),
+        "training.json",
+    ]
     assert cli("run", job).returncode == 0
     ds = open_results(tmp_path / "small_steps" / "subtraction.zarr")
     assert set(np.unique(ds.label_borrow.values)) == {0, 1}
@@ -292,7 +295,8 @@ def test_trace_parity_example_is_watched_while_it_trains_and_draws_every_view(tm
     assert trainer.wait(timeout=300) == 0, trainer.stderr.read() if trainer.stderr else ""
     assert watched.returncode == 0, watched.stderr
     run = tmp_path / "trace_parity" / "run"
-    assert sorted(int(p.name.split("-")[1]) for p in run.iterdir()) == [0, 1, 2, 4, 8]
+    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == [0, 1, 2, 4, 8]
+    assert (run / "training.json").is_file()
     resumed = cli("run", job)  # training over: the same job finds the watched store complete
     assert resumed.returncode == 0 and "0 computed" in resumed.stdout, resumed.stdout
     store = tmp_path / "trace_parity" / "trace_parity.zarr"

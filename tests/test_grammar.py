@@ -109,7 +109,23 @@ def test_the_trainer_lowers_the_loss_and_saves_loadable_checkpoints(tmp_path: Pa
     from ckpt_analysis.zoo.train import GrammarTrainConfig, train_grammar
 
     run = build_grammar_run(tmp_path / "run")
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-0", "checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint-0",
+        "checkpoint-3",
+        "checkpoint-6",
+        "training.json",
+    ]
     config = GrammarTrainConfig(vocab_size=60, seq_len=16, train_sequences=64, steps=40, save_every=40)
     loss = train_grammar(tmp_path / "longer", config)
     assert loss < np.log(60)  # below a uniform guess over the words
+
+
+def test_a_training_run_records_its_seed_device_and_thread_count(tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    record = json.loads((build_grammar_run(tmp_path / "run", seed=7) / "training.json").read_text())
+    assert record["config"]["seed"] == 7 and record["config"]["steps"] == 6
+    assert record["torch_threads"] == torch.get_num_threads() and record["device"] == "cpu"
+    assert record["torch"] == torch.__version__

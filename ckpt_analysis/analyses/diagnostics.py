@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ckpt_analysis.data import label_names, label_variable
+from ckpt_analysis.config import require_distinct
+from ckpt_analysis.data import EvalData, label_names, label_variable, vocabulary_labels
+from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_logits
-from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.registry import (
+    Analysis,
+    Columns,
+    PlanContext,
+    Unit,
+    UnitContext,
+    Variable,
+    Write,
+    register,
+)
 
 METRICS = ("loss", "entropy", "top1_prob", "correct", "target_rank")
 
@@ -43,17 +54,82 @@ def means_by_value(values: np.ndarray, label: np.ndarray, levels: np.ndarray) ->
     return out
 
 
+ABSENT = -1
+"""The label value of a position without a label (padding, an unlabelled word)."""
+
+
+def token_label_map(input_ids: np.ndarray, labels: np.ndarray, vocab_size: int) -> np.ndarray:
+    """docs/diagnostics.md, "Category match": each vocabulary id's label, read off every labelled
+    position of the token set; :data:`ABSENT` for an id no labelled position holds.
+
+    Raises ``ValueError`` naming the first id seen with two labels: the label is then not a
+    function of the token.
+    """
+    ids, values = input_ids[labels != ABSENT], labels[labels != ABSENT]
+    out = np.full(vocab_size, ABSENT, dtype=np.int64)
+    out[ids] = values
+    clash = np.flatnonzero(out[ids] != values)
+    if len(clash):
+        token = int(ids[clash[0]])
+        raise ValueError(f"token {token} has labels {int(out[token])} and {int(values[clash[0]])}")
+    return out
+
+
+def category_match(predicted: np.ndarray, target_label: np.ndarray, label_of: np.ndarray) -> float:
+    """docs/diagnostics.md, "Category match": over the scored tokens that have a label, the
+    fraction whose argmax token has the target's label (TRACE's POS / role match)."""
+    labelled = target_label != ABSENT
+    return (
+        float((label_of[predicted[labelled]] == target_label[labelled]).mean()) if labelled.any() else np.nan
+    )
+
+
 @dataclass(frozen=True)
 class DiagnosticsParams:
-    """``[analyses.diagnostics]`` takes no options."""
+    """``[analyses.diagnostics]`` options."""
+
+    category_match: list[str] = field(default_factory=list)
+    """Label columns that are a function of the token (the grammar's ``pos``) whose category match
+    is stored as ``diag_match (step, match_label)``."""
+
+    def __post_init__(self) -> None:
+        if self.category_match:
+            require_distinct(self.category_match, "analyses.diagnostics.category_match")
 
 
 @register
 class Diagnostics(Analysis[DiagnosticsParams]):
-    """``diag_token (step, token, diag_metric)`` and, per label column L, ``diag_by_L (step,
-    diag_metric, L_value)``: the same means over the tokens at each label value."""
+    """``diag_token (step, token, diag_metric)``; per label column L, ``diag_by_L (step,
+    diag_metric, L_value)``: the same means over the tokens at each label value; with
+    ``category_match``, ``diag_match (step, match_label)``."""
 
     name = "diagnostics"
+
+    def tables(self, ctx: PlanContext) -> Columns:
+        """``diag_match_map (match_label, match_token)``: each ``category_match`` column's token →
+        label map; a column that is not a label of the token set, or not a function of the
+        token, is refused by name."""
+        if not self.params.category_match:
+            return {}
+        names, vocab_size = label_names(ctx.job.data), int(ctx.model_config["vocab_size"])
+        known = vocabulary_labels(ctx.job.data, ctx.tokenizer, vocab_size)
+        maps = []
+        for name in self.params.category_match:
+            if name not in names:
+                valid = ", ".join(map(repr, names)) or "none: this token set has no label columns"
+                raise JobSpecError(f"analyses.diagnostics.category_match names {name!r}; labels: {valid}")
+            maps.append(known[name] if name in known else self._label_map(ctx.eval_data, name, vocab_size))
+        return {"diag_match_map": (("match_label", "match_token"), np.stack(maps))}
+
+    @staticmethod
+    def _label_map(data: EvalData, name: str, vocab_size: int) -> np.ndarray:
+        try:
+            return token_label_map(data.input_ids, data.labels[name], vocab_size)
+        except ValueError as err:
+            raise JobSpecError(
+                f"analyses.diagnostics.category_match: label {name!r} is not a function of the token "
+                f"({err}), so a predicted token has no category; drop it from category_match"
+            ) from None
 
     @staticmethod
     def _levels(ctx: PlanContext) -> dict[str, np.ndarray]:
@@ -62,7 +138,12 @@ class Diagnostics(Analysis[DiagnosticsParams]):
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         levels = {f"{name}_value": v for name, v in self._levels(ctx).items()}
-        return {"diag_metric": np.array(METRICS, dtype=object), **levels}
+        matched = {"match_label": np.array(self.params.category_match, dtype=object)}
+        return {
+            "diag_metric": np.array(METRICS, dtype=object),
+            **levels,
+            **(matched if self.params.category_match else {}),
+        }
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
         s, m = len(ctx.checkpoints), len(METRICS)
@@ -72,16 +153,25 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             doc = f"mean of each diagnostic over the tokens at each value of label {name!r}"
             sizes = {"step": s, "diag_metric": m, f"{name}_value": len(levels)}
             out.append(Variable.of(f"diag_by_{name}", sizes, doc=doc))
+        if self.params.category_match:
+            doc = "fraction of labelled scored tokens whose argmax token has the target's label"
+            out.append(
+                Variable.of(
+                    "diag_match", {"step": s, "match_label": len(self.params.category_match)}, doc=doc
+                )
+            )
         return out
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
         device = next(model.parameters()).device
-        parts = []
+        parts, predicted = [], []
         with torch.no_grad():
             for batch in ctx.eval_data.batches(ctx.job.compute.batch_size, device):
-                parts.append(output_diagnostics(*scored_logits(model, *batch)).cpu())
+                logits, targets = scored_logits(model, *batch)
+                parts.append(output_diagnostics(logits, targets).cpu())
+                predicted.append(logits.argmax(dim=-1).cpu())
         values = torch.cat(parts).numpy()
         by_label = [
             Write(
@@ -91,4 +181,15 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             )
             for name in label_names(ctx.job.data)
         ]
-        return [Write("diag_token", (unit.checkpoint,), values.astype(np.float32)), *by_label]
+        writes = [Write("diag_token", (unit.checkpoint,), values.astype(np.float32)), *by_label]
+        return writes + self._matches(ctx, unit.checkpoint, torch.cat(predicted).numpy())
+
+    def _matches(self, ctx: UnitContext, row: int, predicted: np.ndarray) -> list[Write]:
+        if not self.params.category_match:
+            return []
+        maps = ctx.read("diag_match_map")
+        matches = [
+            category_match(predicted, ctx.read(label_variable(name)), label_of)
+            for name, label_of in zip(self.params.category_match, maps, strict=True)
+        ]
+        return [Write("diag_match", (row,), np.array(matches))]

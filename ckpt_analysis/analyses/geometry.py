@@ -4,6 +4,7 @@ dimensions and participation ratio of a seeded token sample (docs/geometry.md)."
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from ckpt_analysis.sites import Site, activations_at
 
 PCA_FRACTIONS = (0.9, 0.95)
 _DISTANCE_ROWS = 256
+Points = Literal["token", "sequence", "mean"]
 
 
 # --- docs/geometry.md formulas ---
@@ -52,6 +54,26 @@ def two_nn(r1: np.ndarray, r2: np.ndarray, *, discard: float = 0.1) -> tuple[flo
     return float(x @ y / (x @ x)), int((~distinct).sum())
 
 
+def sequence_points(acts: torch.Tensor, sequences: int, kind: Points) -> torch.Tensor:
+    """docs/geometry.md, "Point kinds": the ``(sequences · L, d)`` activations of equal-length
+    sequences' scored positions (row-major) as one point per sequence: flattened to ``L · d``
+    (``sequence``, TRACE's) or mean-pooled to ``d`` (``mean``); ``token`` keeps them as they are."""
+    if kind == "token":
+        return acts
+    per_sequence = acts.reshape(sequences, -1, acts.shape[-1])
+    return per_sequence.reshape(sequences, -1) if kind == "sequence" else per_sequence.mean(dim=1)
+
+
+def spectrum_matrix(points: np.ndarray) -> np.ndarray:
+    """The sample covariance ``numpy.cov`` (d × d), or with fewer points than dimensions the
+    centred Gram matrix X̃X̃ᵀ/(N − 1) (N × N): the same non-zero eigenvalues, traces and
+    tr(·²), so the same PCA dimensions and participation ratio at a fraction of the cost."""
+    if points.shape[0] >= points.shape[1]:
+        return np.asarray(np.cov(points, rowvar=False))
+    centred = points - points.mean(axis=0)
+    return np.asarray(centred @ centred.T / (points.shape[0] - 1))
+
+
 def pca_dimension(eigvals: np.ndarray, fraction: float) -> int:
     """docs/geometry.md, "PCA dimension": the fewest principal components whose variances sum to
     at least ``fraction`` of the total."""
@@ -64,14 +86,19 @@ class GeometryParams:
     """``[analyses.geometry]`` options."""
 
     sites: list[Site] = field(default_factory=lambda: ["resid_post"])
+    points: Points = "token"
+    """What one point is: a scored token, a whole sequence flattened (TRACE's), or its mean."""
     sample_tokens: int = 2000
+    sample_sequences: int = 128
+    """``points = "sequence"`` or ``"mean"``: sequences in the seeded sample, all of one length."""
     seed: int = 0
     discard_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         require_distinct(self.sites, "analyses.geometry.sites")
-        if self.sample_tokens < 3:
-            raise JobSpecError(f"analyses.geometry.sample_tokens = {self.sample_tokens} must be at least 3")
+        for key in ("sample_tokens", "sample_sequences"):
+            if getattr(self, key) < 3:
+                raise JobSpecError(f"analyses.geometry.{key} = {getattr(self, key)} must be at least 3")
         if not 0 <= self.discard_fraction < 1:
             raise JobSpecError(
                 f"analyses.geometry.discard_fraction = {self.discard_fraction} must be in [0, 1)"
@@ -97,17 +124,23 @@ class Geometry(Analysis[GeometryParams]):
             "geom_site": len(self.params.sites),
             "layer": int(ctx.model_config["num_hidden_layers"]),
         }
+        kind = {"points": self.params.points}
         return [
-            Variable.of("geom_twonn", grid, doc="TwoNN intrinsic dimension of the token sample"),
-            Variable.of("geom_twonn_dropped", grid, "int64", doc="points dropped: nearest neighbour at 0"),
+            Variable.of("geom_twonn", grid, doc="TwoNN intrinsic dimension of the sample", attrs=kind),
+            Variable.of(
+                "geom_twonn_dropped", grid, "int64", doc="points dropped: nearest neighbour at 0", attrs=kind
+            ),
             Variable.of(
                 "geom_pca_dim",
                 {**grid, "pca_fraction": len(PCA_FRACTIONS)},
                 "int64",
                 doc="principal components for 90 % / 95 % of the variance",
+                attrs=kind,
             ),
-            Variable.of("geom_participation", grid, doc="participation ratio (tr Σ)² / tr Σ²"),
-            Variable.of("geom_points", grid, "int64", doc="token vectors in the sample"),
+            Variable.of("geom_participation", grid, doc="participation ratio (tr Σ)² / tr Σ²", attrs=kind),
+            Variable.of(
+                "geom_points", grid, "int64", doc="points (tokens or sequences) in the sample", attrs=kind
+            ),
         ]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
@@ -120,9 +153,13 @@ class Geometry(Analysis[GeometryParams]):
     def _reused_sites(self, ctx: PlanContext | UnitContext) -> dict[Site, int]:
         """Sites whose PCA numbers come from the job's stored ``covariance`` matrix (docs/geometry.md,
         "Reusing covariance"), with their index along its ``site`` axis: those it covers over the
-        same scored tokens, when it is listed before ``geometry``."""
+        same scored tokens, when it is listed before ``geometry`` and the points are tokens."""
         names = list(ctx.job.analyses)
-        if Covariance.name not in names or names.index(Covariance.name) > names.index(self.name):
+        if (
+            self.params.points != "token"
+            or Covariance.name not in names
+            or names.index(Covariance.name) > names.index(self.name)
+        ):
             return {}
         cov = Covariance.from_spec(ctx.job.analyses[Covariance.name]).params
         if cov.positions != "scored":
@@ -130,7 +167,10 @@ class Geometry(Analysis[GeometryParams]):
         return {site: cov.sites.index(site) for site in self.params.sites if site in cov.sites}
 
     def sample(self, ctx: PlanContext | UnitContext) -> np.ndarray:
-        """``(sequences, positions)`` mask of the sampled scored tokens: the same at every checkpoint."""
+        """``(sequences, positions)`` mask of the sampled scored tokens, or with sequence points of
+        every scored position of the sampled sequences: the same at every checkpoint."""
+        if self.params.points != "token":
+            return self._sequence_sample(ctx.eval_data.score_mask)
         seq, pos = ctx.eval_data.token_index
         rng = np.random.default_rng(self.params.seed)
         pick = rng.choice(len(seq), size=min(self.params.sample_tokens, len(seq)), replace=False)
@@ -138,15 +178,29 @@ class Geometry(Analysis[GeometryParams]):
         mask[seq[pick], pos[pick]] = True
         return mask
 
+    def _sequence_sample(self, score_mask: np.ndarray) -> np.ndarray:
+        """docs/geometry.md, "Point kinds": a seeded sample of the sequences with the commonest
+        number of scored positions (the longer on a tie), so no point mixes in padding."""
+        counts = score_mask.sum(axis=1)
+        tally = np.bincount(counts[counts > 0])
+        length = int(np.flatnonzero(tally == tally.max())[-1])
+        eligible = np.flatnonzero(counts == length)
+        rng = np.random.default_rng(self.params.seed)
+        pick = rng.choice(eligible, size=min(self.params.sample_sequences, len(eligible)), replace=False)
+        mask = np.zeros(score_mask.shape, dtype=bool)
+        mask[pick] = score_mask[pick]
+        return mask
+
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
         data, sites = ctx.eval_data, tuple(self.params.sites)
+        sample = self.sample(ctx)
         acts = activations_at(
             ctx.load_model(unit.checkpoint),
             sites,
             data.input_ids,
             data.attention_mask,
-            self.sample(ctx),
+            sample,
             batch_size=ctx.job.compute.batch_size,
             dtype=torch.float64,
         )
@@ -156,7 +210,8 @@ class Geometry(Analysis[GeometryParams]):
 
         def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
             cov = None if stored is None or site not in reused else stored[reused[site], layer]
-            return self._measure(acts[(site, layer)], cov)
+            points = sequence_points(acts[(site, layer)], int(sample.any(axis=1).sum()), self.params.points)
+            return self._measure(points, cov)
 
         grid = [[measure(s, i) for i in range(layers)] for s in sites]
         names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
@@ -169,7 +224,7 @@ class Geometry(Analysis[GeometryParams]):
         self, points: torch.Tensor, cov: np.ndarray | None
     ) -> tuple[float, int, list[int], float, int]:
         dimension, dropped = two_nn(*nearest_two(points), discard=self.params.discard_fraction)
-        cov = np.cov(points.numpy(), rowvar=False) if cov is None else cov.astype(np.float64)
+        cov = spectrum_matrix(points.numpy()) if cov is None else cov.astype(np.float64)
         eigvals = np.clip(np.linalg.eigvalsh(cov), 0, None)
         pca = [pca_dimension(eigvals, f) for f in PCA_FRACTIONS]
         return dimension, dropped, pca, float(participation_ratio(cov)), len(points)

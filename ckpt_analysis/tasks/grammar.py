@@ -69,6 +69,15 @@ class Grammar:
         return [*FUNCTION_WORDS, *(w for c in CLASS_POS for w in self.words[c])]
 
 
+def word_pos(word: str) -> int:
+    """A word's part of speech (index into :data:`POS`) from the lexicon's spelling; −1 for a word
+    outside the grammar (a special token)."""
+    if word in FUNCTION_WORDS:
+        return POS.index("det" if word in DETERMINERS else "prep" if word in PREPOSITIONS else "punct")
+    kind = next((c for c in CLASS_POS if word.startswith(c) and word[len(c) :].isdigit()), None)
+    return POS.index(CLASS_POS[kind]) if kind else -1
+
+
 def build_tokenizer(grammar: Grammar) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over the specials and the grammar's words (a real HF one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

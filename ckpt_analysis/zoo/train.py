@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -127,6 +127,7 @@ def train_arithmetic(out: Path, config: TrainConfig = TrainConfig()) -> float:
 
     optimiser = _Optimiser(config.lr, config.betas, config.weight_decay, config.warmup_steps)
     saves = range(config.save_every, config.steps + 1, config.save_every)
+    _record(out, config, model)
     _fit(model, tokenizer, out, batch, answer_loss, optimiser, config.steps, set(saves))
     return answer_accuracy(model, tokenizer, config.task)
 
@@ -181,6 +182,7 @@ def train_grammar(out: Path, config: GrammarTrainConfig = GrammarTrainConfig()) 
 
     optimiser = _Optimiser(config.lr, (0.9, 0.999), 0.0, 0)
     saves = save_steps(config.steps, config.save_every, early=config.early_saves)
+    _record(out, config, model)
     _fit(model, tokenizer, out, batch, next_token_loss, optimiser, config.steps, saves)
     held_out, _, _ = grammar.corpus(lexicon, 256, config.seq_len, HELD_OUT_SEED)
     with torch.no_grad():
@@ -218,6 +220,20 @@ def _model(
         model = tiny_gpt_neox(vocab_size, **sizes, max_positions=max_positions, seed=config.seed)
     torch.nn.Module.to(model, resolve_device(config.device))  # transformers mis-types .to
     return model
+
+
+def _record(out: Path, config: TrainConfig | GrammarTrainConfig, model: torch.nn.Module) -> None:
+    """``out/training.json``: the settings, seed, device and torch thread count of the run. The
+    same seed on another thread count or device gives other floating-point sums, hence other
+    checkpoints (docs/trace_parity.md, "Determinism")."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": asdict(config),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(next(model.parameters()).device),
+        "torch": torch.__version__,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _fit(

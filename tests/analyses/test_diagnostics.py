@@ -3,14 +3,18 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from builders import build_local_run, job_dict
+from builders import build_grammar_run, build_local_run, job_dict
+from transformers import AutoTokenizer
 
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
+from ckpt_analysis.tasks import grammar
 
 
 def _direct(logits: np.ndarray, target: int) -> list[float]:
@@ -53,3 +57,56 @@ def test_diagnostics_equal_a_direct_computation_from_logits_with_means_per_label
         np.testing.assert_allclose(ds.diag_by_carry.isel(step=1).values[:, j], mean, rtol=1e-5, atol=1e-6)
     assert ds.place_value.values.tolist() == [0, 1, 2, 3]
     assert np.isfinite(ds.diag_by_place.values).all()
+
+
+def test_category_match_is_the_share_of_argmax_tokens_with_the_targets_part_of_speech(tmp_path: Path) -> None:
+    run = build_grammar_run(tmp_path / "run")
+    raw = job_dict(run, tmp_path / "d.zarr", data={"source": "grammar", "num_examples": 24, "seq_len": 16})
+    raw["analyses"] = {"diagnostics": {"category_match": ["pos"]}}
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    ds = open_results(job.output)
+    data = make_plan(job).eval_data
+    source = CheckpointSource.from_spec(job.checkpoints)
+    tokenizer = AutoTokenizer.from_pretrained(run / "checkpoint-6")
+    words, parts, _ = grammar.corpus(grammar.Grammar.from_tokenizer(tokenizer), 2000, 16, seed=99)
+    seen = {
+        w: int(p) for row, labels in zip(words, parts, strict=True) for w, p in zip(row, labels, strict=True)
+    }
+    for row, checkpoint in enumerate(source.checkpoints()):
+        with torch.no_grad():
+            logits = source.load(checkpoint)(input_ids=torch.from_numpy(data.input_ids)).logits.numpy()
+        seq, pos = data.token_index
+        guess = logits[seq, pos - 1].argmax(axis=-1)
+        guessed_pos = np.array(
+            [seen.get(str(tokenizer.convert_ids_to_tokens(int(g))), -1) for g in guess]
+        )  # as sampled
+        target_pos = ds.label_pos.values
+        labelled = target_pos >= 0
+        expected = (guessed_pos[labelled] == target_pos[labelled]).mean()
+        assert float(ds.diag_match.isel(step=row).sel(match_label="pos")) == pytest.approx(
+            expected, abs=1e-12
+        )
+    assert 0 < float(ds.diag_match.isel(step=-1).squeeze()) < 1
+
+
+@pytest.mark.parametrize(
+    ("source", "label", "message"),
+    [
+        ("grammar", "role", r"label 'role' is not a function of the token \(token \d+ has labels"),
+        ("addition", "carry", r"label 'carry' is not a function of the token"),
+        ("addition", "pos", r"names 'pos'; labels: 'place', 'carry'"),
+    ],
+)
+def test_category_match_refuses_a_label_that_is_not_a_function_of_the_token(
+    tmp_path: Path, source: str, label: str, message: str
+) -> None:
+    run = (
+        build_grammar_run(tmp_path / "run") if source == "grammar" else build_local_run(tmp_path / "run", [0])
+    )
+    data = {"source": "grammar", "num_examples": 24, "seq_len": 16} if source == "grammar" else {}
+    raw = job_dict(run, tmp_path / "d.zarr", data=data)
+    raw["analyses"] = {"diagnostics": {"category_match": [label]}}
+    with pytest.raises(JobSpecError, match=message):
+        run_job(job_from_dict(raw, base=tmp_path))
+    assert not (tmp_path / "d.zarr").exists()

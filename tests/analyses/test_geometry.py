@@ -120,3 +120,63 @@ def test_geometry_options_are_checked() -> None:
         Geometry.from_spec({"sample_tokens": 2})
     with pytest.raises(JobSpecError, match=r"discard_fraction = 1.0 must be in \[0, 1\)"):
         Geometry.from_spec({"discard_fraction": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence", "mean"])
+def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independent_activations(
+    tmp_path: Path, kind: str
+) -> None:
+    import skdim
+    from scipy.spatial.distance import cdist
+
+    from ckpt_analysis.plan import make_plan
+
+    run = build_local_run(tmp_path / "run", [0, 10])
+    options = {
+        "sites": ["resid_post"],
+        "points": kind,
+        "sample_sequences": 40,
+        "sample_tokens": 120,
+        "seed": 3,
+    }
+    raw = job_dict(run, tmp_path / "g.zarr")
+    raw["analyses"] = {"geometry": options}
+    job = job_from_dict(raw, base=tmp_path)
+    assert all(o.ok for o in run_job(job))
+    ds = open_results(job.output)
+    source = CheckpointSource.from_spec(job.checkpoints)
+    plan = make_plan(job)
+    mask = Geometry.from_spec(options).sample(plan.context)
+    chosen = mask.any(axis=1)
+    acts = independent_activations(
+        source.load(source.checkpoints()[1], attn="eager"), plan.eval_data.input_ids
+    )
+    for layer in range(2):
+        cells = acts["resid_post"][layer][chosen][:, mask[chosen][0]]  # (sequences, 4 answer digits, hidden)
+        points = {
+            "token": acts["resid_post"][layer][mask],
+            "sequence": cells.reshape(len(cells), -1),
+            "mean": cells.mean(axis=1),
+        }[kind]
+        got = ds.sel(geom_site="resid_post", layer=layer).isel(step=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            distances = cdist(points, points)  # exact: scipy computes differences
+            np.fill_diagonal(distances, np.inf)
+            expected = skdim.id.TwoNN(dist=True).fit(np.sort(distances, axis=1)[:, :2]).dimension_
+        assert float(got.geom_twonn) == pytest.approx(expected, rel=1e-6)
+        assert int(got.geom_points) == len(points) == (120 if kind == "token" else 40)
+        eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))  # d × d even where d > points
+        assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
+        assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-6)
+    assert ds.geom_twonn.attrs["points"] == kind == ds.geom_points.attrs["points"]
+
+
+def test_sequence_points_take_sequences_of_the_commonest_scored_length_only() -> None:
+    score = np.zeros((6, 8), dtype=bool)
+    score[:4, 2:6] = True  # four sequences with 4 scored positions
+    score[4, 2:4] = True  # one with 2
+    score[5, 1:8] = True  # one with 7
+    mask = Geometry.from_spec({"points": "sequence", "sample_sequences": 3})._sequence_sample(score)
+    assert mask.any(axis=1).sum() == 3 and set(mask.sum(axis=1)) == {0, 4}
+    assert not mask[4:].any()
