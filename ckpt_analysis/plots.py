@@ -13,8 +13,10 @@ import xarray as xr
 
 from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.data import level_names
-from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity, pyplot
+from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity, pyplot, save_figure
 
+HEATMAP_TICKS = 40
+"""A heatmap labels every checkpoint's column up to this many checkpoints, then evenly spaced ones."""
 DECADES = 2.0
 """Steps spanning more than this many decades get a symmetric-log step axis (step 0 stays visible)."""
 
@@ -37,14 +39,6 @@ def _step_axis(ax: Any, steps: np.ndarray) -> None:
     ax.set_xlabel("training step")
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
-
-
 def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
     sites = ds.site.values.tolist()
@@ -65,16 +59,33 @@ def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
         "Covariance spectra over training: top, the participation ratio (tr Σ)²/tr Σ² of each layer's "
         "activation covariance, in dimensions; bottom, the total variance tr Σ (log scale)."
     )
-    return [Figure(_save(fig, out / "covariance.png"), caption)]
+    return [Figure(save_figure(fig, out / "covariance.png"), caption)]
+
+
+def _eigenvalue_axis(ax: Any, values: np.ndarray) -> None:
+    """Linear when the values span less than a decade, log when they are all positive, symmetric
+    log (with a threshold at the smallest magnitude) only when some are negative."""
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 10:
+        ax.set_yscale("log")
+        ax.set_ylabel("Ritz value (log)")
+    elif finite.size and finite.min() < 0 and np.abs(finite).max() / max(np.abs(finite).min(), 1e-12) > 10:
+        ax.set_yscale("symlog", linthresh=max(float(np.abs(finite[finite != 0]).min(initial=1.0)), 1e-6))
+        ax.set_ylabel("Ritz value (symmetric log)")
+    else:
+        ax.set_ylabel("Ritz value")
 
 
 def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
     fig, (top, bottom) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k in ds.eig.values.tolist():
-        top.plot(ds.step, ds.hessian_eigval.sel(eig=k), marker=".", label=f"λ{k + 1}")
-    top.set_yscale("symlog", linthresh=1e-3)
-    top.set_ylabel("Ritz value (symlog)")
+        values, converged = ds.hessian_eigval.sel(eig=k).values, ds.hessian_converged.sel(eig=k).values == 1
+        (line,) = top.plot(ds.step, values, label=f"λ{k + 1}")
+        top.plot(ds.step.values[converged], values[converged], ".", color=line.get_color())
+        top.plot(ds.step.values[~converged], values[~converged], "o", mfc="none", color=line.get_color())
+    top.plot([], [], "o", mfc="none", color="grey", label="not converged")
+    _eigenvalue_axis(top, ds.hessian_eigval.values)
     top.set_title("top eigenvalues of the curvature operator", fontsize=8)
     for method in ds.trace_method.values.tolist():
         value = ds.hessian_trace.sel(trace_method=method)
@@ -86,37 +97,53 @@ def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
         _step_axis(ax, ds.step.values)
         ax.legend(fontsize=7)
     caption = (
-        "Curvature over training: left, the top Ritz values of the curvature operator (symmetric log "
-        "scale: negative values are shown); right, its trace by Hutchinson and Hutch++ with one "
-        "standard error."
+        "Curvature over training: left, the top Ritz values of the curvature operator (hollow: not "
+        "converged; log or symmetric-log scale when they span decades); right, its trace by "
+        "Hutchinson and Hutch++ with one standard error."
     )
-    return [Figure(_save(fig, out / "hessian.png"), caption)]
+    return [Figure(save_figure(fig, out / "hessian.png"), caption)]
+
+
+def _residual_colour(site: str, layer: int) -> str:
+    """One colour per residual-stream position, so ``resid_pre`` of layer l + 1 and ``resid_post``
+    of layer l (the same vectors) share it; other sites by layer."""
+    return f"C{layer + 1 if site == 'resid_post' else layer}"
 
 
 def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import ScalarFormatter
+
     sites = ds.geom_site.values.tolist()
-    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), squeeze=False)
+    kind = ds.geom_twonn.attrs.get("points", "token")
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.8), squeeze=False)
+    key = [
+        Line2D([], [], color="k", label="TwoNN"),
+        Line2D([], [], color="k", linestyle="--", label="PCA 90 %"),
+    ]
     for ax, site in zip(axes[0], sites, strict=True):
         part = ds.sel(geom_site=site)
         for layer in ds.layer.values.tolist():
-            line = ax.plot(ds.step, part.geom_twonn.sel(layer=layer), marker=".", label=f"layer {layer}")
+            colour = _residual_colour(site, layer)
             ax.plot(
-                ds.step,
-                part.geom_pca_dim.sel(layer=layer, pca_fraction=0.9),
-                linestyle="--",
-                color=line[0].get_color(),
+                ds.step, part.geom_twonn.sel(layer=layer), marker=".", color=colour, label=f"layer {layer}"
             )
+            pca = part.geom_pca_dim.sel(layer=layer, pca_fraction=0.9)
+            ax.plot(ds.step, pca, linestyle="--", color=colour)
         ax.set_title(site)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 4, 10, 20 rather than 4×10⁰
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         _step_axis(ax, ds.step.values)
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *key], fontsize=7)
     axes[0][0].set_ylabel("dimension (log)")
-    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Intrinsic dimension of the {kind} sample over training (one colour per residual position)")
     caption = (
-        "Intrinsic dimension over training, per layer: solid, TwoNN on the token sample (gaps: every "
+        f"Intrinsic dimension over training, per layer: solid, TwoNN on the {kind} sample (gaps: every "
         "sampled vector a duplicate); dashed, principal components for 90 % of the variance."
     )
-    return [Figure(_save(fig, out / "geometry.png"), caption)]
+    return [Figure(save_figure(fig, out / "geometry.png"), caption)]
 
 
 def _level(ds: xr.Dataset, label: str, value: int) -> str:
@@ -166,18 +193,19 @@ def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Output diagnostics grouped by {name}: one line per value of {name}")
         caption = f"Output diagnostics by {name}: mean loss, correct@1 and entropy per value of {name}."
-        figures.append(Figure(_save(fig, out / f"diagnostics_{name}.png"), caption))
+        figures.append(Figure(save_figure(fig, out / f"diagnostics_{name}.png"), caption))
     return figures
 
 
 def _heatmap(ax: Any, values: np.ndarray, steps: np.ndarray, **style: Any) -> Any:
     """``values (layer, step)`` as cells, one column per checkpoint (step labels on the ticks, so
-    uneven schedules stay readable; the axis is not to scale); NaN cells stay blank."""
+    uneven schedules stay readable; the axis is not to scale): every checkpoint up to
+    :data:`HEATMAP_TICKS`; NaN cells stay blank."""
     image = ax.imshow(
         np.ma.masked_invalid(values), aspect="auto", origin="lower", interpolation="nearest", **style
     )
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
-    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=45, fontsize=7)
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), HEATMAP_TICKS)).round().astype(int))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=90, fontsize=6)
     ax.set_yticks(range(values.shape[0]))
     ax.set_xlabel("checkpoint (training step; not to scale)")
     ax.set_ylabel("layer")
@@ -208,7 +236,7 @@ def _probes(ds: xr.Dataset, out: Path) -> list[Figure]:
             "to 1; bottom, selectivity = accuracy − accuracy on the control task (a random label per "
             "token type), red above 0. Columns are checkpoints in order, not to scale."
         )
-        figures.append(Figure(_save(fig, out / f"probes_{label}.png"), caption))
+        figures.append(Figure(save_figure(fig, out / f"probes_{label}.png"), caption))
     return figures
 
 
@@ -251,7 +279,7 @@ def _alignment(ds: xr.Dataset, out: Path) -> list[Figure]:
     )
     return [
         Figure(plot_alignment({"store": ds}, out / "leading_terms.png"), caption),
-        Figure(_save(fig, out / "leading_terms_heatmap.png"), heatmap),
+        Figure(save_figure(fig, out / "leading_terms_heatmap.png"), heatmap),
     ]
 
 

@@ -22,6 +22,20 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG whose text chunks say its title (the suptitle, else the panels'
+    titles) and how many panels carry a legend, so a reader or a test can check both; close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    titles = (
+        [fig.get_suptitle()] if fig.get_suptitle() else [ax.get_title() for ax in fig.axes if ax.get_title()]
+    )
+    legends = sum(ax.get_legend() is not None for ax in fig.axes)
+    fig.savefig(path, dpi=110, metadata={"Title": "; ".join(titles), "Legends": str(legends)})
+    pyplot().close(fig)
+    return path
+
+
 @dataclass(frozen=True)
 class TrajectoryScores:
     """One row of the demo table: how well a trajectory type's clusters isolate a label."""
@@ -116,11 +130,7 @@ def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4, window: int = 
             axis.set_xlabel("training step")
             axis.axvline(float(part.cluster_tau), color="grey", linestyle=":", linewidth=1)
         left.legend(fontsize=7, loc="center right")
-        fig.tight_layout()
-        path = out / f"polca_basis_{b}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / f"polca_basis_{b}.png"))
     return paths
 
 
@@ -182,11 +192,7 @@ def plot_validity(ds: xr.Dataset, path: Path) -> Path:
     bottom.set_yscale("log")
     bottom.set_ylabel(r"$\|\theta_{t+1} - \theta_t\|$")
     bottom.set_xlabel("training step at the start of the interval")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass(frozen=True)
@@ -302,11 +308,7 @@ def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
     axes[0][0].set_ylabel("uncentred cosine")
     axes[0][-1].legend(fontsize="small")
     fig.suptitle("alignment with the leading-term predictions (dotted: token-shuffled corpus)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- tables the demo prints (rich) ---

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from builders import build_local_run, job_dict
+from PIL import Image
 
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.plots import Figure, plot_store, write_index
@@ -55,6 +56,10 @@ def test_every_analysis_in_a_store_gets_its_figures_and_the_index_shows_them(tmp
     }
     assert expected <= names, names
     assert all((tmp_path / "figs" / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
+    for name in names - {"index.html"}:  # every figure names what it shows
+        assert Image.open(tmp_path / "figs" / name).info["Title"], name
+    for name in ("covariance.png", "hessian.png", "geometry.png", "diagnostics_place.png"):  # line plots
+        assert int(Image.open(tmp_path / "figs" / name).info["Legends"]) >= 1, name
     linked = re.findall(r'src="([^"]+)"', (tmp_path / "figs" / "index.html").read_text())
     assert sorted(linked) == sorted(n for n in names if n.endswith(".png"))
 
