@@ -137,7 +137,8 @@ class CheckpointSource(ABC):
             return AutoTokenizer.from_pretrained(where)
         except Exception as exc:
             raise CheckpointError(
-                f"no tokenizer at {where!r}; set checkpoints.tokenizer to a tokenizer folder"
+                f"no tokenizer at {where!r} ({one_line(exc)}); set checkpoints.tokenizer to a tokenizer "
+                "folder, or use pre-tokenized ids with data.token_text = false"
             ) from exc
 
 
@@ -197,6 +198,7 @@ class HubSource(CheckpointSource):
 
     def files_dir(self, ckpt: Checkpoint) -> Path:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
 
         try:
             return Path(
@@ -207,11 +209,16 @@ class HubSource(CheckpointSource):
                     local_files_only=True,
                 )
             )
-        except Exception as exc:
+        except (LocalEntryNotFoundError, RevisionNotFoundError) as exc:
             raise CheckpointError(
                 f"revision {ckpt.revision!r} of {self.spec.repo} is not in the cache "
                 f"{self.spec.cache_dir or '(default HF cache)'} ({one_line(exc)}); "
                 "run `ckpt-analysis prefetch` online"
+            ) from exc
+        except Exception as exc:  # a cache that is there but unreadable: say why, not "missing"
+            raise CheckpointError(
+                f"revision {ckpt.revision!r} of {self.spec.repo} could not be read from the cache "
+                f"{self.spec.cache_dir or '(default HF cache)'}: {one_line(exc)}"
             ) from exc
 
     def weight_files(self, ckpt: Checkpoint) -> list[Path]:

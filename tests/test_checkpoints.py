@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import build_fake_hub, save_checkpoint, tiny_model
+from builders import build_fake_hub, build_local_run, save_checkpoint, tiny_model
 from conftest import HUB_REPO, HUB_REVISIONS, RUN_STEPS
 
 from ckpt_analysis.checkpoints import (
@@ -373,3 +373,13 @@ def test_a_revision_without_weights_is_missing_for_prefetch_and_the_cache_incomp
     assert prefetch(spec, offline=True) == (["step0"], ["step1"])
     assert not hub_cache_complete(spec)
     assert not hub_cache_complete(_hub_spec(cache, ["step0", "step2"]))
+
+
+def test_an_unreadable_tokenizer_is_named_with_its_cause_and_the_ways_out(tmp_path: Path) -> None:
+    run = build_local_run(tmp_path / "run", [0])
+    (run / "checkpoint-0" / "tokenizer.json").write_text("{not json")
+    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run)))
+    with pytest.raises(
+        CheckpointError, match=r"no tokenizer at .*checkpoint-0' \(.+\); set checkpoints\.tokenizer"
+    ):
+        source.tokenizer(source.checkpoints()[0])
