@@ -75,13 +75,11 @@ def token_label_map(input_ids: np.ndarray, labels: np.ndarray, vocab_size: int) 
     return out
 
 
-def category_match(predicted: np.ndarray, target_label: np.ndarray, label_of: np.ndarray) -> float:
-    """docs/diagnostics.md, "Category match": over the scored tokens that have a label, the
-    fraction whose argmax token has the target's label (TRACE's POS / role match)."""
-    labelled = target_label != ABSENT
-    return (
-        float((label_of[predicted[labelled]] == target_label[labelled]).mean()) if labelled.any() else np.nan
-    )
+def category_matches(predicted: np.ndarray, target_label: np.ndarray, label_of: np.ndarray) -> np.ndarray:
+    """docs/diagnostics.md, "Category match": per scored token, 1 if its argmax token has the
+    target's label (TRACE's POS / role match), else 0; NaN where the target has no label."""
+    matched = (label_of[predicted] == target_label).astype(np.float64)
+    return np.where(target_label != ABSENT, matched, np.nan)
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class DiagnosticsParams:
 
     category_match: list[str] = field(default_factory=list)
     """Label columns that are a function of the token (the grammar's ``pos``) whose category match
-    is stored as ``diag_match (step, match_label)``."""
+    is stored as ``diag_match (step, match_label)`` and, per value, ``diag_match_by_<label>``."""
 
     def __post_init__(self) -> None:
         if self.category_match:
@@ -101,7 +99,7 @@ class DiagnosticsParams:
 class Diagnostics(Analysis[DiagnosticsParams]):
     """``diag_token (step, token, diag_metric)``; per label column L, ``diag_by_L (step,
     diag_metric, L_value)``: the same means over the tokens at each label value; with
-    ``category_match``, ``diag_match (step, match_label)``."""
+    ``category_match``, ``diag_match (step, match_label)`` and ``diag_match_by_L (step, L_value)``."""
 
     name = "diagnostics"
 
@@ -111,15 +109,20 @@ class Diagnostics(Analysis[DiagnosticsParams]):
         token, is refused by name."""
         if not self.params.category_match:
             return {}
-        names, vocab_size = label_names(ctx.job.data), int(ctx.model_config["vocab_size"])
+        self._check_names(ctx)
+        vocab_size = int(ctx.model_config["vocab_size"])
         known = vocabulary_labels(ctx.job.data, ctx.tokenizer, vocab_size)
         maps = []
+        for name in self.params.category_match:
+            maps.append(known[name] if name in known else self._label_map(ctx.eval_data, name, vocab_size))
+        return {"diag_match_map": (("match_label", "match_token"), np.stack(maps))}
+
+    def _check_names(self, ctx: PlanContext) -> None:
+        names = label_names(ctx.job.data)
         for name in self.params.category_match:
             if name not in names:
                 valid = ", ".join(map(repr, names)) or "none: this token set has no label columns"
                 raise JobSpecError(f"analyses.diagnostics.category_match names {name!r}; labels: {valid}")
-            maps.append(known[name] if name in known else self._label_map(ctx.eval_data, name, vocab_size))
-        return {"diag_match_map": (("match_label", "match_token"), np.stack(maps))}
 
     @staticmethod
     def _label_map(data: EvalData, name: str, vocab_size: int) -> np.ndarray:
@@ -153,13 +156,18 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             doc = f"mean of each diagnostic over the tokens at each value of label {name!r}"
             sizes = {"step": s, "diag_metric": m, f"{name}_value": len(levels)}
             out.append(Variable.of(f"diag_by_{name}", sizes, doc=doc))
+        self._check_names(ctx)
         if self.params.category_match:
-            doc = "fraction of labelled scored tokens whose argmax token has the target's label"
+            doc = "share of labelled scored tokens whose argmax token has the target's label"
             out.append(
                 Variable.of(
                     "diag_match", {"step": s, "match_label": len(self.params.category_match)}, doc=doc
                 )
             )
+        for name in self.params.category_match:
+            doc = f"the same share among the tokens at each value of label {name!r} (TRACE's per-tag match)"
+            sizes = {"step": s, f"{name}_value": len(self._levels(ctx)[name])}
+            out.append(Variable.of(f"diag_match_by_{name}", sizes, doc=doc))
         return out
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
@@ -187,9 +195,11 @@ class Diagnostics(Analysis[DiagnosticsParams]):
     def _matches(self, ctx: UnitContext, row: int, predicted: np.ndarray) -> list[Write]:
         if not self.params.category_match:
             return []
-        maps = ctx.read("diag_match_map")
-        matches = [
-            category_match(predicted, ctx.read(label_variable(name)), label_of)
-            for name, label_of in zip(self.params.category_match, maps, strict=True)
-        ]
-        return [Write("diag_match", (row,), np.array(matches))]
+        overall, writes = [], []
+        for name, label_of in zip(self.params.category_match, ctx.read("diag_match_map"), strict=True):
+            target = ctx.read(label_variable(name))
+            matches = category_matches(predicted, target, label_of)
+            overall.append(np.nanmean(matches) if np.isfinite(matches).any() else np.nan)
+            per_value = means_by_value(matches[:, None], target, ctx.read(f"{name}_value"))[0]
+            writes.append(Write(f"diag_match_by_{name}", (row,), per_value))
+        return [Write("diag_match", (row,), np.array(overall)), *writes]

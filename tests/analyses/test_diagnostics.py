@@ -87,6 +87,10 @@ def test_category_match_is_the_share_of_argmax_tokens_with_the_targets_part_of_s
         assert float(ds.diag_match.isel(step=row).sel(match_label="pos")) == pytest.approx(
             expected, abs=1e-12
         )
+        for level in range(len(grammar.POS)):  # TRACE's per-tag share: among the targets of each POS
+            chosen = target_pos == level
+            share = ds.diag_match_by_pos.isel(step=row).sel(pos_value=level)
+            assert float(share) == pytest.approx((guessed_pos[chosen] == level).mean(), abs=1e-12)
     assert 0 < float(ds.diag_match.isel(step=-1).squeeze()) < 1
 
 
