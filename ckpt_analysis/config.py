@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -210,65 +209,6 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         """The normalised spec as plain data (stored in the results' root attrs)."""
         return dataclasses.asdict(self)
-
-    def spec_hash(self, content: dict[str, Any] | None = None) -> str:
-        """Hash of what determines the numbers (docs/jobs.md, "What the spec hash covers").
-
-        Covered: the analyses and every option that changes a number, plus ``content``, the
-        content digests of the data and checkpoints (:func:`ckpt_analysis.plan.content_digests`).
-        Not covered: where files sit (``output``, ``checkpoints.path``/``files``/``config``/
-        ``cache_dir``/``tokenizer``, ``data.path``), ``checkpoints.device``, ``name``,
-        ``[compute]`` and ``[slurm]``; so a moved project folder or a sweep resumed on a GPU
-        keeps its hash. ``checkpoints.select`` is covered through ``content``, which lists the
-        selected checkpoints, so a selection naming the same checkpoints hashes the same.
-        """
-        return _digest({**self._hashed_settings(), "content": content or {}})
-
-    def spec_parts(self, content: dict[str, Any]) -> dict[str, str]:
-        """The spec hash's inputs, each hashed alone, so a refused resume can say which changed:
-        ``settings`` (the job's options), ``checkpoints`` (their selection and weight files) and
-        ``data`` (the data, sample and tokenizer files)."""
-        inputs = {k: content.get(k) for k in ("data", "sample", "tokenizer")}
-        return {
-            "settings": _digest(self._hashed_settings()),
-            "checkpoints": _digest(content.get("checkpoints")),
-            "data": _digest(inputs),
-        }
-
-    def _hashed_settings(self) -> dict[str, Any]:
-        payload = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_TABLES}
-        for table, keys in _UNHASHED_KEYS.items():
-            if payload.get(table) is not None:
-                payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
-        for table, defaults in _HASHED_UNLESS_DEFAULT.items():
-            if payload.get(table) is not None:
-                kept = payload[table].items()
-                payload[table] = {k: v for k, v in kept if k not in defaults or defaults[k] != v}
-        return payload
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_UNHASHED_TABLES = ("compute", "slurm", "name", "output")
-_UNHASHED_KEYS = {
-    "checkpoints": (
-        "path",
-        "files",
-        "config",
-        "cache_dir",
-        "tokenizer",
-        "device",
-        "verify_digests",
-        "select",
-    ),
-    "data": ("path", "cache_dir"),
-    "sample": ("path", "cache_dir"),
-}
-_HASHED_UNLESS_DEFAULT: dict[str, dict[str, Any]] = {"data": {"pad_id": None}, "sample": {"pad_id": None}}
-"""Options added after stores were written: left at their default they leave the hash as it was,
-so those stores still resume."""
 
 
 def require_distinct(values: list[Any], where: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import platform
 from collections.abc import Sequence
@@ -19,11 +18,10 @@ from ckpt_analysis.checkpoints import (
     Checkpoint,
     CheckpointSource,
     check_layout,
-    expected_digest,
-    file_digest,
 )
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.data import EvalData, label_variable, load_eval_data
+from ckpt_analysis.digests import job_identity
 from ckpt_analysis.errors import CheckpointError, DataError, JobSpecError, StoreError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, Variable, build_analyses
 from ckpt_analysis.store import (
@@ -247,73 +245,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def content_digests(job: JobSpec) -> dict[str, Any]:
-    """What the checkpoints and data hold, for the spec hash (docs/jobs.md, "What the spec hash covers").
-
-    Per checkpoint: step, revision and, per weight file, the digest its storage names
-    (:func:`~ckpt_analysis.checkpoints.expected_digest`), else its size and a sha256 of its first
-    and last MiB. Data and tokenizer files: a sha256 of their bytes (a Hub name stands for itself).
-    """
-    source = CheckpointSource.from_spec(job.checkpoints)
-    return {
-        "checkpoints": [
-            [c.step, c.revision, [_fingerprint(p) for p in source.weight_files(c)]]
-            for c in source.checkpoints()
-        ],
-        "data": _path_digest(job.data.path),
-        "sample": None if job.sample is None else _path_digest(job.sample.path),
-        "tokenizer": _path_digest(job.checkpoints.tokenizer),
-    }
-
-
-def _fingerprint(path: Path) -> str:
-    expected = expected_digest(path)
-    if expected is not None:
-        return expected[1]
-    stat = path.stat()
-    return _head_and_tail_digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _head_and_tail_digest(path: str, size: int, _mtime_ns: int) -> str:
-    """Size and a sha256 of the first and last MiB; cached per file version (path, size, mtime), so
-    a store that grows (``watch``) does not reread the weight files it has already seen."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        hasher.update(handle.read(_MIB))
-        handle.seek(max(size - _MIB, 0))
-        hasher.update(handle.read(_MIB))
-    return f"{size}:{hasher.hexdigest()[:32]}"
-
-
-_MIB = 1 << 20
-
-
-def _path_digest(where: str | None) -> str | None:
-    if where is None or not Path(where).exists():
-        return where
-    root = Path(where)
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-    hasher = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        hasher.update(str(file.relative_to(root)).encode())
-        hasher.update(_file_sha256(str(file), stat.st_size, stat.st_mtime_ns).encode())
-    return hasher.hexdigest()
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: str, _size: int, _mtime_ns: int) -> str:
-    """sha256 of a data or tokenizer file, cached per file version (path, size, mtime)."""
-    return file_digest(Path(path), "sha256")
-
-
-def job_identity(job: JobSpec) -> tuple[str, dict[str, str]]:
-    """The job's spec hash and its parts (what a refused resume compares), from one digest pass."""
-    content = content_digests(job)
-    return job.spec_hash(content), job.spec_parts(content)
-
-
 def check_job_output(
     job: JobSpec, *, force: bool, identity: tuple[str, dict[str, str]] | None = None
 ) -> Literal["create", "resume", "replace"]:
@@ -408,7 +339,7 @@ def extend_store(job: JobSpec) -> int:
     old = len(planned_steps(job.output))
     steps = [c.step for c in plan.checkpoints]
     earlier = dataclasses.replace(job, checkpoints=dataclasses.replace(job.checkpoints, select=steps[:old]))
-    if len(steps) < old or meta["spec_hash"] != earlier.spec_hash(content_digests(earlier)):
+    if len(steps) < old or meta["spec_hash"] != job_identity(earlier)[0]:
         raise StoreError(
             f"{job.output} does not hold this job's results for its first {old} checkpoints "
             f"(now {steps}); use another output path"

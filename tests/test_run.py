@@ -203,7 +203,7 @@ def test_a_device_change_resumes_rather_than_refusing(run_dir: Path, tmp_path: P
 
 
 def test_changed_data_content_is_a_different_spec(tmp_path: Path) -> None:
-    from ckpt_analysis.plan import content_digests
+    from ckpt_analysis.digests import content_digests, spec_hash
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "1+2=3"}\n')
@@ -212,9 +212,9 @@ def test_changed_data_content_is_a_different_spec(tmp_path: Path) -> None:
         base=tmp_path,
     )
     build_local_run(tmp_path, [0])
-    before = job.spec_hash(content_digests(job))
+    before = spec_hash(job, content_digests(job))
     corpus.write_text('{"text": "1+3=4"}\n')
-    assert job.spec_hash(content_digests(job)) != before
+    assert spec_hash(job, content_digests(job)) != before
 
 
 def test_a_store_removed_mid_run_is_not_recreated(run_dir: Path, tmp_path: Path) -> None:

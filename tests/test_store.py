@@ -10,8 +10,9 @@ import zarr
 from builders import job_dict
 
 from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.digests import content_digests, spec_hash
 from ckpt_analysis.errors import StoreError
-from ckpt_analysis.plan import content_digests, prepare_store
+from ckpt_analysis.plan import prepare_store
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results, store_meta, unit_states
 
@@ -36,7 +37,7 @@ def test_store_has_named_dims_coordinates_and_token_table(planned) -> None:  # t
     assert act_cov.metadata.dimension_names == ("step", "site", "layer", "dim", "dim_b")
     assert act_cov.chunks[:3] == (1, 1, 1)
     meta = store_meta(planned.output)
-    assert meta["spec_hash"] == planned.spec_hash(content_digests(planned)) and "torch" in meta["versions"]
+    assert meta["spec_hash"] == spec_hash(planned, content_digests(planned)) and "torch" in meta["versions"]
 
 
 def test_unwritten_units_read_as_nan_and_missing(planned) -> None:  # type: ignore[no-untyped-def]
