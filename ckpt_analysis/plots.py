@@ -117,7 +117,7 @@ def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
 
     sites = ds.geom_site.values.tolist()
     kind = ds.geom_twonn.attrs.get("points", "token")
-    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(sites), figsize=(max(5.0, 4.2 * len(sites)), 3.8), squeeze=False)
     key = [
         Line2D([], [], color="k", label="TwoNN"),
         Line2D([], [], color="k", linestyle="--", label="PCA 90 %"),
@@ -138,7 +138,9 @@ def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
         _step_axis(ax, ds.step.values)
         ax.legend(handles=[*ax.get_legend_handles_labels()[0], *key], fontsize=7)
     axes[0][0].set_ylabel("dimension (log)")
-    fig.suptitle(f"Intrinsic dimension of the {kind} sample over training (one colour per residual position)")
+    fig.suptitle(
+        f"Intrinsic dimension, {kind} points\n(one colour per residual-stream position)", fontsize=10
+    )
     caption = (
         f"Intrinsic dimension over training, per layer: solid, TwoNN on the {kind} sample (gaps: every "
         "sampled vector a duplicate); dashed, principal components for 90 % of the variance."
