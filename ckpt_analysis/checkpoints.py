@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckpt_analysis.config import CheckpointsSpec, Selector, hf_cache_dir, selector_predicate
+from ckpt_analysis.config import CheckpointsSpec, hf_cache_dir, selector_predicate
 from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import CheckpointError, CkptAnalysisError, JobSpecError, one_line
 from ckpt_analysis.progress import quiet_transformers_bars
+from ckpt_analysis.types import Selector
 
 if TYPE_CHECKING:
     import torch

@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpt_analysis.config import DataSpec, ExecutorKind, JobSpec
+from ckpt_analysis.config import DataSpec, JobSpec
 from ckpt_analysis.errors import CkptAnalysisError, DataError
+from ckpt_analysis.types import ExecutorKind
 from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
 
 if TYPE_CHECKING:

@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.types import ExecutorKind, Selector
 
 T = TypeVar("T")
-
-ExecutorKind = Literal["local", "inprocess", "slurm"]
-"""``compute.executor``: a Dask LocalCluster, this process, or Dask workers as SLURM jobs."""
-
-Selector = str | list[int] | list[str]
-"""Checkpoint selector: "all", "log", "every=N", "A:B", "A:B:N", or an explicit list (docs/jobs.md)."""
 
 
 def selector_predicate(selector: str) -> Callable[[int], bool]:

@@ -18,9 +18,10 @@ from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_token_losses
+from ckpt_analysis.types import Batch
 
 if TYPE_CHECKING:
-    from ckpt_analysis.registry import Columns
+    from ckpt_analysis.types import Columns
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,6 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 Params = dict[str, torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class CurvatureOperator(ABC):
@@ -119,7 +119,7 @@ class CurvatureOperator(ABC):
         self.params = [named[n] for n in layout.names]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.batches: list[Batch] = list(sample.batches(batch_size, self.device))  # type: ignore[arg-type]
+        self.batches: list[Batch] = list(sample.batches(batch_size, self.device))
         self.count = int(sample.score_mask.sum())
         self.matvecs = 0
 

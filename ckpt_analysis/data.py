@@ -12,6 +12,7 @@ import numpy as np
 from ckpt_analysis.config import DataSpec, hf_cache_dir
 from ckpt_analysis.errors import DataError, one_line
 from ckpt_analysis.tasks import arithmetic, grammar, topics
+from ckpt_analysis.types import Batch
 
 if TYPE_CHECKING:
     import torch
@@ -54,15 +55,17 @@ class EvalData:
         seq, pos = np.nonzero(self.score_mask)
         return seq.astype(np.int64), pos.astype(np.int64)
 
-    def batches(self, size: int, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, size: int, device: torch.device | str = "cpu") -> Iterator[Batch]:
         """``(input_ids, attention_mask, score_mask)`` tensors, ``size`` sequences at a time."""
         import torch
 
         for start in range(0, self.input_ids.shape[0], size):
             part = slice(start, start + size)
-            yield tuple(
-                torch.from_numpy(a[part]).to(device)
-                for a in (self.input_ids, self.attention_mask, self.score_mask)
+            yield Batch(
+                *(
+                    torch.from_numpy(a[part]).to(device)
+                    for a in (self.input_ids, self.attention_mask, self.score_mask)
+                )
             )
 
     def head(self, sequences: int) -> EvalData:

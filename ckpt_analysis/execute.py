@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ckpt_analysis.config import ExecutorKind, SlurmSpec
+from ckpt_analysis.config import SlurmSpec
+from ckpt_analysis.types import ExecutorKind
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from ckpt_analysis.store import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ckpt_analysis.registry import Columns
+    from ckpt_analysis.types import Columns
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ckpt_analysis.config import parse_dataclass
 from ckpt_analysis.errors import JobSpecError
+from ckpt_analysis.types import Columns
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,10 +20,6 @@ if TYPE_CHECKING:
     from ckpt_analysis.checkpoints import Checkpoint
     from ckpt_analysis.config import JobSpec
     from ckpt_analysis.data import EvalData
-
-
-Columns = dict[str, tuple[tuple[str, ...], np.ndarray]]
-"""Named store columns the planner writes once (coordinates, tables): name → (dims, values)."""
 
 
 @dataclass(frozen=True, kw_only=True)

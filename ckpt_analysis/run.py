@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_analysis.checkpoints import Checkpoint, CheckpointSource
-from ckpt_analysis.config import ExecutorKind, JobSpec, job_from_dict
+from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.device import visible_gpus
 from ckpt_analysis.errors import StoreError, one_line
@@ -39,6 +39,7 @@ from ckpt_analysis.store import (
     write_block,
     write_sidecar,
 )
+from ckpt_analysis.types import ExecutorKind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from ckpt_analysis.types import Site
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-Site = Literal["resid_pre", "attn_out", "mlp_out", "resid_post"]
 SITES: tuple[Site, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 """Raw residual stream entering (``resid_pre``) and leaving (``resid_post``) each layer, and the
 attention and MLP block outputs. ``resid_post`` is the layer's own output, *not* HF's last

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     import xarray as xr
     import zarr
 
-    from ckpt_analysis.registry import Columns, Variable, Write
+    from ckpt_analysis.registry import Variable, Write
+    from ckpt_analysis.types import Columns
 
 ATTR_KEY = "ckpt_analysis"
 UNITS_DIR = "_units"

@@ -10,9 +10,8 @@ import torch
 
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import SITES, Site, capture
-
-Positions = Literal["scored", "predicting", "all"]
+from ckpt_analysis.sites import SITES, capture
+from ckpt_analysis.types import Positions, Site
 
 
 class CovarianceAccumulator:

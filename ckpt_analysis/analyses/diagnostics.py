@@ -11,16 +11,8 @@ from ckpt_analysis.config import require_distinct
 from ckpt_analysis.data import EvalData, label_names, label_variable, vocabulary_labels
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_logits
-from ckpt_analysis.registry import (
-    Analysis,
-    Columns,
-    PlanContext,
-    Unit,
-    UnitContext,
-    Variable,
-    Write,
-    register,
-)
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.types import Columns
 
 METRICS = ("loss", "entropy", "top1_prob", "correct", "target_rank")
 

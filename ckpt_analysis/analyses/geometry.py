@@ -13,7 +13,8 @@ from ckpt_analysis.analyses.covariance import Covariance, participation_ratio
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import Site, activations_at
+from ckpt_analysis.sites import activations_at
+from ckpt_analysis.types import Site
 
 PCA_FRACTIONS = (0.9, 0.95)
 _DISTANCE_ROWS = 256

@@ -15,7 +15,7 @@ from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Var
 from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
 
 if TYPE_CHECKING:
-    from ckpt_analysis.registry import Columns
+    from ckpt_analysis.types import Columns
 
 TRACE_METHODS = ("hutchinson", "hutchpp")
 

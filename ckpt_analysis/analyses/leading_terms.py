@@ -22,14 +22,15 @@ from ckpt_analysis.device import resolve_device
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.models.onehot import MODEL_TYPE
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import Site, capture, decoder_layers
+from ckpt_analysis.sites import capture, decoder_layers
 from ckpt_analysis.tasks import topics
+from ckpt_analysis.types import Site
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ckpt_analysis.config import JobSpec
-    from ckpt_analysis.registry import Columns
+    from ckpt_analysis.types import Columns
 
 TokenSite = Literal["resid_pre", "resid_mid", "resid_post"]
 TOKEN_SITES: tuple[TokenSite, ...] = ("resid_pre", "resid_mid", "resid_post")

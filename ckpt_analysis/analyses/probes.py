@@ -11,17 +11,9 @@ import torch
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.data import label_names, label_variable
 from ckpt_analysis.errors import DataError, JobSpecError
-from ckpt_analysis.registry import (
-    Analysis,
-    Columns,
-    PlanContext,
-    Unit,
-    UnitContext,
-    Variable,
-    Write,
-    register,
-)
-from ckpt_analysis.sites import Site, activations_at
+from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.sites import activations_at
+from ckpt_analysis.types import Columns, Site
 
 # --- docs/probes.md formulas ---
 
