@@ -88,6 +88,8 @@ def make_plan(job: JobSpec) -> Plan:
         sample = load_eval_data(job.sample, tokenizer, **limits)
     text, context = data.token_strings(tokenizer) if tokenizer and job.data.token_text else (None, None)
     ctx = PlanContext(job, ckpts, config, data, tokenizer)
+    for analysis in analyses:
+        analysis.check(ctx)
     units = _ordered_units([u for a in analyses for u in a.units(ctx)])
     return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units, sample)
 

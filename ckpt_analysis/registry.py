@@ -183,6 +183,13 @@ class Analysis(ABC, Generic[P]):
         """Other analyses that must be in the same job (their results are read by this one)."""
         return ()
 
+    def check(self, ctx: PlanContext) -> None:
+        """Refuse, with one clear error, options that do not fit this job's model and data.
+
+        Called once by the planner, before any unit is listed or anything is written; option
+        checks that need no job belong in the parameters' ``__post_init__`` instead.
+        """
+
     @abstractmethod
     def variables(self, ctx: PlanContext) -> list[Variable]:
         """The result arrays this analysis fills."""
@@ -225,8 +232,15 @@ def get_analysis(name: str) -> type[Analysis[Any]]:
     import ckpt_analysis.analyses  # noqa: F401 - registers the built-in analyses
 
     if name not in _REGISTRY:
-        raise JobSpecError(f"unknown analysis {name!r}; valid analyses: {', '.join(sorted(_REGISTRY))}")
+        raise JobSpecError(f"unknown analysis {name!r}; valid analyses: {', '.join(registered())}")
     return _REGISTRY[name]
+
+
+def registered() -> list[str]:
+    """The names of every registered analysis, sorted."""
+    import ckpt_analysis.analyses  # noqa: F401 - registers the built-in analyses
+
+    return sorted(_REGISTRY)
 
 
 def build_analyses(job: JobSpec) -> list[Analysis[Any]]:

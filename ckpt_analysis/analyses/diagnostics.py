@@ -95,26 +95,30 @@ class Diagnostics(Analysis[DiagnosticsParams]):
 
     name = "diagnostics"
 
-    def tables(self, ctx: PlanContext) -> Columns:
-        """``diag_match_map (match_label, match_token)``: each ``category_match`` column's token →
-        label map; a column that is not a label of the token set, or not a function of the
-        token, is refused by name."""
-        if not self.params.category_match:
-            return {}
-        self._check_names(ctx)
-        vocab_size = int(ctx.model_config["vocab_size"])
-        known = vocabulary_labels(ctx.job.data, ctx.tokenizer, vocab_size)
-        maps = []
-        for name in self.params.category_match:
-            maps.append(known[name] if name in known else self._label_map(ctx.eval_data, name, vocab_size))
-        return {"diag_match_map": (("match_label", "match_token"), np.stack(maps))}
-
-    def _check_names(self, ctx: PlanContext) -> None:
+    def check(self, ctx: PlanContext) -> None:
+        """``category_match`` names label columns of the token set that are functions of the
+        token; any other is refused by name."""
         names = label_names(ctx.job.data)
         for name in self.params.category_match:
             if name not in names:
                 valid = ", ".join(map(repr, names)) or "none: this token set has no label columns"
                 raise JobSpecError(f"analyses.diagnostics.category_match names {name!r}; labels: {valid}")
+        self._label_maps(ctx)
+
+    def tables(self, ctx: PlanContext) -> Columns:
+        """``diag_match_map (match_label, match_token)``: each ``category_match`` column's token →
+        label map (docs/diagnostics.md, "Category match")."""
+        if not self.params.category_match:
+            return {}
+        return {"diag_match_map": (("match_label", "match_token"), np.stack(self._label_maps(ctx)))}
+
+    def _label_maps(self, ctx: PlanContext) -> list[np.ndarray]:
+        vocab_size = int(ctx.model_config["vocab_size"])
+        known = vocabulary_labels(ctx.job.data, ctx.tokenizer, vocab_size)
+        return [
+            known[name] if name in known else self._label_map(ctx.eval_data, name, vocab_size)
+            for name in self.params.category_match
+        ]
 
     @staticmethod
     def _label_map(data: EvalData, name: str, vocab_size: int) -> np.ndarray:
@@ -148,7 +152,6 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             doc = f"mean of each diagnostic over the tokens at each value of label {name!r}"
             sizes = {"step": s, "diag_metric": m, f"{name}_value": len(levels)}
             out.append(Variable.of(f"diag_by_{name}", sizes, doc=doc))
-        self._check_names(ctx)
         if self.params.category_match:
             doc = "share of labelled scored tokens whose argmax token has the target's label"
             out.append(

@@ -201,10 +201,16 @@ class HessianBasis(_Curvature[BasisParams]):
             coords["basis_axis"] = np.arange(self.params.axis)
         return coords
 
+    def check(self, ctx: PlanContext) -> None:
+        """The axis basis fits in the selected parameters."""
+        n = self._layout(ctx).size
+        if self.params.axis > n:
+            raise JobSpecError(
+                f"analyses.hessian_basis.axis = {self.params.axis} exceeds the {n} selected parameters"
+            )
+
     def variables(self, ctx: PlanContext) -> list[Variable]:
         p, k, n = self.params, self._size(ctx), self._layout(ctx).size
-        if p.axis > n:
-            raise JobSpecError(f"analyses.hessian_basis.axis = {p.axis} exceeds the {n} selected parameters")
         basis, axis = {"basis": k}, {"basis_axis": p.axis}
         out = self._link_variables(basis, n, shuffled=False)
         if p.shuffled:

@@ -260,10 +260,13 @@ class Polca(Analysis[PolcaParams]):
         dims = {b: BASIS_VARIABLES[b][1] for b in self.params.bases}
         return {b: (dim, int(coords[dim].size)) for b, dim in dims.items()}
 
-    def variables(self, ctx: PlanContext) -> list[Variable]:
+    def check(self, ctx: PlanContext) -> None:
+        """The bases exist in ``hessian_basis`` and there is at least one interval."""
         self._check(ctx)
         if len(ctx.checkpoints) < 2:
             raise JobSpecError("analyses.polca needs at least two checkpoints")
+
+    def variables(self, ctx: PlanContext) -> list[Variable]:
         s = {"step": len(ctx.checkpoints)}
         shared = [
             Variable.of("step_norm", s, doc="‖θ_{t+1} − θ_t‖ over the basis's parameters (last step NaN)"),

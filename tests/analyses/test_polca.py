@@ -336,3 +336,21 @@ def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) 
     assert "each second-order variant explains" in printed and "second_order = 'trapezoid'" in printed
     for basis in ("hessian", "random", "axis"):
         assert f"│ {basis} " in cli.stdout, basis
+
+
+@pytest.mark.parametrize(
+    ("steps", "basis", "message"),
+    [
+        ([0], {"k": 1, "every": 10, "sample_sequences": 4}, "analyses.polca needs at least two checkpoints"),
+        ([0, 10], {"k": 1, "every": 10, "sample_sequences": 4, "axis": 10**9}, r"axis = 10+ exceeds the"),
+    ],
+)
+def test_the_plan_checks_refuse_a_job_that_cannot_run_before_anything_is_written(
+    tmp_path: Path, steps: list[int], basis: dict[str, Any], message: str
+) -> None:
+    run = build_local_run(tmp_path / "run", steps)
+    analyses = {"hessian_basis": basis, "token_loss": {}, "polca": {"bases": ["hessian"]}}
+    job = job_from_dict(job_dict(run, tmp_path / "p.zarr", analyses=analyses), base=tmp_path)
+    with pytest.raises(JobSpecError, match=message):
+        run_job(job)
+    assert not (tmp_path / "p.zarr").exists()
