@@ -32,8 +32,9 @@ def _table_keys(page: str) -> set[str]:
     return {key for cell in rows for key in re.findall(r"`([a-z_0-9]+)`", cell)}
 
 
-def test_every_registered_analysis_has_a_documentation_page() -> None:
-    assert set(registered()) == set(PAGE)
+def test_every_built_in_analysis_has_a_documentation_page() -> None:
+    built_in = {n for n in registered() if get_analysis(n).__module__.startswith("ckpt_analysis.analyses.")}
+    assert built_in == set(PAGE)  # other tests register analyses of their own
 
 
 @pytest.mark.parametrize("name", sorted(PAGE))
