@@ -36,6 +36,11 @@ def _step_axis(ax: Any, steps: np.ndarray) -> None:
         linthresh = max(1.0, float(positive.min()))
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set_xlim(left=-0.2 * linthresh if steps.min() == 0 else None)  # no empty negative half
+        ticks = [0.0] * bool(steps.min() == 0) + list(
+            4.0 ** np.arange(np.ceil(np.log(steps.max()) / np.log(4)) + 1)
+        )
+        ticks = [t for t in ticks if t <= steps.max() * 1.05]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)  # 0, 1, 4, 16, …: readable
     ax.set_xlabel("training step")
 
 
