@@ -70,9 +70,13 @@ def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
 def _eigenvalue_axis(ax: Any, values: np.ndarray) -> None:
     """Linear when the values span less than a decade, log when they are all positive, symmetric
     log (with a threshold at the smallest magnitude) only when some are negative."""
+    from matplotlib.ticker import ScalarFormatter
+
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 10:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 10, 20, 50 rather than 10¹ alone
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_ylabel("Ritz value (log)")
     elif finite.size and finite.min() < 0 and np.abs(finite).max() / max(np.abs(finite).min(), 1e-12) > 10:
         ax.set_yscale("symlog", linthresh=max(float(np.abs(finite[finite != 0]).min(initial=1.0)), 1e-6))
