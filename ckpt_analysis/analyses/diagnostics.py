@@ -148,9 +148,10 @@ class Diagnostics(Analysis[DiagnosticsParams]):
         s, m = len(ctx.checkpoints), len(METRICS)
         grid = {"step": s, "token": ctx.num_tokens, "diag_metric": m}
         out = [Variable.of("diag_token", grid, "float32", doc="loss, entropy, top-1 prob, correct@1, rank")]
-        for name, levels in self._levels(ctx).items():
+        levels = self._levels(ctx)
+        for name, values in levels.items():
             doc = f"mean of each diagnostic over the tokens at each value of label {name!r}"
-            sizes = {"step": s, "diag_metric": m, f"{name}_value": len(levels)}
+            sizes = {"step": s, "diag_metric": m, f"{name}_value": len(values)}
             out.append(Variable.of(f"diag_by_{name}", sizes, doc=doc))
         if self.params.category_match:
             doc = "share of labelled scored tokens whose argmax token has the target's label"
@@ -161,7 +162,7 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             )
         for name in self.params.category_match:
             doc = f"the same share among the tokens at each value of label {name!r} (TRACE's per-tag match)"
-            sizes = {"step": s, f"{name}_value": len(self._levels(ctx)[name])}
+            sizes = {"step": s, f"{name}_value": len(levels[name])}
             out.append(Variable.of(f"diag_match_by_{name}", sizes, doc=doc))
         return out
 

@@ -56,9 +56,7 @@ class Grammar:
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> Grammar:
         """The grammar a tokenizer of :func:`build_tokenizer` spells (the checkpoint knows its corpus)."""
         vocab = tokenizer.get_vocab()
-        words = {
-            c: tuple(sorted(w for w in vocab if w.startswith(c) and w[len(c) :].isdigit())) for c in CLASS_POS
-        }
+        words = {c: tuple(sorted(w for w in vocab if word_class(w) == c)) for c in CLASS_POS}
         missing = [w for w in FUNCTION_WORDS if w not in vocab] + [c for c, w in words.items() if not w]
         if missing:
             raise ValueError(f"the tokenizer is not a grammar tokenizer (it lacks {', '.join(missing[:5])})")
@@ -69,12 +67,17 @@ class Grammar:
         return [*FUNCTION_WORDS, *(w for c in CLASS_POS for w in self.words[c])]
 
 
+def word_class(word: str) -> str | None:
+    """The content-word class a word is spelled in (``<class><index>``), else None."""
+    return next((c for c in CLASS_POS if word.startswith(c) and word[len(c) :].isdigit()), None)
+
+
 def word_pos(word: str) -> int:
     """A word's part of speech (index into :data:`POS`) from the lexicon's spelling; −1 for a word
     outside the grammar (a special token)."""
     if word in FUNCTION_WORDS:
         return POS.index("det" if word in DETERMINERS else "prep" if word in PREPOSITIONS else "punct")
-    kind = next((c for c in CLASS_POS if word.startswith(c) and word[len(c) :].isdigit()), None)
+    kind = word_class(word)
     return POS.index(CLASS_POS[kind]) if kind else -1
 
 
