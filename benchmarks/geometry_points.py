@@ -3,8 +3,10 @@
 On TRACE's grammar scale (128 sequences × 32 scored positions × width 64, a 2-layer GPTNeoX, 2
 layers of ``resid_post``) it runs ``geometry`` with ``points = "token"`` (2000 sampled tokens),
 ``"sequence"`` (each sequence flattened to 32 × 64 = 2048 dimensions) and ``"mean"`` on the same
-checkpoints, and prints each kind's median seconds per unit (from the sidecars) and the
-difference to the token kind: the bar is that sequence points add at most 2 s per unit.
+checkpoints, then both token and sequence points in one job (``points = ["token", "sequence"]``,
+as jobs/trace_parity.toml measures them), and prints each setting's median seconds per unit (from
+the sidecars) and the difference to the token kind: the bar is that sequence points add at most
+2 s per unit.
 
 Run: ``python benchmarks/geometry_points.py`` (about a minute on 2 cores).
 """
@@ -23,7 +25,7 @@ from ckpt_analysis.run import run_job
 from ckpt_analysis.zoo.train import tiny_gpt_neox
 
 CHECKPOINTS, SEQUENCES, LENGTH, VOCAB = 6, 128, 33, 256
-KINDS = ("token", "sequence", "mean")
+KINDS: tuple[str | list[str], ...] = ("token", "sequence", "mean", ["token", "sequence"])
 
 
 def unit_seconds(store: Path) -> list[float]:
@@ -40,9 +42,10 @@ def main() -> None:
         data = write_ids(tmp / "ids.jsonl", sequences=SEQUENCES, length=LENGTH, vocab=VOCAB)
         rows, medians = [], {}
         for kind in KINDS:
+            name = kind if isinstance(kind, str) else " + ".join(kind)
             raw = {
-                "name": f"geometry-{kind}",
-                "output": str(tmp / f"{kind}.zarr"),
+                "name": f"geometry-{len(rows)}",
+                "output": str(tmp / f"{len(rows)}.zarr"),
                 "checkpoints": {"source": "local", "path": str(tmp / "run")},
                 "data": {"source": "dataset", "path": str(data), "ids_column": "ids", "seq_len": LENGTH}
                 | {"token_text": False},
@@ -50,9 +53,9 @@ def main() -> None:
                 "compute": {"workers": 1, "batch_size": SEQUENCES},
             }
             assert all(o.ok for o in run_job(job_from_dict(raw, base=tmp)))
-            seconds = unit_seconds(tmp / f"{kind}.zarr")
-            medians[kind] = statistics.median(seconds)
-            rows.append([kind, str(len(seconds)), f"{medians[kind]:.3f}"])
+            seconds = unit_seconds(tmp / f"{len(rows)}.zarr")
+            medians[name] = statistics.median(seconds)
+            rows.append([name, str(len(seconds)), f"{medians[name]:.3f}"])
         for row in rows:
             row.append(f"{medians[row[0]] - medians['token']:+.3f}")
         print(machine())

@@ -251,11 +251,15 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             raise JobSpecError(f"{where} = {value!r} is not valid; choose one of: {valid}")
         return value
     if origin in (Union, types.UnionType):
+        errors: list[JobSpecError] = []
         for arm in get_args(hint):
             try:
                 return _check_type(value, arm, where)
-            except JobSpecError:
-                continue
+            except JobSpecError as error:
+                errors.append(error)
+        shaped = [e for a, e in zip(get_args(hint), errors, strict=True) if _same_shape(value, a)]
+        if len(shaped) == 1:  # e.g. a bad string where a Literal or a list of them is allowed
+            raise shaped[0]
         raise JobSpecError(f"{where} = {value!r} has the wrong type (expected {hint})")
     if origin is list:
         (item,) = get_args(hint)
@@ -273,6 +277,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise JobSpecError(f"{where} = {value!r} must be {hint.__name__}")
     return value
+
+
+def _same_shape(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is a list exactly when ``hint`` is one, so that arm's error is the one."""
+    return isinstance(value, list) == (get_origin(hint) is list)
 
 
 def to_toml(job: dict[str, Any]) -> str:

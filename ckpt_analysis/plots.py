@@ -122,39 +122,47 @@ def _residual_colour(site: str, layer: int) -> str:
 def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
     plt = pyplot()
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import ScalarFormatter
 
-    sites = ds.geom_site.values.tolist()
-    kind = ds.geom_twonn.attrs.get("points", "token")
-    fig, axes = plt.subplots(1, len(sites), figsize=(max(5.0, 4.2 * len(sites)), 3.8), squeeze=False)
+    sites, kinds = ds.geom_site.values.tolist(), ds.point_kind.values.tolist()
+    fig, axes = plt.subplots(
+        len(kinds), len(sites), figsize=(max(5.0, 4.2 * len(sites)), 3.8 * len(kinds)), squeeze=False
+    )
     key = [
         Line2D([], [], color="k", label="TwoNN"),
         Line2D([], [], color="k", linestyle="--", label="PCA 90 %"),
     ]
-    for ax, site in zip(axes[0], sites, strict=True):
-        part = ds.sel(geom_site=site)
-        for layer in ds.layer.values.tolist():
-            colour = _residual_colour(site, layer)
-            ax.plot(
-                ds.step, part.geom_twonn.sel(layer=layer), marker=".", color=colour, label=f"layer {layer}"
-            )
-            pca = part.geom_pca_dim.sel(layer=layer, pca_fraction=0.9)
-            ax.plot(ds.step, pca, linestyle="--", color=colour)
-        ax.set_title(site)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())  # 4, 10, 20 rather than 4×10⁰
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
-        _step_axis(ax, ds.step.values)
-        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *key], fontsize=7)
-    axes[0][0].set_ylabel("dimension (log)")
+    for row, kind in zip(axes, kinds, strict=True):
+        for ax, site in zip(row, sites, strict=True):
+            _geometry_panel(ax, ds.sel(point_kind=kind, geom_site=site), site)
+            ax.set_title(f"{site}, {kind} points", fontsize=9)
+            ax.legend(handles=[*ax.get_legend_handles_labels()[0], *key], fontsize=7)
+        row[0].set_ylabel("dimension (log)")
     fig.suptitle(
-        f"Intrinsic dimension, {kind} points\n(one colour per residual-stream position)", fontsize=10
+        f"Intrinsic dimension of {', '.join(kinds)} points\n(one colour per residual-stream position)",
+        fontsize=10,
     )
     caption = (
-        f"Intrinsic dimension over training, per layer: solid, TwoNN on the {kind} sample (gaps: every "
-        "sampled vector a duplicate); dashed, principal components for 90 % of the variance."
+        "Intrinsic dimension over training, per layer and point kind (token: one scored token; "
+        "sequence: a sequence's positions flattened, TRACE's; mean: their mean): solid, TwoNN (gaps: "
+        "every sampled vector a duplicate); dashed, principal components for 90 % of the variance."
     )
     return [Figure(save_figure(fig, out / "geometry.png"), caption)]
+
+
+def _geometry_panel(ax: Any, part: xr.Dataset, site: str) -> None:
+    """One point kind and site: TwoNN (solid) and PCA 90 % (dashed) per layer, on log axes."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for layer in part.layer.values.tolist():
+        colour = _residual_colour(site, layer)
+        twonn = part.geom_twonn.sel(layer=layer)
+        ax.plot(part.step, twonn, marker=".", color=colour, label=f"layer {layer}")
+        pca = part.geom_pca_dim.sel(layer=layer, pca_fraction=0.9)
+        ax.plot(part.step, pca, linestyle="--", color=colour)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # 4, 10, 20 rather than 4×10⁰
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    _step_axis(ax, part.step.values)
 
 
 def _level(ds: xr.Dataset, label: str, value: int) -> str:

@@ -36,8 +36,6 @@ class Variable:
     chunks: tuple[int, ...]
     fill: float | int
     doc: str = ""
-    attrs: tuple[tuple[str, str], ...] = ()
-    """Further attributes stored on the array beside its ``description`` (e.g. geometry's point kind)."""
 
     def __post_init__(self) -> None:
         if not len(self.dims) == len(self.shape) == len(self.chunks):
@@ -58,7 +56,6 @@ class Variable:
         chunk: Mapping[str, int] | None = None,
         fill: float | int | None = None,
         doc: str = "",
-        attrs: Mapping[str, str] | None = None,
     ) -> Variable:
         """Declare a variable by ``{dim: size}``, in dimension order.
 
@@ -80,7 +77,6 @@ class Variable:
             chunks=chunks,
             fill=default if fill is None else fill,
             doc=doc,
-            attrs=tuple((attrs or {}).items()),
         )
 
 

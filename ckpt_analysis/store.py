@@ -373,8 +373,7 @@ def create_store(
     encoding: dict[str, dict[str, Any]] = {n: {"compressors": [Crc32cCodec()]} for n in [*tables, *coords]}
     for var in variables:
         lazy = da.full(var.shape, var.fill, dtype=var.dtype, chunks=var.chunks)
-        attrs = {**({"description": var.doc} if var.doc else {}), **dict(var.attrs)}
-        data_vars[var.name] = (var.dims, lazy, attrs)
+        data_vars[var.name] = (var.dims, lazy, {"description": var.doc} if var.doc else {})
         encoding[var.name] = {"chunks": var.chunks, "fill_value": var.fill, "compressors": [Crc32cCodec()]}
     ds = xr.Dataset(data_vars, coords={n: (dims, v) for n, (dims, v) in coords.items()})
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

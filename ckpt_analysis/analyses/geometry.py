@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from ckpt_analysis.analyses.covariance import Covariance, participation_ratio
 from ckpt_analysis.config import require_distinct
@@ -87,8 +88,9 @@ class GeometryParams:
     """``[analyses.geometry]`` options."""
 
     sites: list[Site] = field(default_factory=lambda: ["resid_post"])
-    points: Points = "token"
-    """What one point is: a scored token, a whole sequence flattened (TRACE's), or its mean."""
+    points: Points | list[Points] = "token"
+    """What one point is: a scored token, a whole sequence flattened (TRACE's), or its mean; a
+    list measures each kind, along the ``point_kind`` dimension."""
     sample_tokens: int = 2000
     sample_sequences: int = 128
     """``points = "sequence"`` or ``"mean"``: sequences in the seeded sample, all of one length."""
@@ -97,6 +99,7 @@ class GeometryParams:
 
     def __post_init__(self) -> None:
         require_distinct(self.sites, "analyses.geometry.sites")
+        require_distinct(self.kinds, "analyses.geometry.points")
         for key in ("sample_tokens", "sample_sequences"):
             if getattr(self, key) < 3:
                 raise JobSpecError(f"analyses.geometry.{key} = {getattr(self, key)} must be at least 3")
@@ -105,16 +108,22 @@ class GeometryParams:
                 f"analyses.geometry.discard_fraction = {self.discard_fraction} must be in [0, 1)"
             )
 
+    @property
+    def kinds(self) -> list[Points]:
+        """The point kinds measured, in the order of the ``point_kind`` coordinate."""
+        return [self.points] if isinstance(self.points, str) else list(self.points)
+
 
 @register
 class Geometry(Analysis[GeometryParams]):
-    """TwoNN, PCA dimensions and participation ratio over (step, geom_site, layer), one unit per
-    checkpoint, on the same seeded sample of scored tokens at every checkpoint."""
+    """TwoNN, PCA dimensions and participation ratio over (step, point_kind, geom_site, layer), one
+    unit per checkpoint, on the same seeded sample of each point kind at every checkpoint."""
 
     name = "geometry"
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         return {
+            "point_kind": np.array(self.params.kinds, dtype=object),
             "geom_site": np.array(self.params.sites, dtype=object),
             "pca_fraction": np.array(PCA_FRACTIONS),
         }
@@ -122,26 +131,21 @@ class Geometry(Analysis[GeometryParams]):
     def variables(self, ctx: PlanContext) -> list[Variable]:
         grid = {
             "step": len(ctx.checkpoints),
+            "point_kind": len(self.params.kinds),
             "geom_site": len(self.params.sites),
             "layer": int(ctx.model_config["num_hidden_layers"]),
         }
-        kind = {"points": self.params.points}
         return [
-            Variable.of("geom_twonn", grid, doc="TwoNN intrinsic dimension of the sample", attrs=kind),
-            Variable.of(
-                "geom_twonn_dropped", grid, "int64", doc="points dropped: nearest neighbour at 0", attrs=kind
-            ),
+            Variable.of("geom_twonn", grid, doc="TwoNN intrinsic dimension of the sample"),
+            Variable.of("geom_twonn_dropped", grid, "int64", doc="points dropped: nearest neighbour at 0"),
             Variable.of(
                 "geom_pca_dim",
                 {**grid, "pca_fraction": len(PCA_FRACTIONS)},
                 "int64",
                 doc="principal components for 90 % / 95 % of the variance",
-                attrs=kind,
             ),
-            Variable.of("geom_participation", grid, doc="participation ratio (tr Σ)² / tr Σ²", attrs=kind),
-            Variable.of(
-                "geom_points", grid, "int64", doc="points (tokens or sequences) in the sample", attrs=kind
-            ),
+            Variable.of("geom_participation", grid, doc="participation ratio (tr Σ)² / tr Σ²"),
+            Variable.of("geom_points", grid, "int64", doc="points (tokens or sequences) in the sample"),
         ]
 
     def units(self, ctx: PlanContext) -> list[Unit]:
@@ -152,12 +156,12 @@ class Geometry(Analysis[GeometryParams]):
         return [replace(u, deps=(f"{Covariance.name}/{u.key}",)) for u in units]
 
     def _reused_sites(self, ctx: PlanContext | UnitContext) -> dict[Site, int]:
-        """Sites whose PCA numbers come from the job's stored ``covariance`` matrix (docs/geometry.md,
-        "Reusing covariance"), with their index along its ``site`` axis: those it covers over the
-        same scored tokens, when it is listed before ``geometry`` and the points are tokens."""
+        """Sites whose token-point PCA numbers come from the job's stored ``covariance`` matrix
+        (docs/geometry.md, "Reusing covariance"), with their index along its ``site`` axis: those it
+        covers over the same scored tokens, when it is listed before ``geometry``."""
         names = list(ctx.job.analyses)
         if (
-            self.params.points != "token"
+            "token" not in self.params.kinds
             or Covariance.name not in names
             or names.index(Covariance.name) > names.index(self.name)
         ):
@@ -167,10 +171,10 @@ class Geometry(Analysis[GeometryParams]):
             return {}
         return {site: cov.sites.index(site) for site in self.params.sites if site in cov.sites}
 
-    def sample(self, ctx: PlanContext | UnitContext) -> np.ndarray:
+    def sample(self, ctx: PlanContext | UnitContext, kind: Points) -> np.ndarray:
         """``(sequences, positions)`` mask of the sampled scored tokens, or with sequence points of
         every scored position of the sampled sequences: the same at every checkpoint."""
-        if self.params.points != "token":
+        if kind != "token":
             return self._sequence_sample(ctx.eval_data.score_mask)
         seq, pos = ctx.eval_data.token_index
         rng = np.random.default_rng(self.params.seed)
@@ -194,10 +198,31 @@ class Geometry(Analysis[GeometryParams]):
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
-        data, sites = ctx.eval_data, tuple(self.params.sites)
-        sample = self.sample(ctx)
+        model = ctx.load_model(unit.checkpoint)
+        reused = self._reused_sites(ctx)
+        stored = ctx.read("act_cov", rows=slice(unit.checkpoint, unit.checkpoint + 1))[0] if reused else None
+        grid = [self._measure_kind(model, ctx, kind, reused, stored) for kind in self.params.kinds]
+        names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
+        return [
+            Write(
+                name, (unit.checkpoint,), np.array([[[c[k] for c in row] for row in rows] for rows in grid])
+            )
+            for k, name in enumerate(names)
+        ]
+
+    def _measure_kind(
+        self,
+        model: PreTrainedModel,
+        ctx: UnitContext,
+        kind: Points,
+        reused: dict[Site, int],
+        stored: np.ndarray | None,
+    ) -> list[list[tuple[float, int, list[int], float, int]]]:
+        """One point kind's measures per (site, layer), on that kind's sample; token points take
+        the stored covariance of the ``reused`` sites."""
+        data, sites, sample = ctx.eval_data, tuple(self.params.sites), self.sample(ctx, kind)
         acts = activations_at(
-            ctx.load_model(unit.checkpoint),
+            model,
             sites,
             data.input_ids,
             data.attention_mask,
@@ -205,21 +230,15 @@ class Geometry(Analysis[GeometryParams]):
             batch_size=ctx.job.compute.batch_size,
             dtype=torch.float64,
         )
-        layers = int(ctx.model_config["num_hidden_layers"])
-        reused = self._reused_sites(ctx)
-        stored = ctx.read("act_cov", rows=slice(unit.checkpoint, unit.checkpoint + 1))[0] if reused else None
+        sequences = int(sample.any(axis=1).sum())
 
         def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
-            cov = None if stored is None or site not in reused else stored[reused[site], layer]
-            points = sequence_points(acts[(site, layer)], int(sample.any(axis=1).sum()), self.params.points)
-            return self._measure(points, cov)
+            reuse = stored is not None and kind == "token" and site in reused
+            cov = stored[reused[site], layer] if reuse and stored is not None else None
+            return self._measure(sequence_points(acts[(site, layer)], sequences, kind), cov)
 
-        grid = [[measure(s, i) for i in range(layers)] for s in sites]
-        names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
-        return [
-            Write(name, (unit.checkpoint,), np.array([[cell[k] for cell in row] for row in grid]))
-            for k, name in enumerate(names)
-        ]
+        layers = int(ctx.model_config["num_hidden_layers"])
+        return [[measure(s, i) for i in range(layers)] for s in sites]
 
     def _measure(
         self, points: torch.Tensor, cov: np.ndarray | None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from builders import build_local_run, independent_activations, job_dict
 
-from ckpt_analysis.analyses.geometry import Geometry, nearest_two, pca_dimension, two_nn
+from ckpt_analysis.analyses.geometry import Geometry, Points, nearest_two, pca_dimension, two_nn
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.errors import JobSpecError
@@ -71,8 +71,9 @@ def test_stored_geometry_equals_a_recomputation_from_independent_activations(tmp
     geometry = Geometry.from_spec(analyses["geometry"])
     from ckpt_analysis.plan import make_plan
 
-    mask = geometry.sample(make_plan(job).context)
+    mask = geometry.sample(make_plan(job).context, "token")
     assert mask.sum() == 150
+    ds = ds.sel(point_kind="token")
     embedded = ds.sel(geom_site="resid_pre", layer=0).isel(step=1)  # one vector per vocabulary digit
     assert int(embedded.geom_twonn_dropped) > 100 and int(embedded.geom_points) == 150
     acts = independent_activations(model, make_plan(job).eval_data.input_ids)
@@ -102,7 +103,7 @@ def test_pca_numbers_reuse_the_stored_covariance_of_every_scored_token(tmp_path:
     units = {u.id: u for u in make_plan(job).units}
     assert units["geometry/step=10"].deps == ("covariance/step=10",)
     assert all(o.ok for o in run_job(job))
-    ds = open_results(job.output)
+    ds = open_results(job.output).sel(point_kind="token")
     cov = ds.act_cov.sel(site="resid_post").isel(step=1).values  # all 256 answer digits, not the 40
     for layer in range(2):
         eig = np.linalg.eigvalsh(cov[layer])
@@ -122,9 +123,9 @@ def test_geometry_options_are_checked() -> None:
         Geometry.from_spec({"discard_fraction": 1.0})
 
 
-@pytest.mark.parametrize("kind", ["token", "sequence", "mean"])
+@pytest.mark.parametrize("kinds", [["token"], ["sequence"], ["mean"], ["mean", "token", "sequence"]])
 def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independent_activations(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kinds: list[Points]
 ) -> None:
     import skdim
     from scipy.spatial.distance import cdist
@@ -134,7 +135,7 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
     run = build_local_run(tmp_path / "run", [0, 10])
     options = {
         "sites": ["resid_post"],
-        "points": kind,
+        "points": kinds[0] if len(kinds) == 1 else kinds,
         "sample_sequences": 40,
         "sample_tokens": 120,
         "seed": 3,
@@ -144,32 +145,44 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
     job = job_from_dict(raw, base=tmp_path)
     assert all(o.ok for o in run_job(job))
     ds = open_results(job.output)
+    assert ds.point_kind.values.tolist() == kinds
     source = CheckpointSource.from_spec(job.checkpoints)
     plan = make_plan(job)
-    mask = Geometry.from_spec(options).sample(plan.context)
-    chosen = mask.any(axis=1)
     acts = independent_activations(
         source.load(source.checkpoints()[1], attn="eager"), plan.eval_data.input_ids
     )
-    for layer in range(2):
-        cells = acts["resid_post"][layer][chosen][:, mask[chosen][0]]  # (sequences, 4 answer digits, hidden)
-        points = {
-            "token": acts["resid_post"][layer][mask],
-            "sequence": cells.reshape(len(cells), -1),
-            "mean": cells.mean(axis=1),
-        }[kind]
-        got = ds.sel(geom_site="resid_post", layer=layer).isel(step=1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            distances = cdist(points, points)  # exact: scipy computes differences
-            np.fill_diagonal(distances, np.inf)
-            expected = skdim.id.TwoNN(dist=True).fit(np.sort(distances, axis=1)[:, :2]).dimension_
-        assert float(got.geom_twonn) == pytest.approx(expected, rel=1e-6)
-        assert int(got.geom_points) == len(points) == (120 if kind == "token" else 40)
-        eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))  # d × d even where d > points
-        assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
-        assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-6)
-    assert ds.geom_twonn.attrs["points"] == kind == ds.geom_points.attrs["points"]
+    for kind in kinds:
+        mask = Geometry.from_spec(options).sample(plan.context, kind)
+        chosen = mask.any(axis=1)
+        for layer in range(2):
+            cells = acts["resid_post"][layer][chosen][
+                :, mask[chosen][0]
+            ]  # (sequences, 4 answer digits, hidden)
+            points = {
+                "token": acts["resid_post"][layer][mask],
+                "sequence": cells.reshape(len(cells), -1),
+                "mean": cells.mean(axis=1),
+            }[kind]
+            got = ds.sel(point_kind=kind, geom_site="resid_post", layer=layer).isel(step=1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                distances = cdist(points, points)  # exact: scipy computes differences
+                np.fill_diagonal(distances, np.inf)
+                expected = skdim.id.TwoNN(dist=True).fit(np.sort(distances, axis=1)[:, :2]).dimension_
+            assert float(got.geom_twonn) == pytest.approx(expected, rel=1e-6)
+            assert int(got.geom_points) == len(points) == (120 if kind == "token" else 40)
+            eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))  # d × d even where d > points
+            assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
+            assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-6)
+
+
+def test_point_kinds_are_checked() -> None:
+    with pytest.raises(JobSpecError, match=r"points\[1\] = 'words' is not valid; choose one of: 'token'"):
+        Geometry.from_spec({"points": ["token", "words"]})
+    with pytest.raises(JobSpecError, match=r"points = 'words' is not valid; choose one of"):
+        Geometry.from_spec({"points": "words"})
+    with pytest.raises(JobSpecError, match=r"points names mean more than once"):
+        Geometry.from_spec({"points": ["mean", "mean"]})
 
 
 def test_sequence_points_take_sequences_of_the_commonest_scored_length_only() -> None:
