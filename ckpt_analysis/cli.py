@@ -1,29 +1,28 @@
-"""The ``ckpt-analysis`` command line: run, plan, submit, status, show, read results, toy models, demo."""
+"""The ``ckpt-analysis`` command line: run, plan, submit, status, show, read results; it mounts the
+toy-model commands and the demo from ``zoo/cli.py``."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ParamSpec
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ckpt_analysis.cli_support import ForceOpt, JobArg, OutputOpt, StoreArg, out, reports_errors
 from ckpt_analysis.config import DataSpec, JobSpec
 from ckpt_analysis.errors import CkptAnalysisError, DataError
 from ckpt_analysis.types import ExecutorKind
-from ckpt_analysis.zoo import ONEHOT_DEMO_STEPS
+from ckpt_analysis.zoo.cli import app as zoo_app
 
 if TYPE_CHECKING:
     from ckpt_analysis.execute import Outcome
 
-Params = ParamSpec("Params")
 log = logging.getLogger(__name__)
 
 app = typer.Typer(
@@ -37,15 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide tables
-JobArg = Annotated[Path, typer.Argument(help="Job spec (TOML); see docs/jobs.md and jobs/.")]
-StoreArg = Annotated[Path, typer.Argument(help="A results store (the job's `output`).")]
-OutputOpt = Annotated[
-    str | None, typer.Option("--output", "-o", help="Override the job's output store path.")
-]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Recompute done units; replace a store of another spec.")
-]
+app.add_typer(zoo_app)  # train-onehot, train-arithmetic, train-grammar, demo
 
 
 @app.callback()
@@ -97,26 +88,8 @@ def _offline_if_cached(spec: JobSpec) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def _fail(exc: CkptAnalysisError) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-    return typer.Exit(2)
-
-
-def _reports_errors(command: Callable[Params, None]) -> Callable[Params, None]:
-    """A command whose bad input (any CkptAnalysisError) is one red line on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def run_command(*args: Params.args, **kwargs: Params.kwargs) -> None:
-        try:
-            command(*args, **kwargs)
-        except CkptAnalysisError as exc:
-            raise _fail(exc) from exc
-
-    return run_command
-
-
 @app.command()
-@_reports_errors
+@reports_errors
 def run(
     job: JobArg,
     output: OutputOpt = None,
@@ -162,7 +135,7 @@ def _report_outcomes(store: str, outcomes: list[Outcome]) -> None:
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def watch(
     job: JobArg,
     output: OutputOpt = None,
@@ -202,7 +175,7 @@ def watch(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def plan(
     job: JobArg,
     output: OutputOpt = None,
@@ -287,7 +260,7 @@ def _size(value: float | None, unit: int) -> str:
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def submit(
     job: JobArg,
     output: OutputOpt = None,
@@ -325,7 +298,7 @@ def submit(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def resubmit(
     store: StoreArg,
     dry_run: Annotated[
@@ -360,7 +333,7 @@ def resubmit(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def status(
     store: StoreArg,
     check: Annotated[
@@ -389,7 +362,7 @@ def status(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def verify(
     store: StoreArg,
     fix: Annotated[
@@ -437,7 +410,7 @@ def _verify(store: Path, *, fix: bool) -> bool:
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def show(store: StoreArg) -> None:
     """Describe a store: job, dimensions, variables and unit progress."""
     from ckpt_analysis.store import open_results, store_meta, unit_states
@@ -459,7 +432,7 @@ def show(store: StoreArg) -> None:
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def clusters(
     store: StoreArg,
     trajectory: Annotated[
@@ -502,7 +475,7 @@ def clusters(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def validity(
     store: StoreArg,
     plot: Annotated[
@@ -539,7 +512,7 @@ def validity(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def plot(
     store: StoreArg,
     out_dir: Annotated[
@@ -563,7 +536,7 @@ def plot(
 
 
 @app.command()
-@_reports_errors
+@reports_errors
 def alignment(
     store: StoreArg,
     plot: Annotated[Path | None, typer.Option(help="Also write the score trajectories as a PNG.")] = None,
@@ -587,155 +560,8 @@ def alignment(
         out.print(f"plot: {plot_alignment({store.stem: ds}, plot)}", highlight=False)
 
 
-@app.command("train-onehot")
-@_reports_errors
-def train_onehot(
-    job: JobArg,
-    lr: Annotated[float, typer.Option(help="Step size η of full-batch gradient descent.")] = 0.1,
-    steps: Annotated[int, typer.Option(help="Gradient steps from zero initialisation.")] = ONEHOT_DEMO_STEPS,
-    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 5,
-    layers: Annotated[int, typer.Option(help="Attention layers.")] = 1,
-) -> None:
-    """Train the leading-term paper's attention-only one-hot model (its Def. 3.1) on a job's
-    topics corpus, writing checkpoint-<step> folders into the job's checkpoints.path.
-
-    The vocabulary is the job's analyses.corpus_stats.vocab_size. Small η keeps the weights
-    on their leading terms (cosines ≥ 0.99); larger η shows the drift. Then `ckpt-analysis run`."""
-    from ckpt_analysis.analyses.leading_terms import onehot_training_corpus
-    from ckpt_analysis.config import load_job
-    from ckpt_analysis.zoo.onehot import GDConfig
-    from ckpt_analysis.zoo.onehot import train_onehot as train
-
-    spec = load_job(job)
-    ids, vocab = onehot_training_corpus(spec)
-    config = GDConfig(lr=lr, steps=steps, save_every=save_every, num_layers=layers)
-    train(ids, vocab, Path(str(spec.checkpoints.path)), config)
-    out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
-
-
-def _run_folder(spec: JobSpec, job: Path) -> Path:
-    """Where a trainer writes a job's checkpoints: its local ``checkpoints.path``."""
-    if spec.checkpoints.source != "local":
-        raise CkptAnalysisError(f"{job}: checkpoints.source must be 'local' to train into checkpoints.path")
-    return Path(str(spec.checkpoints.path))
-
-
-@app.command("train-arithmetic")
-@_reports_errors
-def train_arithmetic(
-    job: JobArg,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 600,
-    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 20,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (the POLCA paper: 1e-5).")] = 3e-3,
-    batch_size: Annotated[int, typer.Option(help="Fresh problems per step (the paper: 64).")] = 128,
-    paper_optimiser: Annotated[
-        bool,
-        typer.Option(help="The POLCA paper's AdamW: betas (0.9, 0.95), weight decay 0.1, 100 warm-up steps."),
-    ] = False,
-    hidden_size: Annotated[int, typer.Option(help="Model width (the paper: 512).")] = 64,
-    layers: Annotated[int, typer.Option(help="Transformer layers (the paper: 3).")] = 2,
-    heads: Annotated[int, typer.Option(help="Attention heads (the paper: 8).")] = 4,
-    seed: Annotated[int, typer.Option(help="Initialisation and training-problem seed.")] = 0,
-) -> None:
-    """Train a small GPTNeoX on a job's arithmetic task (data.source = "addition" or
-    "subtraction"), writing checkpoint-<step> folders into the job's checkpoints.path.
-
-    Every step draws fresh problems; the answer digits are the loss. The defaults are the demo's
-    run; jobs/polca_small_steps.toml gives the small-step settings. Then `ckpt-analysis run`."""
-    from ckpt_analysis.config import load_job
-    from ckpt_analysis.zoo.train import TrainConfig, with_paper_optimiser
-    from ckpt_analysis.zoo.train import train_arithmetic as train
-
-    spec = load_job(job)
-    task = spec.data.source
-    if task != "addition" and task != "subtraction":
-        raise CkptAnalysisError(
-            f"{job}: data.source = {task!r}; train-arithmetic trains 'addition' or 'subtraction'"
-        )
-    config = TrainConfig(
-        task=task,
-        steps=steps,
-        save_every=save_every,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        hidden_size=hidden_size,
-        num_layers=layers,
-        num_heads=heads,
-        device=spec.checkpoints.device,
-    )
-    if paper_optimiser:
-        config = with_paper_optimiser(config)
-    accuracy = train(_run_folder(spec, job), config)
-    out.print(
-        f"answer-digit accuracy {accuracy:.3f}; checkpoints in {spec.checkpoints.path}; "
-        f"next: ckpt-analysis run {job}",
-        highlight=False,
-    )
-
-
-@app.command("train-grammar")
-@_reports_errors
-def train_grammar(
-    job: JobArg,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
-    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 100,
-    early_saves: Annotated[
-        bool, typer.Option(help="Also save at steps 1, 2, 4, 8, … below --save-every.")
-    ] = True,
-    vocab_size: Annotated[int, typer.Option(help="Words in the grammar (TRACE: 7,910).")] = 1000,
-    noise: Annotated[float, typer.Option(help="Chance a content word is swapped for a random one.")] = 0.0,
-    train_sequences: Annotated[
-        int, typer.Option(help="Packed training sequences of data.seq_len words (6000 × 32 ≈ 25K sentences).")
-    ] = 6000,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (TRACE: 1e-3).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step (TRACE: 128).")] = 128,
-    hidden_size: Annotated[int, typer.Option(help="Model width.")] = 64,
-    layers: Annotated[int, typer.Option(help="Transformer layers (TRACE: 2).")] = 2,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    seed: Annotated[int, typer.Option(help="Initialisation, training corpus and batch-order seed.")] = 0,
-) -> None:
-    """Train a small GPTNeoX on the annotated grammar corpus (a job with data.source = "grammar"),
-    writing checkpoint-<step> folders into the job's checkpoints.path.
-
-    The training corpus is fixed and seeded (the job's data.seed draws the analysed sequences,
-    which the model never trains on when it differs from --seed). Then `ckpt-analysis run`."""
-    from ckpt_analysis.config import load_job
-    from ckpt_analysis.zoo.train import GrammarTrainConfig
-    from ckpt_analysis.zoo.train import train_grammar as train
-
-    spec = load_job(job)
-    if spec.data.source != "grammar":
-        raise CkptAnalysisError(f"{job}: data.source = {spec.data.source!r}; train-grammar trains 'grammar'")
-    config = GrammarTrainConfig(
-        vocab_size=vocab_size,
-        seq_len=spec.data.seq_len,
-        noise=noise,
-        train_sequences=train_sequences,
-        steps=steps,
-        save_every=save_every,
-        early_saves=early_saves,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        hidden_size=hidden_size,
-        num_layers=layers,
-        num_heads=heads,
-        device=spec.checkpoints.device,
-    )
-    try:
-        loss = train(_run_folder(spec, job), config)
-    except ValueError as exc:
-        raise CkptAnalysisError(f"{job}: {exc}") from exc
-    out.print(
-        f"held-out next-token loss {loss:.3f}; checkpoints in {spec.checkpoints.path}; "
-        f"next: ckpt-analysis run {job}",
-        highlight=False,
-    )
-
-
 @app.command()
-@_reports_errors
+@reports_errors
 def prefetch(job: JobArg) -> None:
     """Download a job's Hub revisions (config, weights, tokenizer) into checkpoints.cache_dir, and
     a Hub dataset named by data.path into data.cache_dir, for a later offline run.
@@ -772,48 +598,3 @@ def _prefetch_dataset(data: DataSpec) -> list[str]:
         return [str(data.path)]
     out.print(f"dataset {data.path} cached in {datasets_cache(data)}", highlight=False)
     return []
-
-
-@app.command()
-@_reports_errors
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the run, job files, stores and plots go.")] = Path(
-        "demo_out"
-    ),
-    steps: Annotated[int, typer.Option(help="Training steps of the tiny model.")] = 600,
-    save_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 20,
-    force: ForceOpt = False,
-) -> None:
-    """Offline demo: train a tiny GPTNeoX on 3-digit addition, sweep activation covariances, then run
-    POLCA (Hessian basis, projections, HDBSCAN clusters) and its baselines, printing carry scores;
-    last, train the leading-term paper's one-hot model at two step sizes and show how its weights
-    align with the corpus-statistics predictions."""
-    from ckpt_analysis.report import (
-        carry_scores_table,
-        chosen_second_order,
-        conservation_table,
-        onehot_alignment_table,
-        variance_table,
-    )
-    from ckpt_analysis.zoo.demo import run_demo
-    from ckpt_analysis.zoo.train import TrainConfig
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run_demo(workdir, train=TrainConfig(steps=steps, save_every=save_every), force=force)
-    out.print(variance_table(result.steps, result.total_variance, result.participation))
-    out.print(carry_scores_table(result.scores))
-    out.print(conservation_table(result.explained, chosen_second_order(result.polca_store)))
-    out.print(f"final answer-digit accuracy {result.accuracy:.3f}")
-    out.print(onehot_alignment_table(result.alignment))
-    out.print(
-        f"stores: {result.covariance_store}, {result.polca_store}; plots: "
-        f"{', '.join(str(p) for p in result.plots) or 'none (no clusters found)'}",
-        highlight=False,
-    )
-    out.print(
-        f'query it: python -c "import ckpt_analysis as ca; '
-        f"print(ca.open_results('{result.polca_store}').cluster_label)\"",
-        highlight=False,
-    )
-    if any(not o.ok for o in result.outcomes):
-        raise typer.Exit(1)
