@@ -26,7 +26,7 @@ from common import SCORE_HEADER, score_rows, table
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.report import plot_clusters, pyplot
+from ckpt_analysis.plots import plot_clusters, pyplot
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import train_or_reuse

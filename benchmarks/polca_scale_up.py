@@ -46,7 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
 from ckpt_analysis.estimate import estimate
-from ckpt_analysis.report import plot_validity
+from ckpt_analysis.plots import plot_validity
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import polca_job, train_or_reuse

@@ -487,11 +487,11 @@ def validity(
     (docs/polca.md, "Per-interval validity"). An error near or above 1 means the expansion does
     not hold over that interval: checkpoints too far apart for the step size. Last, per basis, the
     fraction of the whole run's loss change each variant explains (1 = conserved)."""
+    from ckpt_analysis.plots import plot_validity
     from ckpt_analysis.report import (
         chosen_second_order,
         conservation,
         conservation_table,
-        plot_validity,
         validity_rows,
     )
     from ckpt_analysis.store import open_results
@@ -545,7 +545,8 @@ def alignment(
     at
     step 0 (the null), its range over later steps, the final score, and the final score against
     statistics of the token-shuffled corpus (the other null)."""
-    from ckpt_analysis.report import alignment_table, plot_alignment
+    from ckpt_analysis.plots import plot_alignment
+    from ckpt_analysis.report import alignment_table
     from ckpt_analysis.store import open_results
 
     ds = open_results(store)

@@ -1,4 +1,5 @@
-"""Figures for every analysis in a store, and one ``index.html`` that shows them with captions."""
+"""Every figure: one per analysis in a store, one ``index.html`` that shows them with captions, and
+the POLCA cluster, validity and leading-term alignment figures the commands draw."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import xarray as xr
 
 from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.data import level_names
-from ckpt_analysis.report import plot_alignment, plot_clusters, plot_validity, pyplot, save_figure
+from ckpt_analysis.report import best_per_vector, validity_rows, window_span
 
 HEATMAP_TICKS = 40
 """A heatmap labels every checkpoint's column up to this many checkpoints, then evenly spaced ones."""
@@ -27,6 +28,120 @@ class Figure:
 
     path: Path
     caption: str
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG whose text chunks say its title (the suptitle, else the panels'
+    titles) and how many panels carry a legend, so a reader or a test can check both; close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    titles = (
+        [fig.get_suptitle()] if fig.get_suptitle() else [ax.get_title() for ax in fig.axes if ax.get_title()]
+    )
+    legends = sum(ax.get_legend() is not None for ax in fig.axes)
+    fig.savefig(path, dpi=110, metadata={"Title": "; ".join(titles), "Legends": str(legends)})
+    pyplot().close(fig)
+    return path
+
+
+def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4, window: int = 0) -> list[Path]:
+    """PNG per basis vector (the ``vectors`` with the most homogeneous clusters): the projected loss
+    of each cluster beside the exact loss of the same tokens, as in the paper's figures, over the
+    clusters' ``window`` (an index; the first by default)."""
+    from ckpt_analysis.analyses.clusters import trajectory_curves
+
+    plt = pyplot()
+
+    out.mkdir(parents=True, exist_ok=True)
+    part = ds.isel(window=window).sel(trajectory="polca")
+    labels = part.cluster_label.values
+    best = best_per_vector(part.cluster_homogeneity.values)
+    order = [int(b) for b in np.argsort(-best) if best[b] >= 0][:vectors]
+    span = window_span(part)
+    steps, loss = ds.step.values[span], ds.token_loss.values[span]
+    projected = trajectory_curves("polca", lambda name: ds[name].values, span)[0].transpose(2, 0, 1)
+    paths = []
+    for b in order:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+        for c in range(int(labels[b].max()) + 1):
+            members = labels[b] == c
+            share = float(part.cluster_homogeneity.values[b, c])
+            name = f"cluster {c} (n={members.sum()}, carry {share:.2f})"
+            left.plot(steps, projected[:, b, members].mean(axis=1), label=name)
+            right.plot(steps, loss[:, members].mean(axis=1), label=name)
+        for axis, title in (
+            (left, f"projected loss L_b, basis vector {b}"),
+            (right, "exact loss, same tokens"),
+        ):
+            axis.set_title(title)
+            axis.set_xlabel("training step")
+            axis.axvline(float(part.cluster_tau), color="grey", linestyle=":", linewidth=1)
+        left.legend(fontsize=7, loc="center right")
+        paths.append(_save(fig, out / f"polca_basis_{b}.png"))
+    return paths
+
+
+def plot_validity(ds: xr.Dataset, path: Path) -> Path:
+    """Where the Taylor terms hold: each variant's relative error in the interval's loss change
+    (log scale; 1 = as large as the change itself) above ‖Δθ‖ per interval (log scale)."""
+    plt = pyplot()
+
+    rows = validity_rows(ds)
+    steps = [r[0] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    for variant in rows[0][3]:
+        top.plot(steps, [r[3][variant] for r in rows], marker=".", label=variant)
+    top.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    top.set_yscale("log")
+    top.set_ylabel("|predicted − exact| / |exact|")
+    top.set_title("per-interval validity: error in the change of the mean token loss")
+    top.legend(fontsize=7, title="prediction")
+    bottom.plot(steps, [r[1] for r in rows], marker=".", color="black")
+    bottom.set_yscale("log")
+    bottom.set_ylabel(r"$\|\theta_{t+1} - \theta_t\|$")
+    bottom.set_xlabel("training step at the start of the interval")
+    return _save(fig, path)
+
+
+def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
+    """One panel per comparison: score against step for each run and layer; dotted = shuffled null."""
+    plt = pyplot()
+
+    comparisons = next(iter(runs.values())).comparison.values.tolist()
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons), 3.2), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons, strict=True):
+        for (label, ds), colour in zip(
+            runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
+        ):
+            for layer in ds.layer.values.tolist():
+                score = ds.lt_score.sel(comparison=comparison, layer=layer)
+                name = f"{label}, layer {layer}" if ds.sizes["layer"] > 1 else label
+                ax.plot(
+                    ds.step,
+                    score.sel(corpus="real"),
+                    color=colour,
+                    label=name,
+                    alpha=max(0.25, 1.0 - 0.25 * layer),
+                )
+                ax.plot(ds.step, score.sel(corpus="shuffled"), color=colour, linestyle=":", alpha=0.6)
+        ax.set_title(comparison)
+        ax.set_xlabel("step")
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+    axes[0][0].set_ylabel("uncentred cosine")
+    axes[0][-1].legend(fontsize="small")
+    fig.suptitle("alignment with the leading-term predictions (dotted: token-shuffled corpus)")
+    return _save(fig, path)
 
 
 def _step_axis(ax: Any, steps: np.ndarray) -> None:
@@ -64,7 +179,7 @@ def _covariance(ds: xr.Dataset, out: Path) -> list[Figure]:
         "Covariance spectra over training: top, the participation ratio (tr Σ)²/tr Σ² of each layer's "
         "activation covariance, in dimensions; bottom, the total variance tr Σ (log scale)."
     )
-    return [Figure(save_figure(fig, out / "covariance.png"), caption)]
+    return [Figure(_save(fig, out / "covariance.png"), caption)]
 
 
 def _eigenvalue_axis(ax: Any, values: np.ndarray) -> None:
@@ -110,7 +225,7 @@ def _hessian(ds: xr.Dataset, out: Path) -> list[Figure]:
         "converged; log or symmetric-log scale when they span decades); right, its trace by "
         "Hutchinson and Hutch++ with one standard error."
     )
-    return [Figure(save_figure(fig, out / "hessian.png"), caption)]
+    return [Figure(_save(fig, out / "hessian.png"), caption)]
 
 
 def _residual_colour(site: str, layer: int) -> str:
@@ -146,7 +261,7 @@ def _geometry(ds: xr.Dataset, out: Path) -> list[Figure]:
         "sequence: a sequence's positions flattened, TRACE's; mean: their mean): solid, TwoNN (gaps: "
         "every sampled vector a duplicate); dashed, principal components for 90 % of the variance."
     )
-    return [Figure(save_figure(fig, out / "geometry.png"), caption)]
+    return [Figure(_save(fig, out / "geometry.png"), caption)]
 
 
 def _geometry_panel(ax: Any, part: xr.Dataset, site: str) -> None:
@@ -212,7 +327,7 @@ def _diagnostics(ds: xr.Dataset, out: Path) -> list[Figure]:
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Output diagnostics grouped by {name}: one line per value of {name}")
         caption = f"Output diagnostics by {name}: mean loss, correct@1 and entropy per value of {name}."
-        figures.append(Figure(save_figure(fig, out / f"diagnostics_{name}.png"), caption))
+        figures.append(Figure(_save(fig, out / f"diagnostics_{name}.png"), caption))
     return figures
 
 
@@ -255,7 +370,7 @@ def _probes(ds: xr.Dataset, out: Path) -> list[Figure]:
             "to 1; bottom, selectivity = accuracy − accuracy on the control task (a random label per "
             "token type), red above 0. Columns are checkpoints in order, not to scale."
         )
-        figures.append(Figure(save_figure(fig, out / f"probes_{label}.png"), caption))
+        figures.append(Figure(_save(fig, out / f"probes_{label}.png"), caption))
     return figures
 
 
@@ -298,7 +413,7 @@ def _alignment(ds: xr.Dataset, out: Path) -> list[Figure]:
     )
     return [
         Figure(plot_alignment({"store": ds}, out / "leading_terms.png"), caption),
-        Figure(save_figure(fig, out / "leading_terms_heatmap.png"), heatmap),
+        Figure(_save(fig, out / "leading_terms_heatmap.png"), heatmap),
     ]
 
 

@@ -1,39 +1,15 @@
-"""Summaries and plots: cluster carry scores, projected-loss figures and leading-term alignment."""
+"""Summaries as numbers and tables: cluster carry scores, POLCA validity and conservation, cluster
+examples and leading-term alignment (their figures are in ``plots``)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xarray as xr
 from rich.table import Table
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write ``fig`` as a PNG whose text chunks say its title (the suptitle, else the panels'
-    titles) and how many panels carry a legend, so a reader or a test can check both; close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    titles = (
-        [fig.get_suptitle()] if fig.get_suptitle() else [ax.get_title() for ax in fig.axes if ax.get_title()]
-    )
-    legends = sum(ax.get_legend() is not None for ax in fig.axes)
-    fig.savefig(path, dpi=110, metadata={"Title": "; ".join(titles), "Legends": str(legends)})
-    pyplot().close(fig)
-    return path
 
 
 @dataclass(frozen=True)
@@ -59,7 +35,7 @@ def best_auc(auc: np.ndarray) -> float:
     return float(0.5 + np.abs(finite - 0.5).max()) if finite.size else float("nan")
 
 
-def _best_per_vector(homogeneity: np.ndarray) -> np.ndarray:
+def best_per_vector(homogeneity: np.ndarray) -> np.ndarray:
     """Each vector's highest cluster homogeneity, −1 where it has no scored cluster."""
     return np.asarray(np.where(np.isfinite(homogeneity), homogeneity, -1).max(axis=-1))
 
@@ -95,43 +71,6 @@ def window_span(part: xr.Dataset) -> slice:
     from ckpt_analysis.analyses.clusters import window_span as span
 
     return span(float(part.cluster_window_start), float(part.cluster_window_end), part.step.values)
-
-
-def plot_clusters(ds: xr.Dataset, out: Path, *, vectors: int = 4, window: int = 0) -> list[Path]:
-    """PNG per basis vector (the ``vectors`` with the most homogeneous clusters): the projected loss
-    of each cluster beside the exact loss of the same tokens, as in the paper's figures, over the
-    clusters' ``window`` (an index; the first by default)."""
-    from ckpt_analysis.analyses.clusters import trajectory_curves
-
-    plt = pyplot()
-
-    out.mkdir(parents=True, exist_ok=True)
-    part = ds.isel(window=window).sel(trajectory="polca")
-    labels = part.cluster_label.values
-    best = _best_per_vector(part.cluster_homogeneity.values)
-    order = [int(b) for b in np.argsort(-best) if best[b] >= 0][:vectors]
-    span = window_span(part)
-    steps, loss = ds.step.values[span], ds.token_loss.values[span]
-    projected = trajectory_curves("polca", lambda name: ds[name].values, span)[0].transpose(2, 0, 1)
-    paths = []
-    for b in order:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
-        for c in range(int(labels[b].max()) + 1):
-            members = labels[b] == c
-            share = float(part.cluster_homogeneity.values[b, c])
-            name = f"cluster {c} (n={members.sum()}, carry {share:.2f})"
-            left.plot(steps, projected[:, b, members].mean(axis=1), label=name)
-            right.plot(steps, loss[:, members].mean(axis=1), label=name)
-        for axis, title in (
-            (left, f"projected loss L_b, basis vector {b}"),
-            (right, "exact loss, same tokens"),
-        ):
-            axis.set_title(title)
-            axis.set_xlabel("training step")
-            axis.axvline(float(part.cluster_tau), color="grey", linestyle=":", linewidth=1)
-        left.legend(fontsize=7, loc="center right")
-        paths.append(save_figure(fig, out / f"polca_basis_{b}.png"))
-    return paths
 
 
 def validity_rows(ds: xr.Dataset) -> list[tuple[int, float, float, dict[str, float]]]:
@@ -173,28 +112,6 @@ def chosen_second_order(store: Path) -> str:
     return Polca.from_spec(store_meta(store)["job_spec"]["analyses"][Polca.name]).params.second_order
 
 
-def plot_validity(ds: xr.Dataset, path: Path) -> Path:
-    """Where the Taylor terms hold: each variant's relative error in the interval's loss change
-    (log scale; 1 = as large as the change itself) above ‖Δθ‖ per interval (log scale)."""
-    plt = pyplot()
-
-    rows = validity_rows(ds)
-    steps = [r[0] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    for variant in rows[0][3]:
-        top.plot(steps, [r[3][variant] for r in rows], marker=".", label=variant)
-    top.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    top.set_yscale("log")
-    top.set_ylabel("|predicted − exact| / |exact|")
-    top.set_title("per-interval validity: error in the change of the mean token loss")
-    top.legend(fontsize=7, title="prediction")
-    bottom.plot(steps, [r[1] for r in rows], marker=".", color="black")
-    bottom.set_yscale("log")
-    bottom.set_ylabel(r"$\|\theta_{t+1} - \theta_t\|$")
-    bottom.set_xlabel("training step at the start of the interval")
-    return save_figure(fig, path)
-
-
 @dataclass(frozen=True)
 class ClusterExample:
     """One cluster, for reading: its numbers and the tokens nearest its medoid, in context."""
@@ -221,7 +138,7 @@ def cluster_examples(
     if vector is None:
         score = part.cluster_homogeneity.values if "cluster_homogeneity" in part else None
         if score is not None and np.isfinite(score).any():
-            vector = int(np.argmax(_best_per_vector(score)))
+            vector = int(np.argmax(best_per_vector(score)))
         else:
             vector = int(np.argmax(labels.max(axis=1)))
     curves, _ = trajectory_curves(trajectory, lambda name: ds[name].values, window_span(part))
@@ -278,37 +195,6 @@ def alignment_table(ds: xr.Dataset) -> list[AlignmentRow]:
                 )
             )
     return rows
-
-
-def plot_alignment(runs: dict[str, xr.Dataset], path: Path) -> Path:
-    """One panel per comparison: score against step for each run and layer; dotted = shuffled null."""
-    plt = pyplot()
-
-    comparisons = next(iter(runs.values())).comparison.values.tolist()
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons), 3.2), squeeze=False)
-    for ax, comparison in zip(axes[0], comparisons, strict=True):
-        for (label, ds), colour in zip(
-            runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
-        ):
-            for layer in ds.layer.values.tolist():
-                score = ds.lt_score.sel(comparison=comparison, layer=layer)
-                name = f"{label}, layer {layer}" if ds.sizes["layer"] > 1 else label
-                ax.plot(
-                    ds.step,
-                    score.sel(corpus="real"),
-                    color=colour,
-                    label=name,
-                    alpha=max(0.25, 1.0 - 0.25 * layer),
-                )
-                ax.plot(ds.step, score.sel(corpus="shuffled"), color=colour, linestyle=":", alpha=0.6)
-        ax.set_title(comparison)
-        ax.set_xlabel("step")
-        ax.set_ylim(-1.05, 1.05)
-        ax.axhline(0.0, color="grey", linewidth=0.5)
-    axes[0][0].set_ylabel("uncentred cosine")
-    axes[0][-1].legend(fontsize="small")
-    fig.suptitle("alignment with the leading-term predictions (dotted: token-shuffled corpus)")
-    return save_figure(fig, path)
 
 
 # --- tables the demo prints (rich) ---

@@ -15,6 +15,7 @@ from ckpt_analysis.analyses.covariance import participation_ratio
 from ckpt_analysis.analyses.leading_terms import onehot_training_corpus
 from ckpt_analysis.config import load_job
 from ckpt_analysis.execute import Outcome
+from ckpt_analysis.plots import plot_alignment, plot_clusters, plot_validity
 from ckpt_analysis.progress import quiet_transformers_bars
 from ckpt_analysis.report import (
     AlignmentRow,
@@ -22,9 +23,6 @@ from ckpt_analysis.report import (
     alignment_table,
     cluster_table,
     conservation,
-    plot_alignment,
-    plot_clusters,
-    plot_validity,
 )
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results

@@ -293,7 +293,8 @@ def test_per_interval_validity_is_stored_and_drawn(polca_store, tmp_path: Path) 
     import subprocess
     import sys
 
-    from ckpt_analysis.report import plot_validity, validity_rows
+    from ckpt_analysis.plots import plot_validity
+    from ckpt_analysis.report import validity_rows
 
     job, ds = polca_store
     loss = ds.token_loss.values.astype(np.float64)
