@@ -277,24 +277,48 @@ class Clusters(Analysis[ClusterParams]):
     def _projected(self) -> bool:
         return bool(set(PROJECTED) & set(self.params.trajectories))
 
+    def check(self, ctx: PlanContext) -> None:
+        """The windows, the lag, the restriction and the label fit the run and its data, and POLCA
+        computes every basis a projected trajectory clusters."""
+        steps = np.array([c.step for c in ctx.checkpoints])
+        self._check_windows(steps)
+        self._check_lag(steps)
+        self._check_restriction(ctx)
+        if self.params.label and self.params.label not in label_names(ctx.job.data):
+            raise JobSpecError(
+                f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
+                f"labels: {label_names(ctx.job.data) or 'none'}"
+            )
+        if self._projected():
+            absent = sorted(self._needed_bases() - set(self._basis_sizes(ctx)))
+            if absent:
+                raise JobSpecError(f"analyses.clusters needs analyses.polca.bases to include {absent}")
+
+    def _needed_bases(self) -> set[str]:
+        return {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
+
+    def _basis_sizes(self, ctx: PlanContext) -> dict[str, tuple[str, int]]:
+        return Polca.from_spec(ctx.job.analyses[Polca.name]).sizes(ctx)
+
     def _vectors(self, ctx: PlanContext) -> int:
         """Size of the ``cluster_vector`` dimension: the largest basis clustered (1 without POLCA)."""
         if not self._projected():
             return 1
-        sizes = Polca.from_spec(ctx.job.analyses[Polca.name]).sizes(ctx)
-        needed = {PROJECTED[t] for t in self.params.trajectories if t in PROJECTED}
-        absent = sorted(needed - set(sizes))
-        if absent:
-            raise JobSpecError(f"analyses.clusters needs analyses.polca.bases to include {absent}")
-        return max(sizes[b][1] for b in needed)
+        sizes = self._basis_sizes(ctx)
+        return max(sizes[b][1] for b in self._needed_bases())
 
     def _windows(self, steps: np.ndarray) -> dict[str, tuple[Bound, Bound]]:
-        """Each window by its label, checked against the run (a window from τ once τ is known)."""
+        """Each window by its label (checked by :meth:`check`)."""
+        pairs = window_pairs(self.params.window)
+        return {window_label(a, b, steps): (a, b) for a, b in pairs}
+
+    def _check_windows(self, steps: np.ndarray) -> None:
+        """Each window's bounds are valid and it holds two checkpoints (a window from τ once τ is
+        known); no two windows share a label."""
         pairs = window_pairs(self.params.window)
         labels = [window_label(a, b, steps) for a, b in pairs]
         require_distinct(labels, "analyses.clusters.window")
-        windows = dict(zip(labels, pairs, strict=True))
-        for label, (start, end) in windows.items():
+        for label, (start, end) in zip(labels, pairs, strict=True):
             if start not in ("start", "tau") and not (isinstance(start, int) and start >= 0):
                 raise JobSpecError(
                     f'analyses.clusters.window start {start!r} must be a step, "start" or "tau"'
@@ -304,7 +328,6 @@ class Clusters(Analysis[ClusterParams]):
             if start != "tau":
                 first, last = label.split("-")
                 self._span(label, float(first), float(last), steps)
-        return windows
 
     @staticmethod
     def _span(label: str, start: float, end: float, steps: np.ndarray) -> slice:
@@ -363,15 +386,7 @@ class Clusters(Analysis[ClusterParams]):
             )
 
     def variables(self, ctx: PlanContext) -> list[Variable]:
-        steps = np.array([c.step for c in ctx.checkpoints])
-        windows = self._windows(steps)
-        self._check_lag(steps)
-        self._check_restriction(ctx)
-        if self.params.label and self.params.label not in label_names(ctx.job.data):
-            raise JobSpecError(
-                f"analyses.clusters.label {self.params.label!r} is not a label of the data; "
-                f"labels: {label_names(ctx.job.data) or 'none'}"
-            )
+        windows = self._windows(np.array([c.step for c in ctx.checkpoints]))
         r, v, n, m = (
             len(self.params.trajectories),
             self._vectors(ctx),

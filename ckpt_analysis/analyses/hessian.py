@@ -173,17 +173,9 @@ class HessianBasis(_Curvature[BasisParams]):
         """Indices (into the job's checkpoints) of the basis checkpoints, in step order."""
         steps = [c.step for c in ctx.checkpoints]
         if self.params.steps:
-            absent = sorted(set(self.params.steps) - set(steps))
-            if absent:
-                raise JobSpecError(
-                    f"analyses.hessian_basis.steps {absent} are not among the job's checkpoints"
-                )
             return [steps.index(s) for s in sorted(self.params.steps)]
         every = self.params.every
-        links = [i for i, s in enumerate(steps) if every is None or s % every == 0]
-        if not links:
-            raise JobSpecError(f"analyses.hessian_basis.every = {every} selects no checkpoint")
-        return links
+        return [i for i, s in enumerate(steps) if every is None or s % every == 0]
 
     def _order(self, ctx: PlanContext | UnitContext, *, shuffled: bool) -> list[int]:
         """The basis checkpoints in the order the chain visits them (seeded permutation if shuffled)."""
@@ -202,7 +194,14 @@ class HessianBasis(_Curvature[BasisParams]):
         return coords
 
     def check(self, ctx: PlanContext) -> None:
-        """The axis basis fits in the selected parameters."""
+        """``steps`` are among the job's checkpoints, ``every`` selects one, and the axis basis fits
+        in the selected parameters."""
+        steps = [c.step for c in ctx.checkpoints]
+        absent = sorted(set(self.params.steps or []) - set(steps))
+        if absent:
+            raise JobSpecError(f"analyses.hessian_basis.steps {absent} are not among the job's checkpoints")
+        if not self._links(ctx):
+            raise JobSpecError(f"analyses.hessian_basis.every = {self.params.every} selects no checkpoint")
         n = self._layout(ctx).size
         if self.params.axis > n:
             raise JobSpecError(

@@ -171,9 +171,12 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
             "distance": np.arange(_inputs_per_sequence(ctx)),
         }
 
+    def check(self, ctx: PlanContext) -> None:
+        """Sequences are right-padded (the statistics read each sequence's prefix)."""
+        check_right_padded(ctx.eval_data.attention_mask)
+
     def tables(self, ctx: PlanContext) -> Columns:
         data = ctx.eval_data
-        check_right_padded(data.attention_mask)
         ids, counts = top_vocabulary(data.input_ids, data.attention_mask, self.params.vocab_size)
         decode = ctx.tokenizer.decode if ctx.tokenizer else lambda i: str(i[0])  # no tokenizer: the id
         text = np.array([decode([int(i)]) for i in ids], dtype=object)
@@ -228,7 +231,10 @@ class CorpusStatsAnalysis(Analysis[CorpusStatsParams]):
                 yield Write(f"lt_{name}", index, values.cpu().numpy())
 
 
-def _check_token_model(ctx: PlanContext, analysis: str) -> None:
+def _check_token_model(ctx: PlanContext, analysis: str, *, bos: bool) -> None:
+    """The model is a GPT-NeoX (its attention weights are read), with a BOS token if ``bos``."""
+    if bos and ctx.model_config.get("bos_token_id") is None:
+        raise JobSpecError(f"analyses.{analysis}.bos = true but the model config has no bos_token_id")
     model_type = ctx.model_config.get("model_type")
     if model_type != "gpt_neox":
         hint = f"; for {MODEL_TYPE!r} use lt_alignment mode = 'weights'" if analysis == "lt_alignment" else ""
@@ -282,14 +288,13 @@ class TokenCov(Analysis[TokenCovParams]):
         doc = "E: each vocabulary token's activation, fed alone; numpy.cov(E) is token_cov"
         return [Variable.of("token_act", {**sizes, "hidden": hidden}, dtype, unit_axes=1, doc=doc)]
 
-    def units(self, ctx: PlanContext) -> list[Unit]:
-        _check_token_model(ctx, self.name)
-        return super().units(ctx)
+    def check(self, ctx: PlanContext) -> None:
+        _check_token_model(ctx, self.name, bos=self.params.bos)
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
-        acts = token_activations(model, ctx.read("vocab_id"), bos=_bos(model, self.params.bos))
+        acts = token_activations(model, ctx.read("vocab_id"), bos=_bos(ctx, self.params.bos))
         keep = rowcov if self.params.form == "cov" else _float64
         values = [
             [keep(acts[s][layer]).cpu().numpy() for s in self.params.sites]
@@ -303,13 +308,9 @@ def _float64(e: torch.Tensor) -> torch.Tensor:
     return e.to(torch.float64)
 
 
-def _bos(model: nn.Module, wanted: bool) -> int | None:
-    if not wanted:
-        return None
-    bos = getattr(model.config, "bos_token_id", None)
-    if bos is None:
-        raise JobSpecError("bos = true but the model config has no bos_token_id")
-    return int(bos)
+def _bos(ctx: UnitContext, wanted: bool) -> int | None:
+    """The BOS id to feed before each token, if ``wanted`` (checked at plan time to exist)."""
+    return int(ctx.model_config["bos_token_id"]) if wanted else None
 
 
 @dataclass(frozen=True)
@@ -360,19 +361,23 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
         grid = {"corpus": len(CORPORA), "lt_target": len(TARGETS), "vocab": k, "vocab_b": k}
         return [score, _k_by_k("lt_target_cov", grid, stats.store_dtype, "rowcov(rownorm(·)) of V*, Q̄, Q̄ᵀ")]
 
-    def units(self, ctx: PlanContext) -> list[Unit]:
+    def check(self, ctx: PlanContext) -> None:
+        """Weights mode needs the one-hot model; activations mode a GPT-NeoX and step 0 (the null)."""
         mode = self.mode(ctx.model_config)
         if mode == "weights" and ctx.model_config.get("model_type") != MODEL_TYPE:
             raise JobSpecError(
                 f"lt_alignment mode = 'weights' needs the {MODEL_TYPE!r} model (the paper's Def. 3.1)"
             )
         if mode == "activations":
-            _check_token_model(ctx, self.name)
+            _check_token_model(ctx, self.name, bos=self.params.bos)
             if ctx.checkpoints[0].step != 0:
                 raise JobSpecError(
                     "lt_alignment reports step 0 as its null baseline; "
                     "include step 0 in the checkpoint selection"
                 )
+
+    def units(self, ctx: PlanContext) -> list[Unit]:
+        mode = self.mode(ctx.model_config)
         deps = ("corpus_stats/corpus",)
         shared: list[Unit] = []
         if mode == "activations":  # the targets, once per job (docs/leading_terms.md, "Alignment")
@@ -408,7 +413,7 @@ class LeadingTermAlignment(Analysis[AlignmentParams]):
         device = next(model.parameters()).device
         stored = torch.from_numpy(ctx.read("lt_target_cov")).to(device, torch.float64)
         targets = [stored[r] for r in range(len(CORPORA))]
-        acts = token_activations(model, vocab, bos=_bos(model, self.params.bos))
+        acts = token_activations(model, vocab, bos=_bos(ctx, self.params.bos))
         out = []
         for index, layer in enumerate(decoder_layers(model)):
             pre = acts["resid_pre"][index]

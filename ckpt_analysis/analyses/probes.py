@@ -96,15 +96,8 @@ class Probes(Analysis[ProbesParams]):
     name = "probes"
 
     def _labels(self, ctx: PlanContext | UnitContext) -> list[str]:
-        available = label_names(ctx.job.data)
-        chosen = available if self.params.labels is None else self.params.labels
-        unknown = [name for name in chosen if name not in available]
-        if unknown or not chosen:
-            raise JobSpecError(
-                f"analyses.probes.labels {unknown or chosen} not among the data's label columns: "
-                + (", ".join(available) or f"data.source = {ctx.job.data.source!r} has none")
-            )
-        return chosen
+        """The labels probed: the option, else every label column of the data."""
+        return label_names(ctx.job.data) if self.params.labels is None else self.params.labels
 
     def _splits(
         self, ctx: PlanContext | UnitContext, labels: dict[str, np.ndarray]
@@ -118,9 +111,26 @@ class Probes(Analysis[ProbesParams]):
             for name in self._labels(ctx)
         }
 
-    def units(self, ctx: PlanContext) -> list[Unit]:
-        self._labels(ctx)  # refuse unknown labels when planning, before anything is written
-        return super().units(ctx)
+    def check(self, ctx: PlanContext) -> None:
+        """Every label is a column of the data, and its split has a test side and two values on the
+        train side."""
+        available, chosen = label_names(ctx.job.data), self._labels(ctx)
+        unknown = [name for name in chosen if name not in available]
+        if unknown or not chosen:
+            raise JobSpecError(
+                f"analyses.probes.labels {unknown or chosen} not among the data's label columns: "
+                + (", ".join(available) or f"data.source = {ctx.job.data.source!r} has none")
+            )
+        labels = ctx.eval_data.token_labels()
+        for name, (train, test) in self._splits(ctx, labels).items():
+            problem = (
+                "no token on the test side" if not len(test) else "fewer than two values on the train side"
+            )
+            if not len(test) or len(np.unique(labels[name][train])) < 2:
+                raise DataError(
+                    f"label {name!r} has {problem} of the probes; "
+                    "raise data.num_examples or analyses.probes.test_fraction"
+                )
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         return {
@@ -132,15 +142,6 @@ class Probes(Analysis[ProbesParams]):
     def tables(self, ctx: PlanContext) -> Columns:
         labels = ctx.eval_data.token_labels()
         splits = self._splits(ctx, labels)
-        for name, (train, test) in splits.items():
-            problem = (
-                "no token on the test side" if not len(test) else "fewer than two values on the train side"
-            )
-            if not len(test) or len(np.unique(labels[name][train])) < 2:
-                raise DataError(
-                    f"label {name!r} has {problem} of the probes; "
-                    "raise data.num_examples or analyses.probes.test_fraction"
-                )
         sizes = np.array([[len(train), len(test)] for train, test in splits.values()])
         majority = [  # docs/probes.md: the accuracy of always guessing the test side's commonest class
             np.unique(labels[n][test], return_counts=True)[1].max() / len(test)
