@@ -21,7 +21,7 @@ from common import build_run, machine, median_time, table
 
 from ckpt_analysis.analyses.covariance import Covariance, CovarianceParams
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec, JobSpec
+from ckpt_analysis.config import ComputeSpec, DataSpec, JobSpec, LocalCheckpoints
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.registry import Unit, UnitContext
 from ckpt_analysis.zoo.standin import PYTHIA_70M
@@ -30,7 +30,7 @@ SEQ, LEN, BATCH = 128, 64, 32
 
 
 def _context(model: torch.nn.Module, sequences: int, length: int, batch: int) -> UnitContext:
-    spec = CheckpointsSpec(source="local", path="unused", device="cpu")
+    spec = LocalCheckpoints(source="local", path="unused", device="cpu")
     job = JobSpec(
         "bench",
         "unused",
@@ -49,7 +49,7 @@ def _context(model: torch.nn.Module, sequences: int, length: int, batch: int) ->
 
 
 def _load(run: Path) -> torch.nn.Module:
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run), device="cpu"))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(run), device="cpu"))
     return source.load(source.checkpoints()[0])
 
 

@@ -20,7 +20,7 @@ import torch
 from common import machine, median_time, table
 
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, DataSpec, job_from_dict
+from ckpt_analysis.config import DataSpec, LocalCheckpoints, job_from_dict
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.run import run_job
@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         accuracy = train_arithmetic(tmp / "run", TrainConfig())
-        spec = CheckpointsSpec(source="local", path=str(tmp / "run"), device="cpu")
+        spec = LocalCheckpoints(source="local", path=str(tmp / "run"), device="cpu")
         source = CheckpointSource.from_spec(spec)
         ckpts = source.checkpoints()
         model = source.load(ckpts[-1])

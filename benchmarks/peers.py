@@ -38,7 +38,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, DataSpec
+from ckpt_analysis.config import DataSpec, LocalCheckpoints
 from ckpt_analysis.curvature import HessianOperator, ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.losses import scored_token_losses
@@ -80,7 +80,7 @@ def timed(fn: Callable[[], Run]) -> Run:
 
 def setup(tmp: Path) -> tuple[torch.nn.Module, EvalData]:
     train_arithmetic(tmp / "run", TrainConfig())
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp / "run"), device="cpu"))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp / "run"), device="cpu"))
     ckpt = source.checkpoints()[-1]
     model = source.load(ckpt)
     data = load_eval_data(

@@ -18,7 +18,7 @@ from common import machine, median_time, table
 
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, ComputeSpec, DataSpec
+from ckpt_analysis.config import ComputeSpec, DataSpec, LocalCheckpoints
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.directional import directional_derivatives
@@ -50,7 +50,7 @@ def plain_forwards(model: torch.nn.Module, data: EvalData, count: int) -> None:
 
 
 def costs(run: Path) -> None:
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run), device="cpu"))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(run), device="cpu"))
     ckpt = source.checkpoints()[-1]
     model = source.load(ckpt)
     data = load_eval_data(

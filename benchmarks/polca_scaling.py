@@ -20,7 +20,7 @@ import torch
 from common import machine, median_time, table
 
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import CheckpointsSpec, DataSpec
+from ckpt_analysis.config import DataSpec, LocalCheckpoints
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import load_eval_data
 from ckpt_analysis.directional import directional_derivatives
@@ -33,7 +33,7 @@ CHECKPOINTS = (8, 16, 32)
 
 def projection_time(run: Path, problems: int, k: int) -> tuple[int, float]:
     """(scored tokens, median seconds) of K first-order JVPs over ``problems`` addition problems."""
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run), device="cpu"))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(run), device="cpu"))
     ckpt = source.checkpoints()[-1]
     model = source.load(ckpt)
     spec = DataSpec(source="addition", num_examples=problems, seed=99)

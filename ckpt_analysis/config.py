@@ -41,34 +41,120 @@ def selector_predicate(selector: str) -> Callable[[int], bool]:
 
 @dataclass(frozen=True)
 class CheckpointsSpec:
-    """Where the checkpoints come from and how they are loaded (docs/jobs.md).
-
-    ``source`` picks the kind: ``hub`` (``repo`` + ``revisions``), ``local`` (a run directory of
-    ``save_pretrained`` folders at ``path``) or ``state_dict`` (``files`` + ``config``).
+    """Where the checkpoints come from and how they are loaded (docs/jobs.md): the keys every
+    source takes. ``source`` picks the subclass that adds its own keys: :class:`HubCheckpoints`
+    (``hub``), :class:`LocalCheckpoints` (``local``) or :class:`StateDictCheckpoints`
+    (``state_dict``); another source's keys are refused when the job is parsed.
     """
 
     source: Literal["hub", "local", "state_dict"]
-    repo: str | None = None
-    revisions: Selector = "pythia"
-    cache_dir: str | None = None
-    path: str | None = None
-    pattern: str | None = None
-    files: list[str] = field(default_factory=list)
-    config: str | None = None
     select: Selector = "all"
     tokens_per_step: int | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    steps: dict[str, int] = field(default_factory=dict)
     verify_digests: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.select, list):
             selector_predicate(self.select)
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoints are: the Hub repo, the run folder or the model config."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubCheckpoints(CheckpointsSpec):
+    """``source = "hub"``: revisions of a Hugging Face Hub repo, through a cache folder."""
+
+    repo: str
+    revisions: Selector = "pythia"
+    cache_dir: str | None = None
+    steps: dict[str, int] = field(default_factory=dict)
+    """Revision name → training step, for revisions not named ``stepN``."""
+
+    @property
+    def location(self) -> str:
+        return self.repo
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.revisions != "pythia" and not isinstance(self.revisions, list):
+            raise JobSpecError(
+                f"checkpoints.revisions = {self.revisions!r} must be 'pythia' or a list of revision names"
+            )
         for revision, step in self.steps.items():
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise JobSpecError(f"checkpoints.steps.{revision} = {step!r} must be a step number >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalCheckpoints(CheckpointsSpec):
+    """``source = "local"``: a run folder of ``save_pretrained`` checkpoints."""
+
+    path: str
+    pattern: str | None = None
+    """Checkpoint folder names, with ``{step}`` (default: ``checkpoint-{step}`` or ``step_{step}``)."""
+
+    @property
+    def location(self) -> str:
+        return self.path
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pattern is not None and "{step}" not in self.pattern:
+            raise JobSpecError(f"checkpoints.pattern {self.pattern!r} must contain '{{step}}'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateDictCheckpoints(CheckpointsSpec):
+    """``source = "state_dict"``: plain state-dict files sharing one model config."""
+
+    files: list[str]
+    """Glob patterns of ``*.pt`` / ``*.safetensors`` files; each file name ends in its step."""
+    config: str
+    """A ``config.json``, or the folder holding it."""
+
+    @property
+    def location(self) -> str:
+        return self.config
+
+
+CHECKPOINT_SPECS: dict[str, type[CheckpointsSpec]] = {
+    "hub": HubCheckpoints,
+    "local": LocalCheckpoints,
+    "state_dict": StateDictCheckpoints,
+}
+"""The ``[checkpoints]`` table's class by its ``source``."""
+
+_UNSET: tuple[Any, ...] = (None, [], {}, "pythia")
+"""Values a stored spec of an older version wrote for another source's keys (it stored them all)."""
+
+
+def parse_checkpoints(table: Any) -> CheckpointsSpec:
+    """``[checkpoints]`` as the spec class its ``source`` names; another source's keys are refused
+    by name, with the keys this source takes."""
+    if not isinstance(table, dict):
+        raise JobSpecError(f"[checkpoints] must be a table, got {type(table).__name__}")
+    source = table.get("source")
+    if source not in CHECKPOINT_SPECS:
+        raise JobSpecError(
+            f"checkpoints.source = {source!r} is not valid; choose one of: "
+            + ", ".join(map(repr, CHECKPOINT_SPECS))
+        )
+    cls = CHECKPOINT_SPECS[source]
+    keys = {name: {f.name for f in dataclasses.fields(c)} for name, c in CHECKPOINT_SPECS.items()}
+    owner = {k: name for name, own in keys.items() for k in own - keys[source]}
+    table = {k: v for k, v in table.items() if not (k in owner and any(v == u for u in _UNSET))}
+    foreign = sorted(set(table) & set(owner))
+    if foreign:
+        raise JobSpecError(
+            f"checkpoints.{foreign[0]} belongs to source = {owner[foreign[0]]!r}, not {source!r}; "
+            f"source = {source!r} takes: {', '.join(sorted(keys[source]))}"
+        )
+    return parse_dataclass(cls, table, "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -340,8 +426,9 @@ def job_from_dict(raw: dict[str, Any], *, base: Path) -> JobSpec:
     raw.setdefault("name", "job")
     if "analyses" not in raw or not raw["analyses"]:
         raise JobSpecError("the job names no analyses; add an [analyses.<name>] table")
+    if "checkpoints" in raw:
+        raw["checkpoints"] = parse_checkpoints(raw["checkpoints"])
     nested = {
-        "checkpoints": CheckpointsSpec,
         "data": DataSpec,
         "sample": DataSpec,
         "compute": ComputeSpec,
@@ -380,16 +467,18 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
         return str((base / Path(p).expanduser()).resolve())
 
     ck = job.checkpoints
-    ck = dataclasses.replace(
-        ck,
-        cache_dir=absolute(ck.cache_dir),
-        path=absolute(ck.path),
-        config=absolute(ck.config),
-        files=[str(absolute(f)) for f in ck.files],
-        tokenizer=ck.tokenizer
-        if ck.tokenizer is None or not (base / ck.tokenizer).exists()
-        else absolute(ck.tokenizer),
-    )
+    tokenizer = ck.tokenizer
+    if tokenizer is not None and (base / tokenizer).exists():
+        tokenizer = absolute(tokenizer)
+    ck = dataclasses.replace(ck, tokenizer=tokenizer)
+    if isinstance(ck, HubCheckpoints):
+        ck = dataclasses.replace(ck, cache_dir=absolute(ck.cache_dir))
+    elif isinstance(ck, LocalCheckpoints):
+        ck = dataclasses.replace(ck, path=str(absolute(ck.path)))
+    elif isinstance(ck, StateDictCheckpoints):
+        ck = dataclasses.replace(
+            ck, config=str(absolute(ck.config)), files=[str(absolute(f)) for f in ck.files]
+        )
     data, sample = _resolve_data(job.data, base), job.sample and _resolve_data(job.sample, base)
     return dataclasses.replace(
         job, output=str(absolute(job.output)), checkpoints=ck, data=data, sample=sample

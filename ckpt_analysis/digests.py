@@ -47,6 +47,7 @@ def spec_parts(job: JobSpec, content: dict[str, Any]) -> dict[str, str]:
 
 def _hashed_settings(job: JobSpec) -> dict[str, Any]:
     payload = {k: v for k, v in job.to_dict().items() if k not in _UNHASHED_TABLES}
+    payload["checkpoints"] = {**_EVERY_SOURCES_KEYS, **payload["checkpoints"]}
     for table, keys in _UNHASHED_KEYS.items():
         if payload.get(table) is not None:
             payload[table] = {k: v for k, v in payload[table].items() if k not in keys}
@@ -76,6 +77,9 @@ _UNHASHED_KEYS = {
     "data": ("path", "cache_dir"),
     "sample": ("path", "cache_dir"),
 }
+_EVERY_SOURCES_KEYS: dict[str, Any] = {"repo": None, "revisions": "pythia", "pattern": None, "steps": {}}
+"""Hashed keys of the other sources, as a ``[checkpoints]`` table held them before each source had
+its own spec class: a spec hashes as it did then, so the stores written then still resume."""
 _HASHED_UNLESS_DEFAULT: dict[str, dict[str, Any]] = {"data": {"pad_id": None}, "sample": {"pad_id": None}}
 """Options added after stores were written: left at their default they leave the hash as it was,
 so those stores still resume."""

@@ -293,7 +293,7 @@ def _meta(plan: Plan, spec_hash: str, parts: dict[str, str]) -> dict[str, Any]:
         "spec_hash": spec_hash,
         "spec_parts": parts,
         "versions": versions(),
-        "model_id": job.checkpoints.repo or job.checkpoints.path or job.checkpoints.config,
+        "model_id": job.checkpoints.location,
         "model_config": plan.model_config,
         "checkpoint_refs": [c.ref for c in plan.checkpoints],
         "units": [

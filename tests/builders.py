@@ -176,7 +176,8 @@ def build_hub_dataset(
 
 
 def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
-    """A covariance job over a local run; top-level tables in ``overrides`` are merged."""
+    """A covariance job over a local run; top-level tables in ``overrides`` are merged, except a
+    ``checkpoints`` table of another ``source``, which replaces the local one."""
     job: dict[str, Any] = {
         "name": "test-job",
         "output": str(output),
@@ -186,7 +187,9 @@ def job_dict(run_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
         "compute": {"executor": "inprocess", "batch_size": 32},
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(job.get(key), dict):
+        if key == "checkpoints" and value.get("source", "local") != "local":
+            job[key] = value
+        elif isinstance(value, dict) and isinstance(job.get(key), dict):
             job[key] = {**job[key], **value}
         else:
             job[key] = value

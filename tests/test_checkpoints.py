@@ -17,7 +17,7 @@ from ckpt_analysis.checkpoints import (
     prefetch,
     select,
 )
-from ckpt_analysis.config import CheckpointsSpec
+from ckpt_analysis.config import HubCheckpoints, LocalCheckpoints, StateDictCheckpoints
 from ckpt_analysis.errors import CheckpointError, JobSpecError
 
 
@@ -70,7 +70,7 @@ def test_bad_selector_lists_the_valid_forms() -> None:
 
 
 def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(
+    spec = HubCheckpoints(
         source="hub",
         repo=HUB_REPO,
         revisions=HUB_REVISIONS,
@@ -89,11 +89,11 @@ def test_hub_revisions_load_through_from_pretrained(hub_cache: Path) -> None:
 
 def test_pythia_repos_fill_tokens_seen_whatever_revisions_are_listed(tmp_path: Path) -> None:
     build_fake_hub(tmp_path, "EleutherAI/pythia-70m", ["step0", "step1000"])
-    spec = CheckpointsSpec(
+    spec = HubCheckpoints(
         source="hub", repo="EleutherAI/pythia-70m", revisions=["step0", "step1000"], cache_dir=str(tmp_path)
     )
     assert [c.tokens_seen for c in CheckpointSource.from_spec(spec).checkpoints()] == [0, 2_097_152_000]
-    other = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(tmp_path))
+    other = HubCheckpoints(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(tmp_path))
     assert CheckpointSource.from_spec(other).checkpoints()[0].tokens_seen is None
 
 
@@ -103,7 +103,7 @@ def test_the_pythia_70m_standin_loads_its_float16_weights_in_the_jobs_dtype(tmp_
     from ckpt_analysis.zoo.standin import pythia_standin
 
     cache = pythia_standin(tmp_path, ["step0", "step1000"])
-    spec = CheckpointsSpec(
+    spec = HubCheckpoints(
         source="hub",
         repo="EleutherAI/pythia-70m",
         select=["step0", "step1000"],
@@ -124,9 +124,7 @@ def test_the_pythia_70m_standin_loads_its_float16_weights_in_the_jobs_dtype(tmp_
 
 
 def test_missing_hub_revision_says_to_prefetch(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(
-        source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache)
-    )
+    spec = HubCheckpoints(source="hub", repo=HUB_REPO, revisions=["step0", "step3"], cache_dir=str(hub_cache))
     source = CheckpointSource.from_spec(spec)
     with pytest.raises(
         CheckpointError, match=r"revision 'step3' of tiny-org/tiny-neox is not in the cache.*prefetch"
@@ -140,7 +138,7 @@ def test_an_interrupted_hub_download_is_named_with_the_command_that_finishes_it(
     weights = next(repo.glob("snapshots/*/model.safetensors"))
     blob = weights.resolve()
     blob.rename(blob.with_name(blob.name + ".incomplete"))  # as huggingface_hub leaves a cut download
-    spec = CheckpointsSpec(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(cache))
+    spec = HubCheckpoints(source="hub", repo=HUB_REPO, revisions=["step0"], cache_dir=str(cache))
     source = CheckpointSource.from_spec(spec)
     with pytest.raises(
         CheckpointError,
@@ -150,17 +148,17 @@ def test_an_interrupted_hub_download_is_named_with_the_command_that_finishes_it(
 
 
 def test_prefetch_offline_reports_cached_and_missing(hub_cache: Path) -> None:
-    spec = CheckpointsSpec(
+    spec = HubCheckpoints(
         source="hub", repo=HUB_REPO, revisions=["step0", "step3", "step4"], cache_dir=str(hub_cache)
     )
     assert prefetch(spec, offline=True) == (["step0", "step4"], ["step3"])
 
 
 def test_local_run_discovers_checkpoint_and_step_folders(run_dir: Path, tmp_path: Path) -> None:
-    spec = CheckpointsSpec(source="local", path=str(run_dir))
+    spec = LocalCheckpoints(source="local", path=str(run_dir))
     assert [c.step for c in CheckpointSource.from_spec(spec).checkpoints()] == RUN_STEPS
     save_checkpoint(tiny_model(), tmp_path / "step_7")
-    other = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    other = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     assert [c.revision for c in other.checkpoints()] == ["step_7"]
 
 
@@ -170,7 +168,7 @@ def test_state_dict_files_load_with_one_config(run_dir: Path, tmp_path: Path) ->
     model = tiny_model(seed=3)
     save_file(model.state_dict(), str(tmp_path / "weights_100.safetensors"))
     torch.save(model.state_dict(), tmp_path / "weights_200.pt")
-    spec = CheckpointsSpec(
+    spec = StateDictCheckpoints(
         source="state_dict",
         files=[str(tmp_path / "weights_*")],
         config=str(run_dir / "checkpoint-0" / "config.json"),
@@ -186,7 +184,7 @@ def test_state_dict_files_load_with_one_config(run_dir: Path, tmp_path: Path) ->
 def test_architecture_mismatch_names_the_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(tiny_model(), tmp_path / "checkpoint-0")
     save_checkpoint(tiny_model(num_layers=3), tmp_path / "checkpoint-5")
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     with pytest.raises(CheckpointError, match="checkpoint checkpoint-5 has num_hidden_layers = 3"):
         check_layout(source, source.checkpoints())
 
@@ -195,7 +193,7 @@ def test_corrupt_weights_file_is_named(tmp_path: Path) -> None:
     save_checkpoint(tiny_model(), tmp_path / "checkpoint-0")
     bad = save_checkpoint(tiny_model(), tmp_path / "checkpoint-5") / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     with pytest.raises(
         CheckpointError, match=r"checkpoint checkpoint-5: weights file model\.safetensors is corrupt"
     ):
@@ -207,7 +205,7 @@ def test_nan_weights_are_rejected_at_load(tmp_path: Path) -> None:
     with torch.no_grad():
         model.get_parameter("gpt_neox.layers.1.mlp.dense_h_to_4h.weight")[0, 0] = float("nan")
     save_checkpoint(model, tmp_path / "checkpoint-3")
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     with pytest.raises(
         CheckpointError, match=r"checkpoint-3: parameter 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight'"
     ):
@@ -217,14 +215,14 @@ def test_nan_weights_are_rejected_at_load(tmp_path: Path) -> None:
 def test_cuda_request_without_cuda_is_a_clear_error(run_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    spec = dataclasses.replace(CheckpointsSpec(source="local", path=str(run_dir)), device="cuda")
+    spec = dataclasses.replace(LocalCheckpoints(source="local", path=str(run_dir)), device="cuda")
     source = CheckpointSource.from_spec(spec)
     with pytest.raises(CheckpointError, match="CUDA is not available"):
         source.load(source.checkpoints()[0])
 
 
-def _hub_spec(cache: Path, revisions: list[str], **overrides: Any) -> CheckpointsSpec:
-    return CheckpointsSpec(
+def _hub_spec(cache: Path, revisions: list[str], **overrides: Any) -> HubCheckpoints:
+    return HubCheckpoints(
         source="hub", repo=HUB_REPO, revisions=revisions, cache_dir=str(cache), device="cpu", **overrides
     )
 
@@ -277,7 +275,7 @@ def test_a_config_that_changes_the_function_is_blamed_against_the_majority(
         save_checkpoint(tiny_model(), tmp_path / f"checkpoint-{step}")
     config = tmp_path / "checkpoint-0" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     with pytest.raises(
         CheckpointError, match=rf"checkpoint checkpoint-0 has {field} = .*where checkpoint-5 and the majority"
     ):
@@ -293,7 +291,7 @@ def test_bookkeeping_config_fields_are_ignored(tmp_path: Path) -> None:
     config.write_text(
         json.dumps({**json.loads(config.read_text()), "transformers_version": "0.0", "_name_or_path": "x"})
     )
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     assert check_layout(source, source.checkpoints())["model_type"] == "gpt_neox"
 
 
@@ -324,10 +322,10 @@ def test_a_sha256_sidecar_verifies_local_weights(tmp_path: Path) -> None:
     weights = save_checkpoint(tiny_model(), tmp_path / "checkpoint-0") / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     (weights.parent / "model.safetensors.sha256").write_text(f"{digest}  model.safetensors\n")
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     source.load(source.checkpoints()[0])
     _flip_middle(weights)
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(tmp_path)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(tmp_path)))
     with pytest.raises(CheckpointError, match=r"checkpoint checkpoint-0: model\.safetensors is corrupt"):
         source.load(source.checkpoints()[0])
 
@@ -335,7 +333,7 @@ def test_a_sha256_sidecar_verifies_local_weights(tmp_path: Path) -> None:
 def test_legacy_torch_save_files_load(run_dir: Path, tmp_path: Path) -> None:
     model = tiny_model(seed=5)
     torch.save(model.state_dict(), tmp_path / "w_3.pt", _use_new_zipfile_serialization=False)
-    spec = CheckpointsSpec(
+    spec = StateDictCheckpoints(
         source="state_dict", files=[str(tmp_path / "w_*.pt")], config=str(run_dir / "checkpoint-0")
     )
     source = CheckpointSource.from_spec(spec)
@@ -350,7 +348,7 @@ def test_save_pretrained_weights_as_state_dicts_are_refused_at_plan_time(
     import shutil
 
     shutil.copy(run_dir / "checkpoint-0" / "model.safetensors", tmp_path / "w_0.safetensors")
-    spec = CheckpointsSpec(
+    spec = StateDictCheckpoints(
         source="state_dict", files=[str(tmp_path / "w_*")], config=str(run_dir / "checkpoint-0")
     )
     source = CheckpointSource.from_spec(spec)
@@ -378,7 +376,7 @@ def test_a_revision_without_weights_is_missing_for_prefetch_and_the_cache_incomp
 def test_an_unreadable_tokenizer_is_named_with_its_cause_and_the_ways_out(tmp_path: Path) -> None:
     run = build_local_run(tmp_path / "run", [0])
     (run / "checkpoint-0" / "tokenizer.json").write_text("{not json")
-    source = CheckpointSource.from_spec(CheckpointsSpec(source="local", path=str(run)))
+    source = CheckpointSource.from_spec(LocalCheckpoints(source="local", path=str(run)))
     with pytest.raises(
         CheckpointError, match=r"no tokenizer at .*checkpoint-0' \(.+\); set checkpoints\.tokenizer"
     ):

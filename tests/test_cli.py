@@ -73,6 +73,10 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
         },
         "sequences of 40 tokens exceed the model context of 32 positions; set data.seq_len",
     ),
+    "another source's key": (
+        lambda t, run: {"checkpoints": {"repo": "org/none"}},
+        "checkpoints.repo belongs to source = 'hub', not 'local'; source = 'local' takes:",
+    ),
     "unknown job key": (
         lambda t, run: {"compute": {"gpus": 1}},
         "unknown key(s) 'gpus' in [compute]; valid keys: executor, workers",

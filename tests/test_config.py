@@ -1,6 +1,7 @@
 """Job spec parsing: strict keys, literal choices, path resolution, spec hashes."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from builders import job_dict, write_job
@@ -55,7 +56,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path: Path) -> None:
     path = write_job(tmp_path / "jobs" / "j.toml", Path("../run"), Path("out.zarr"))
     job = load_job(path)
     assert job.output == str(tmp_path / "jobs" / "out.zarr")
-    assert job.checkpoints.path == str(tmp_path / "run")
+    assert job.checkpoints.location == str(tmp_path / "run")
 
 
 def test_spec_hash_ignores_compute_but_not_analysis_settings(tmp_path: Path) -> None:
@@ -115,7 +116,6 @@ def test_sbatch_values_refuse_shell_syntax(tmp_path: Path, key: str, value: str)
         ({"data": {"num_examples": 0}}, r"data\.num_examples = 0"),
         ({"checkpoints": {"select": "every=0"}}, r"selector 'every=0' is not valid"),
         ({"checkpoints": {"select": "0:40:0"}}, r"selector '0:40:0' is not valid"),
-        ({"checkpoints": {"steps": {"main": -1}}}, r"checkpoints\.steps\.main = -1"),
     ],
 )
 def test_bad_sizes_and_selectors_fail_at_parse_time(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -185,3 +185,64 @@ def test_options_added_later_leave_the_spec_hash_of_older_jobs_unchanged(tmp_pat
     assert spec_hash(job, {"a": 1}) == "9a46dafab484c9c0"
     padded = job_from_dict(job_dict(tmp_path / "run", tmp_path / "o.zarr", data={"pad_id": 0}), base=tmp_path)
     assert spec_hash(padded, {"a": 1}) != spec_hash(job, {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"source": "local", "path": "run", "steps": {"main": 3}},
+            r"checkpoints\.steps belongs to source = 'hub', not 'local'; source = 'local' takes: .*path",
+        ),
+        (
+            {"source": "hub", "repo": "org/m", "path": "run"},
+            r"checkpoints\.path belongs to source = 'local', not 'hub'; source = 'hub' takes: .*repo",
+        ),
+        (
+            {"source": "local", "path": "run", "files": ["*.pt"]},
+            r"checkpoints\.files belongs to source = 'state_dict'",
+        ),
+        ({"source": "hub", "revisions": ["step0"]}, r"missing required key\(s\) 'repo' in \[checkpoints\]"),
+        ({"source": "state_dict", "files": ["*.pt"]}, r"missing required key\(s\) 'config'"),
+        ({"source": "hub", "repo": "org/m", "steps": {"main": -1}}, r"checkpoints\.steps\.main = -1"),
+        (
+            {"source": "hub", "repo": "org/m", "revisions": "all"},
+            r"checkpoints\.revisions = 'all' must be 'pythia' or a list",
+        ),
+        (
+            {"source": "local", "path": "run", "pattern": "ckpt"},
+            r"checkpoints\.pattern 'ckpt' must contain '\{step\}'",
+        ),
+        (
+            {"source": "disk", "path": "run"},
+            r"checkpoints\.source = 'disk' is not valid; choose one of: 'hub', 'local', 'state_dict'",
+        ),
+    ],
+)
+def test_each_checkpoint_source_takes_its_own_keys_at_parse_time(
+    tmp_path: Path, table: dict, message: str
+) -> None:
+    raw = job_dict(tmp_path, tmp_path / "o.zarr")
+    raw["checkpoints"] = table
+    with pytest.raises(JobSpecError, match=message):
+        job_from_dict(raw, base=tmp_path)
+
+
+def test_a_spec_stored_with_every_sources_keys_still_parses_and_hashes_as_before(tmp_path: Path) -> None:
+    from ckpt_analysis.config import LocalCheckpoints
+    from ckpt_analysis.digests import spec_hash
+
+    raw = job_dict(tmp_path, tmp_path / "o.zarr")
+    job = job_from_dict(raw, base=tmp_path)
+    legacy: dict[str, Any] = {
+        "repo": None,
+        "revisions": "pythia",
+        "cache_dir": None,
+        "files": [],
+        "config": None,
+        "steps": {},
+    }
+    stored = {**job.to_dict(), "checkpoints": {**job.to_dict()["checkpoints"], **legacy}}
+    again = job_from_dict(stored, base=tmp_path)
+    assert isinstance(again.checkpoints, LocalCheckpoints) and again == job
+    assert spec_hash(again, {}) == spec_hash(job, {})

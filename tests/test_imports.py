@@ -1,4 +1,5 @@
-"""The direction of flow: nothing in the pipeline imports the toy trainers and demo in ``zoo/``."""
+"""The direction of flow: nothing in the pipeline imports the toy trainers and demo in ``zoo/``, and
+what the analyses build on (checkpoints, data, numerics) imports no analysis."""
 
 import ast
 from pathlib import Path
@@ -45,3 +46,32 @@ def test_the_import_walk_sees_relative_and_function_level_imports() -> None:
         assert "ckpt_analysis.zoo.demo" in _imported_modules(relative)
     finally:
         relative.unlink()
+
+
+BELOW_THE_ANALYSES = (
+    "attention.py",
+    "checkpoints",
+    "config.py",
+    "corpus.py",
+    "curvature.py",
+    "data.py",
+    "digests.py",
+    "directional.py",
+    "losses.py",
+    "models",
+    "sites.py",
+    "spectral.py",
+    "tasks",
+    "types.py",
+)
+"""What the analyses build on: checkpoints, data and the numerics; none of it may import an analysis."""
+
+
+def test_what_the_analyses_build_on_imports_no_analysis() -> None:
+    offenders = [
+        str(file.relative_to(PACKAGE))
+        for file in PACKAGE.rglob("*.py")
+        if file.relative_to(PACKAGE).parts[0] in BELOW_THE_ANALYSES
+        and any(m.startswith("ckpt_analysis.analyses") for m in _imported_modules(file))
+    ]
+    assert offenders == []

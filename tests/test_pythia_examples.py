@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from builders import cli
 
-from ckpt_analysis.checkpoints import PYTHIA_TOKENS_PER_STEP, HubSource
+from ckpt_analysis.checkpoints import PYTHIA_TOKENS_PER_STEP, CheckpointSource
 from ckpt_analysis.config import load_job, to_toml
 from ckpt_analysis.store import open_results, store_meta, unit_states
 from ckpt_analysis.tasks.topics import words
@@ -54,7 +54,9 @@ def _text_file(path: Path, *, documents: int = 2 * SEQUENCES, length: int = 300)
 def ci_sized(job_file: Path, tmp: Path) -> tuple[Path, list[str]]:
     """The job at CI size, written to ``tmp``; returns the job file and the revisions it runs."""
     raw: dict[str, Any] = tomllib.loads(job_file.read_text())
-    revisions = [c.revision for c in HubSource(load_job(job_file).checkpoints).checkpoints()][:REVISIONS]
+    revisions = [
+        c.revision for c in CheckpointSource.from_spec(load_job(job_file).checkpoints).checkpoints()
+    ][:REVISIONS]
     pythia_standin(tmp / "hub", revisions, repo=raw["checkpoints"]["repo"], config=TINY_PYTHIA)
     raw["output"] = str(tmp / "store.zarr")
     raw["checkpoints"] |= {"cache_dir": str(tmp / "hub"), "select": revisions}

@@ -10,7 +10,7 @@ import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from ckpt_analysis.config import CheckpointsSpec, selector_predicate
 from ckpt_analysis.device import resolve_device
@@ -35,13 +35,16 @@ class Checkpoint:
     tokens_seen: int | None = None
 
 
-class CheckpointSource(ABC):
+S = TypeVar("S", bound=CheckpointsSpec)
+
+
+class CheckpointSource(ABC, Generic[S]):
     """A family of checkpoints sharing one architecture; knows how to list and load them."""
 
-    def __init__(self, spec: CheckpointsSpec) -> None:
+    def __init__(self, spec: S) -> None:
         self.spec = spec
 
-    _kinds: ClassVar[dict[str, type[CheckpointSource]]] = {}
+    _kinds: ClassVar[dict[str, type[CheckpointSource[Any]]]] = {}
 
     def __init_subclass__(cls, *, kind: str, **kwargs: Any) -> None:
         """A source registers itself under its ``checkpoints.source`` value."""
@@ -49,7 +52,7 @@ class CheckpointSource(ABC):
         CheckpointSource._kinds[kind] = cls
 
     @classmethod
-    def from_spec(cls, spec: CheckpointsSpec) -> CheckpointSource:
+    def from_spec(cls, spec: CheckpointsSpec) -> CheckpointSource[Any]:
         """The source class for ``spec.source`` (each registers itself in its own module)."""
         return cls._kinds[spec.source](spec)
 
@@ -69,7 +72,7 @@ class CheckpointSource(ABC):
     def _load(self, ckpt: Checkpoint, dtype: torch.dtype, attn: str) -> PreTrainedModel:
         """Load the model for ``ckpt`` (no finiteness check; see :meth:`load`)."""
 
-    def check_keys(self, ckpt: Checkpoint, layout: dict[str, tuple[int, ...]]) -> None:  # noqa: B027
+    def check_keys(self, ckpt: Checkpoint, layout: dict[str, tuple[int, ...]]) -> None:
         """Refuse tensor names the loader will not accept; none here (``from_pretrained`` maps its own)."""
 
     def checkpoints(self) -> list[Checkpoint]:

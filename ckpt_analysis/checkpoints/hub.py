@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_analysis.checkpoints.base import Checkpoint, CheckpointSource, weight_files_in
-from ckpt_analysis.config import CheckpointsSpec, hf_cache_dir
+from ckpt_analysis.config import CheckpointsSpec, HubCheckpoints, hf_cache_dir
 from ckpt_analysis.errors import CheckpointError, CkptAnalysisError, JobSpecError, one_line
 
 if TYPE_CHECKING:
@@ -33,16 +33,12 @@ PYTHIA_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), *range(1000, 143
 PYTHIA_REVISIONS: tuple[str, ...] = tuple(f"step{s}" for s in PYTHIA_STEPS)
 
 
-class HubSource(CheckpointSource, kind="hub"):
+class HubSource(CheckpointSource[HubCheckpoints], kind="hub"):
     """Revisions of a Hugging Face Hub repo, loaded through ``from_pretrained`` and a cache dir."""
 
     def available(self) -> list[Checkpoint]:
-        if self.spec.repo is None:
-            raise JobSpecError("checkpoints.repo is required when checkpoints.source = 'hub'")
         revs = self.spec.revisions
-        names = list(PYTHIA_REVISIONS) if revs == "pythia" else revs
-        if not isinstance(names, list):
-            raise JobSpecError("checkpoints.revisions must be 'pythia' or a list of revision names")
+        names = list(PYTHIA_REVISIONS) if revs == "pythia" or not isinstance(revs, list) else revs
         unknown = sorted(set(self.spec.steps) - {str(n) for n in names})
         if unknown:
             raise JobSpecError(
@@ -166,9 +162,9 @@ def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[s
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
 
-    source = CheckpointSource.from_spec(spec)
-    if not isinstance(source, HubSource):
+    if not isinstance(spec, HubCheckpoints):
         raise JobSpecError("prefetch applies to checkpoints.source = 'hub' only")
+    source = HubSource(spec)
     cached, missing = [], []
     for ckpt in source.checkpoints():
         try:
@@ -191,7 +187,7 @@ def prefetch(spec: CheckpointsSpec, *, offline: bool) -> tuple[list[str], list[s
     return cached, missing
 
 
-def _repo_cache(spec: CheckpointsSpec) -> Path:
+def _repo_cache(spec: HubCheckpoints) -> Path:
     """The repo's folder in the Hub cache: ``checkpoints.cache_dir``, else ``HF_HUB_CACHE``, else
     ``HF_HOME/hub`` (``~/.cache/huggingface/hub``), as huggingface_hub resolves it."""
     cache = hf_cache_dir(spec.cache_dir, env_var="HF_HUB_CACHE", subfolder="hub")
@@ -201,7 +197,7 @@ def _repo_cache(spec: CheckpointsSpec) -> Path:
 def hub_cache_complete(spec: CheckpointsSpec) -> bool:
     """Whether every selected Hub revision has its config and weights in the cache, looked up
     without importing huggingface_hub (which reads ``HF_HUB_OFFLINE`` once, at import)."""
-    if spec.source != "hub" or spec.repo is None:
+    if not isinstance(spec, HubCheckpoints):
         return False
     base = _repo_cache(spec)
     try:

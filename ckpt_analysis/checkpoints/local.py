@@ -7,27 +7,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_analysis.checkpoints.base import Checkpoint, CheckpointSource, weight_files_in
-from ckpt_analysis.errors import CheckpointError, JobSpecError
+from ckpt_analysis.config import LocalCheckpoints
+from ckpt_analysis.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
 
-class LocalRunSource(CheckpointSource, kind="local"):
+class LocalRunSource(CheckpointSource[LocalCheckpoints], kind="local"):
     """A run folder of ``save_pretrained`` checkpoints: ``checkpoint-<N>/``, ``step_<N>/`` or a pattern."""
 
     def available(self) -> list[Checkpoint]:
-        if self.spec.path is None:
-            raise JobSpecError("checkpoints.path is required when checkpoints.source = 'local'")
         root = Path(self.spec.path)
         if not root.is_dir():
             raise CheckpointError(f"checkpoint folder {root} does not exist")
         patterns = [self.spec.pattern] if self.spec.pattern else ["checkpoint-{step}", "step_{step}"]
         found: dict[int, Path] = {}
         for pattern in patterns:
-            if "{step}" not in pattern:
-                raise JobSpecError(f"checkpoints.pattern {pattern!r} must contain '{{step}}'")
             regex = re.compile(re.escape(pattern).replace(re.escape("{step}"), r"(\d+)") + "$")
             for child in root.iterdir():
                 match = regex.match(child.name)

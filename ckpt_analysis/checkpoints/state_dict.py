@@ -8,19 +8,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_analysis.checkpoints.base import Checkpoint, CheckpointSource, read_state_dict
-from ckpt_analysis.errors import CheckpointError, JobSpecError
+from ckpt_analysis.config import StateDictCheckpoints
+from ckpt_analysis.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
 
-class StateDictSource(CheckpointSource, kind="state_dict"):
+class StateDictSource(CheckpointSource[StateDictCheckpoints], kind="state_dict"):
     """Plain ``*.pt`` / ``*.safetensors`` state dicts sharing one model config."""
 
     def available(self) -> list[Checkpoint]:
-        if not self.spec.files or self.spec.config is None:
-            raise JobSpecError("checkpoints.files and checkpoints.config are required for 'state_dict'")
         paths = sorted({Path(p) for pattern in self.spec.files for p in glob.glob(pattern)})
         if not paths:
             raise CheckpointError(f"no state-dict files match {self.spec.files}")

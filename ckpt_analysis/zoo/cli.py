@@ -40,15 +40,15 @@ def train_onehot(
     spec = load_job(job)
     ids, vocab = onehot_training_corpus(spec)
     config = GDConfig(lr=lr, steps=steps, save_every=save_every, num_layers=layers)
-    train(ids, vocab, Path(str(spec.checkpoints.path)), config)
-    out.print(f"checkpoints in {spec.checkpoints.path}; next: ckpt-analysis run {job}", highlight=False)
+    train(ids, vocab, Path(spec.checkpoints.location), config)
+    out.print(f"checkpoints in {spec.checkpoints.location}; next: ckpt-analysis run {job}", highlight=False)
 
 
 def _run_folder(spec: JobSpec, job: Path) -> Path:
     """Where a trainer writes a job's checkpoints: its local ``checkpoints.path``."""
     if spec.checkpoints.source != "local":
         raise CkptAnalysisError(f"{job}: checkpoints.source must be 'local' to train into checkpoints.path")
-    return Path(str(spec.checkpoints.path))
+    return Path(spec.checkpoints.location)
 
 
 @app.command("train-arithmetic")
@@ -99,7 +99,7 @@ def train_arithmetic(
         config = with_paper_optimiser(config)
     accuracy = train(_run_folder(spec, job), config)
     out.print(
-        f"answer-digit accuracy {accuracy:.3f}; checkpoints in {spec.checkpoints.path}; "
+        f"answer-digit accuracy {accuracy:.3f}; checkpoints in {spec.checkpoints.location}; "
         f"next: ckpt-analysis run {job}",
         highlight=False,
     )
@@ -159,7 +159,7 @@ def train_grammar(
     except ValueError as exc:
         raise CkptAnalysisError(f"{job}: {exc}") from exc
     out.print(
-        f"held-out next-token loss {loss:.3f}; checkpoints in {spec.checkpoints.path}; "
+        f"held-out next-token loss {loss:.3f}; checkpoints in {spec.checkpoints.location}; "
         f"next: ckpt-analysis run {job}",
         highlight=False,
     )

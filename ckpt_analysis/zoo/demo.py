@@ -145,7 +145,7 @@ def _leading_terms(workdir: Path, lr: float, force: bool, outcomes: list[Outcome
     job_path = workdir / f"leading_terms_lr{lr}.toml"
     job_path.write_text(job_text("demo_leading_terms", lr=lr))
     job = load_job(job_path)
-    run_dir = Path(str(job.checkpoints.path))
+    run_dir = Path(job.checkpoints.location)
     gd = GDConfig(lr=lr, steps=ONEHOT_DEMO_STEPS, save_every=5)
     if force or not (run_dir / f"checkpoint-{gd.steps}").is_dir():
         train_onehot(*onehot_training_corpus(job), run_dir, gd)

@@ -95,7 +95,7 @@ def test_token_activations_equal_independently_captured_ones_and_give_numpy_cov(
 def test_token_cov_in_cov_form_equals_numpy_cov(neox_store: NeoxStore, tmp_path: Path) -> None:
     _, job = neox_store
     analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {"form": "cov"}}
-    cov_job = leading_terms_job(Path(str(job.checkpoints.path)), tmp_path / "c.zarr", analyses)
+    cov_job = leading_terms_job(Path(job.checkpoints.location), tmp_path / "c.zarr", analyses)
     assert all(o.ok for o in run_job(cov_job))
     ds = open_results(tmp_path / "c.zarr")
     assert ds.token_cov.dims == ("step", "layer", "token_site", "vocab", "vocab_b")
@@ -136,7 +136,7 @@ def test_activation_scores_equal_an_independent_numpy_computation(
     store, job = neox_store
     if not fold:
         job = leading_terms_job(
-            Path(str(job.checkpoints.path)),
+            Path(job.checkpoints.location),
             tmp_path / "nofold.zarr",
             {"corpus_stats": {"vocab_size": 8}, "lt_alignment": {"fold_ln": False}},
         )
