@@ -41,10 +41,10 @@ S = TypeVar("S", bound=CheckpointsSpec)
 class CheckpointSource(ABC, Generic[S]):
     """A family of checkpoints sharing one architecture; knows how to list and load them."""
 
+    _kinds: ClassVar[dict[str, type[CheckpointSource[Any]]]] = {}
+
     def __init__(self, spec: S) -> None:
         self.spec = spec
-
-    _kinds: ClassVar[dict[str, type[CheckpointSource[Any]]]] = {}
 
     def __init_subclass__(cls, *, kind: str, **kwargs: Any) -> None:
         """A source registers itself under its ``checkpoints.source`` value."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,16 @@ def test_attention_rowcov_equals_the_dense_k_by_k_formula() -> None:
     pre, m = torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.randn(6, 6, generator=gen)
     dense = np.cov((pre @ m.double() @ pre.T).numpy())
     np.testing.assert_allclose(attention_rowcov(pre, m).numpy(), dense, rtol=1e-10, atol=1e-10)
+
+
+def test_bos_on_a_model_without_a_bos_token_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    run_dir = build_local_run(tmp_path / "run", [0])
+    config = run_dir / "checkpoint-0" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "bos_token_id": None}))
+    analyses = {"corpus_stats": {"vocab_size": 8}, "token_cov": {"bos": True}}
+    job = leading_terms_job(run_dir, tmp_path / "x.zarr", analyses)
+    with pytest.raises(
+        JobSpecError, match=r"analyses\.token_cov\.bos = true but the model config has no bos_token_id"
+    ):
+        make_plan(job)
+    assert not (tmp_path / "x.zarr").exists()
