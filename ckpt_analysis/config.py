@@ -64,6 +64,10 @@ class CheckpointsSpec:
         """Where the checkpoints are: the Hub repo, the run folder or the model config."""
         raise NotImplementedError
 
+    def with_paths(self, absolute: Callable[[str], str]) -> CheckpointsSpec:
+        """This spec with its source's file paths made absolute by ``absolute``."""
+        return self
+
 
 @dataclass(frozen=True, kw_only=True)
 class HubCheckpoints(CheckpointsSpec):
@@ -78,6 +82,10 @@ class HubCheckpoints(CheckpointsSpec):
     @property
     def location(self) -> str:
         return self.repo
+
+    def with_paths(self, absolute: Callable[[str], str]) -> CheckpointsSpec:
+        cache = self.cache_dir
+        return dataclasses.replace(self, cache_dir=cache and absolute(cache))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +110,9 @@ class LocalCheckpoints(CheckpointsSpec):
     def location(self) -> str:
         return self.path
 
+    def with_paths(self, absolute: Callable[[str], str]) -> CheckpointsSpec:
+        return dataclasses.replace(self, path=absolute(self.path))
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pattern is not None and "{step}" not in self.pattern:
@@ -120,6 +131,10 @@ class StateDictCheckpoints(CheckpointsSpec):
     @property
     def location(self) -> str:
         return self.config
+
+    def with_paths(self, absolute: Callable[[str], str]) -> CheckpointsSpec:
+        files = [absolute(f) for f in self.files]
+        return dataclasses.replace(self, config=absolute(self.config), files=files)
 
 
 CHECKPOINT_SPECS: dict[str, type[CheckpointsSpec]] = {
@@ -466,19 +481,9 @@ def _resolve_paths(job: JobSpec, base: Path) -> JobSpec:
             return p
         return str((base / Path(p).expanduser()).resolve())
 
-    ck = job.checkpoints
-    tokenizer = ck.tokenizer
-    if tokenizer is not None and (base / tokenizer).exists():
-        tokenizer = absolute(tokenizer)
-    ck = dataclasses.replace(ck, tokenizer=tokenizer)
-    if isinstance(ck, HubCheckpoints):
-        ck = dataclasses.replace(ck, cache_dir=absolute(ck.cache_dir))
-    elif isinstance(ck, LocalCheckpoints):
-        ck = dataclasses.replace(ck, path=str(absolute(ck.path)))
-    elif isinstance(ck, StateDictCheckpoints):
-        ck = dataclasses.replace(
-            ck, config=str(absolute(ck.config)), files=[str(absolute(f)) for f in ck.files]
-        )
+    ck = job.checkpoints.with_paths(lambda p: str(absolute(p)))
+    if ck.tokenizer is not None and (base / ck.tokenizer).exists():  # else a Hub id
+        ck = dataclasses.replace(ck, tokenizer=absolute(ck.tokenizer))
     data, sample = _resolve_data(job.data, base), job.sample and _resolve_data(job.sample, base)
     return dataclasses.replace(
         job, output=str(absolute(job.output)), checkpoints=ck, data=data, sample=sample

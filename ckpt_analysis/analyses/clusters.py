@@ -309,16 +309,17 @@ class Clusters(Analysis[ClusterParams]):
 
     def _windows(self, steps: np.ndarray) -> dict[str, tuple[Bound, Bound]]:
         """Each window by its label (checked by :meth:`check`)."""
-        pairs = window_pairs(self.params.window)
-        return {window_label(a, b, steps): (a, b) for a, b in pairs}
+        return dict(self._labelled_windows(steps))
+
+    def _labelled_windows(self, steps: np.ndarray) -> list[tuple[str, tuple[Bound, Bound]]]:
+        return [(window_label(a, b, steps), (a, b)) for a, b in window_pairs(self.params.window)]
 
     def _check_windows(self, steps: np.ndarray) -> None:
         """Each window's bounds are valid and it holds two checkpoints (a window from τ once τ is
         known); no two windows share a label."""
-        pairs = window_pairs(self.params.window)
-        labels = [window_label(a, b, steps) for a, b in pairs]
-        require_distinct(labels, "analyses.clusters.window")
-        for label, (start, end) in zip(labels, pairs, strict=True):
+        labelled = self._labelled_windows(steps)
+        require_distinct([label for label, _ in labelled], "analyses.clusters.window")
+        for label, (start, end) in labelled:
             if start not in ("start", "tau") and not (isinstance(start, int) and start >= 0):
                 raise JobSpecError(
                     f'analyses.clusters.window start {start!r} must be a step, "start" or "tau"'

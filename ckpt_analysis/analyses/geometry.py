@@ -233,7 +233,7 @@ class Geometry(Analysis[GeometryParams]):
         sequences = int(sample.any(axis=1).sum())
 
         def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
-            reuse = stored is not None and kind == "token" and site in reused
+            reuse = kind == "token" and site in reused
             cov = stored[reused[site], layer] if reuse and stored is not None else None
             return self._measure(sequence_points(acts[(site, layer)], sequences, kind), cov)
 
