@@ -18,26 +18,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import build_run, machine, table
+from common import build_run, covariance_job, machine, table, unit_times
 
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.plan import prepare_store
 from ckpt_analysis.run import run_job
-from ckpt_analysis.store import read, read_sidecar, store_meta
+from ckpt_analysis.store import read
 from ckpt_analysis.verify import verify_store
 
 STEPS = 6
-
-
-def _job(run: Path, output: Path) -> dict[str, object]:
-    return {
-        "name": "checksum-bench",
-        "output": str(output),
-        "checkpoints": {"source": "local", "path": str(run)},
-        "data": {"source": "addition", "num_examples": 256},
-        "analyses": {"covariance": {"sites": ["resid_pre", "attn_out", "mlp_out", "resid_post"]}},
-        "compute": {"executor": "inprocess", "batch_size": 64, "torch_threads": 1},
-    }
 
 
 def _strip_checksums(store: Path) -> None:
@@ -56,10 +45,6 @@ def _strip_checksums(store: Path) -> None:
     (store / "zarr.json").write_text(json.dumps(root))
 
 
-def _unit_times(store: Path) -> list[float]:
-    return [float(read_sidecar(store, u["id"])["wall_s"]) for u in store_meta(store)["units"]]  # type: ignore[index]
-
-
 def _read_time(store: Path, repeats: int) -> float:
     times = []
     for i in range(repeats):
@@ -73,7 +58,8 @@ def main(workdir: Path) -> None:
     torch.manual_seed(0)
     run = build_run(workdir / "run", STEPS)
     jobs = {
-        kind: job_from_dict(_job(run, workdir / f"{kind}.zarr"), base=workdir) for kind in ("crc", "plain")
+        kind: job_from_dict(covariance_job(run, workdir / f"{kind}.zarr"), base=workdir)
+        for kind in ("crc", "plain")
     }
     for kind, job in jobs.items():
         prepare_store(job, force=True)
@@ -83,7 +69,7 @@ def main(workdir: Path) -> None:
     for _ in range(3):
         for kind, job in jobs.items():
             assert all(o.ok for o in run_job(job, force=True))
-            units[kind] += _unit_times(Path(job.output))
+            units[kind] += unit_times(Path(job.output))
     reads = {k: [] for k in jobs}  # type: dict[str, list[float]]
     for _ in range(5):
         for kind, job in jobs.items():

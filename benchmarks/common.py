@@ -48,6 +48,25 @@ def write_ids(path: Path, *, sequences: int, length: int, vocab: int = 512, seed
     return path
 
 
+def covariance_job(run: Path, output: Path) -> dict[str, object]:
+    """The store-cost benchmarks' job: every site of a covariance sweep, in-process, one thread."""
+    return {
+        "name": "store-bench",
+        "output": str(output),
+        "checkpoints": {"source": "local", "path": str(run)},
+        "data": {"source": "addition", "num_examples": 256},
+        "analyses": {"covariance": {"sites": ["resid_pre", "attn_out", "mlp_out", "resid_post"]}},
+        "compute": {"executor": "inprocess", "batch_size": 64, "torch_threads": 1},
+    }
+
+
+def unit_times(store: Path) -> list[float]:
+    """Every unit's wall time from its sidecar."""
+    from ckpt_analysis.store import read_sidecar, store_meta
+
+    return [float((read_sidecar(store, u["id"]) or {})["wall_s"]) for u in store_meta(store)["units"]]
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):

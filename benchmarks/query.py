@@ -13,7 +13,8 @@ import zarr
 from common import machine, median_time, table
 
 from ckpt_analysis.registry import Variable, Write
-from ckpt_analysis.store import create_store, open_results, read, write_block
+from ckpt_analysis.staging import StagedWrites
+from ckpt_analysis.store import create_store, open_results, read
 
 STEPS, LAYERS, D = 100, 4, 256
 
@@ -33,7 +34,9 @@ def main() -> None:
         create_store(store, variables=[var], coords=coords, tables={}, meta={"units": []}, replace=False)
         block = rng.normal(size=(1, LAYERS, D, D)).astype(np.float32)
         for s in range(STEPS):
-            write_block(store, Write("act_cov", (s,), block))
+            staged = StagedWrites(store, f"covariance/step={s}")
+            staged.write(Write("act_cov", (s,), block))
+            staged.commit()
         np.save(tmp / "one.npy", block[0, 2])
         picks = rng.integers(0, STEPS, 200)
         it = iter(np.tile(picks, 100))

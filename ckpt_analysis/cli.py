@@ -17,11 +17,13 @@ from rich.table import Table
 from ckpt_analysis.cli_support import ForceOpt, JobArg, OutputOpt, StoreArg, out, reports_errors
 from ckpt_analysis.config import DataSpec, JobSpec
 from ckpt_analysis.errors import CkptAnalysisError, DataError
+from ckpt_analysis.owners import STALE_AFTER_S
 from ckpt_analysis.types import ExecutorKind
 from ckpt_analysis.zoo.cli import app as zoo_app
 
 if TYPE_CHECKING:
     from ckpt_analysis.execute import Outcome
+    from ckpt_analysis.store import UnitState
 
 log = logging.getLogger(__name__)
 
@@ -314,14 +316,20 @@ def resubmit(
     files have moved since, use `ckpt-analysis submit JOB --output STORE` instead."""
     from ckpt_analysis.submit import resubmit as resubmit_store
 
-    pending, submitted = resubmit_store(store, dry_run=dry_run, wait=wait)
-    if not pending:
+    pending, submitted, damaged = resubmit_store(store, dry_run=dry_run, wait=wait)
+    if not pending and not damaged:
         out.print(f"{store}: every unit is done; nothing to submit")
         return
     table = Table("unit", "state", "reason", title=f"{store}: {len(pending)} units not done")
     for s in pending:
-        table.add_row(s.unit_id, s.state, s.detail)
+        table.add_row(s.unit_id, s.state, escape(s.detail))
     out.print(table)
+    if damaged:
+        out.print(
+            f"[red]{len(damaged)} done unit(s) lost chunk files[/] ({', '.join(damaged[:3])}): "
+            f"`ckpt-analysis verify {store} --repair` first, then resubmit to recompute them",
+            highlight=False,
+        )
     for stage in submitted:
         out.print(
             f"stage {stage.number}: {stage.pending} of {stage.units} units in {stage.tasks} array tasks"
@@ -339,26 +347,52 @@ def status(
     check: Annotated[
         bool, typer.Option("--verify", help="Also read every chunk and check it (as `verify` does).")
     ] = False,
+    stale_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without a heartbeat after which a unit whose owner can't be asked "
+            "(another host, no SLURM) counts as interrupted."
+        ),
+    ] = STALE_AFTER_S,
 ) -> None:
-    """Show which units are done, failed (with the reason), running or missing.
+    """Show which units are done, damaged, failed (with the reason), running, interrupted or missing.
 
-    Done means the unit finished writing; whether its chunks are still intact on disk is what
-    `status --verify` (or `verify STORE`) checks. Exit 1 if a unit failed (or, with --verify, a
-    chunk is damaged).
+    Running means the unit's owner still lives: its process on this host, its SLURM task, or a
+    heartbeat within --stale-after seconds where neither can be asked. Interrupted means the owner
+    is gone (killed, cancelled, preempted): rerun the job or `resubmit STORE`. Damaged means a
+    done unit lost a chunk file (a listing, no reads): `verify STORE --repair`; whether the chunks
+    left are intact is what `status --verify` (or `verify STORE`) checks. Exit 1 if a unit failed
+    or is damaged (or, with --verify, a chunk is).
     """
     from ckpt_analysis.store import unit_states
 
     intact = _verify(store, fix=False) if check else True
-    states = unit_states(store)
+    states = unit_states(store, stale_after=stale_after)
     table = Table("unit", "state", "detail", title=str(store))
-    colour = {"done": "green", "failed": "red", "running": "yellow", "missing": "dim"}
     for s in states:
-        table.add_row(s.unit_id, f"[{colour[s.state]}]{s.state}[/]", escape(s.detail))
+        table.add_row(s.unit_id, f"[{_COLOUR[s.state]}]{s.state}[/]", escape(s.detail))
     out.print(table)
-    counts = {k: sum(s.state == k for s in states) for k in colour}
+    counts = _counts(states)
     out.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    if counts["failed"] or not intact:
+    if counts["failed"] or counts["damaged"] or not intact:
         raise typer.Exit(1)
+
+
+_COLOUR = {
+    "done": "green",
+    "damaged": "red",
+    "failed": "red",
+    "running": "yellow",
+    "interrupted": "magenta",
+    "missing": "dim",
+}
+
+
+def _counts(states: list[UnitState]) -> dict[str, int]:
+    """How many units are in each state, every state listed (zeros too)."""
+    from ckpt_analysis.store import STATES
+
+    return {k: sum(s.state == k for s in states) for k in STATES}
 
 
 @app.command()
@@ -427,8 +461,7 @@ def show(store: StoreArg) -> None:
             str(name), ", ".join(map(str, var.dims)), str(var.dtype), var.attrs.get("description", "")
         )
     out.print(table)
-    counts = {k: sum(s.state == k for s in states) for k in ("done", "failed", "running", "missing")}
-    out.print("units: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    out.print("units: " + ", ".join(f"{v} {k}" for k, v in _counts(states).items()))
 
 
 @app.command()

@@ -51,7 +51,8 @@ def vocab_index(ids: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     """Map token ids to their vocabulary rank 0 … K − 1, or :data:`OOV`."""
     lookup = np.full(max(int(ids.max()), int(vocab.max())) + 1, OOV, dtype=np.int64)
     lookup[vocab] = np.arange(vocab.size)
-    return lookup[ids]
+    ranks: np.ndarray = lookup[ids]
+    return ranks
 
 
 def check_right_padded(mask: np.ndarray) -> None:

@@ -171,7 +171,7 @@ class SlurmDaskExecutor(DaskExecutor):
 
     def job_cluster(self) -> Any:
         """The unscaled ``SLURMCluster``: its ``job_script()`` is what each worker job runs."""
-        from dask_jobqueue import SLURMCluster
+        from dask_jobqueue.slurm import SLURMCluster
 
         spec = self.slurm
         gres = [] if spec.gres is None else [f"--gres={spec.gres}"]

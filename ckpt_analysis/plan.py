@@ -55,7 +55,7 @@ class Plan:
     tokenizer: PreTrainedTokenizerBase | None
     token_text: list[str] | None
     token_context: list[str] | None
-    analyses: list[Analysis]
+    analyses: list[Analysis[Any]]
     units: list[Unit]
     sample: EvalData | None = None
 
@@ -94,7 +94,9 @@ def make_plan(job: JobSpec) -> Plan:
     return Plan(job, ckpts, config, data, tokenizer, text, context, analyses, units, sample)
 
 
-def _tokenizer(source: CheckpointSource, first: Checkpoint, job: JobSpec) -> PreTrainedTokenizerBase | None:
+def _tokenizer(
+    source: CheckpointSource[Any], first: Checkpoint, job: JobSpec
+) -> PreTrainedTokenizerBase | None:
     """The checkpoints' tokenizer, checked where the data needs one (``DataSpec.needs_tokenizer``);
     where it needs none (pre-tokenized ids), the tokenizer if the checkpoints carry a usable one,
     else None (docs/jobs.md, "Pre-tokenized ids without a tokenizer")."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import socket
 import time
 import traceback
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,13 +19,15 @@ from ckpt_analysis.data import EvalData
 from ckpt_analysis.device import visible_gpus
 from ckpt_analysis.errors import StoreError, one_line
 from ckpt_analysis.execute import Outcome, Task, make_executor
+from ckpt_analysis.owners import heartbeat, owner
 from ckpt_analysis.plan import check_job_output, prepare_store, stored_units, unit_stages, versions
 from ckpt_analysis.progress import progress
-from ckpt_analysis.registry import Unit, UnitContext, Write, get_analysis
+from ckpt_analysis.registry import Unit, UnitContext, get_analysis
+from ckpt_analysis.staging import StagedWrites
 from ckpt_analysis.store import (
     check_writable,
-    chunk_files,
     done_flags,
+    lock_file,
     read_array,
     read_sidecar,
     require_store,
@@ -36,7 +36,7 @@ from ckpt_analysis.store import (
     store_meta,
     sweep_temp_files,
     unit_lock,
-    write_block,
+    unit_states,
     write_sidecar,
 )
 from ckpt_analysis.types import ExecutorKind
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 class _ModelCache:
     """Loads checkpoints by index, keeping only the most recent model in memory."""
 
-    source: CheckpointSource
+    source: CheckpointSource[Any]
     checkpoints: list[Checkpoint]
     index: int | None = None
     model: PreTrainedModel | None = None
@@ -115,15 +115,6 @@ def _sample(store: str, job: JobSpec) -> EvalData | None:
     return EvalData(ids, mask, score.astype(bool))
 
 
-def _provenance() -> dict[str, Any]:
-    env = {
-        k: os.environ[k]
-        for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
-        if k in os.environ
-    }
-    return {"host": socket.gethostname(), "pid": os.getpid(), **env}
-
-
 def _memory() -> dict[str, float]:
     """Peak memory so far: the process's resident set (its lifetime peak, so an upper bound for
     the unit) and, on CUDA, the unit's own peak of allocated GPU memory (reset at its start)."""
@@ -169,12 +160,14 @@ def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
     The unit's lock (:func:`~ckpt_analysis.store.unit_lock`) is held throughout, so a concurrent
-    run waits, then skips it. The unit's blocks are computed in memory first, then its done
-    marker is cleared, the blocks written and the marker set last: a unit killed mid-write is
-    recomputed on the next run, and a ``--force`` recompute that fails before writing keeps the
-    earlier result. A streaming unit (its ``compute`` yields) clears its marker first and writes
-    as it goes. A unit that fails after writing (a full disk, an I/O error) has its chunks reset
-    to the fill value and ends not done, ``failed`` with its reason (docs/results.md, "Integrity").
+    run waits, then skips it; its sidecar names this process as the owner and a heartbeat runs
+    (docs/results.md, "Running or interrupted"). The unit's blocks are staged in temporary files
+    (:class:`~ckpt_analysis.staging.StagedWrites`; a streaming unit, whose ``compute`` yields,
+    stages each block as it comes); only when all are written is the done marker cleared, the
+    files renamed into place and the marker set last. So a unit killed or failing before the
+    renames, a full disk included, leaves none of its blocks visible, and a ``--force`` recompute
+    that fails keeps the earlier result; one failing during the renames has its chunks reset to
+    the fill value. A failed unit ends ``failed`` with its reason (docs/results.md, "Integrity").
     """
     try:
         worker = _worker(store, job_json)
@@ -182,7 +175,7 @@ def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force
     except Exception as exc:
         return Outcome(index, f"unit {index}", "failed", one_line(exc))
     try:
-        with unit_lock(store, unit.id):
+        with unit_lock(store, unit.id), heartbeat(lock_file(store, unit.id)):
             return _run_locked(store, worker, unit, index, torch_threads=torch_threads, force=force)
     except Exception as exc:  # the store itself failed: removed, unwritable, full disk
         log.warning("unit %s failed: %s", unit.id, one_line(exc))
@@ -200,42 +193,34 @@ def _run_locked(
     missing = [d for d in unit.deps if not flags[worker.index[d]]]
     if missing:  # a shard of a later SLURM stage whose inputs failed or never ran: no data written
         error = f"dependency not done: {', '.join(missing)}"
-        write_sidecar(store, unit.id, {"unit": unit.id, "status": "failed", "error": error, **_provenance()})
+        write_sidecar(store, unit.id, {"unit": unit.id, "status": "failed", "error": error, **owner()})
         return Outcome(index, unit.id, "failed", error)
     torch.set_num_threads(torch_threads)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     earlier = read_sidecar(store, unit.id) if flags[index] else None
-    record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **_provenance()}
-    written: list[str] = []  # chunk files touched so far: reset if the unit fails
+    record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **owner()}
+    staged = StagedWrites(store, unit.id)
     cleared = False  # the done marker was cleared: an earlier result is no longer whole
     try:
         if earlier is None:
             write_sidecar(store, unit.id, record)
         analysis = get_analysis(unit.analysis).from_spec(worker.job.analyses[unit.analysis])
-        writes = analysis.compute(unit, worker.context)
-        cleared = True
+        for write in analysis.compute(unit, worker.context):
+            staged.write(write)
         set_done(store, index, False)
-        if not isinstance(writes, list):  # a streaming unit: each block written as it comes
-            _write_all(store, writes, written)
-            writes = []
-        _write_all(store, writes, written)
+        cleared = True
+        staged.commit()
         set_done(store, index, True)
     except Exception as exc:
+        staged.discard()
         kept = None if cleared else earlier
-        return _failed(store, worker.job, unit, index, exc, record, kept, written)
+        return _failed(store, worker.job, unit, index, exc, record, kept, staged.files if cleared else [])
     wall = time.time() - start
     done = {**record, "status": "done", "wall_s": wall, **_memory(), "versions": versions()}
-    write_sidecar(store, unit.id, {**done, "chunks": written})
+    write_sidecar(store, unit.id, {**done, "chunks": staged.files})
     return Outcome(index, unit.id, "done", None, wall)
-
-
-def _write_all(store: str, writes: Iterable[Write], written: list[str]) -> None:
-    """Write blocks, listing each block's chunk files in ``written`` before touching them."""
-    for write in writes:
-        written += chunk_files(store, write)
-        write_block(store, write)
 
 
 def _failed(
@@ -246,11 +231,12 @@ def _failed(
     exc: Exception,
     record: dict[str, Any],
     earlier: dict[str, Any] | None,
-    written: list[str],
+    placed: list[str],
 ) -> Outcome:
-    """Record a failed unit: its chunks reset to fill (nothing half-written stays visible) and its
-    reason in the sidecar; a failed ``--force`` recompute that wrote nothing keeps the earlier
-    result beside the failure. Best effort on a broken disk: the reason is also logged."""
+    """Record a failed unit: the chunks it may have renamed into place (``placed``) reset to fill,
+    so nothing half-written stays visible, and its reason in the sidecar; a failed ``--force``
+    recompute that placed nothing keeps the earlier result beside the failure. Best effort on a
+    broken disk: the reason is also logged."""
     wall = time.time() - record["started"]
     error = failure_reason(exc, job)
     log.warning("unit %s failed: %s", unit.id, error)
@@ -264,7 +250,7 @@ def _failed(
     if earlier is not None:
         failed = {**earlier, "forced_recompute": failed}
     try:
-        reset_chunks(store, written)
+        reset_chunks(store, placed)
         write_sidecar(store, unit.id, failed)
     except OSError as cleanup:
         log.warning("unit %s: could not record its failure: %s", unit.id, one_line(cleanup))
@@ -297,6 +283,8 @@ def run_job(
         check_job_output(job, force=False)
     check_writable(store)
     sweep_temp_files(store)
+    if shard is None:
+        _note_interrupted(store)
     _worker.cache_clear()  # the store may have been (re)created just now
     job_json = json.dumps(job.to_dict())
     worker = _worker(store, job_json)
@@ -321,6 +309,14 @@ def run_job(
         outcomes = runner.run(tasks, fn, lambda o: advance(o.name, o.ok))
     _worker.cache_clear()
     return outcomes
+
+
+def _note_interrupted(store: str) -> None:
+    """Log the units a dead owner left running, which this run recomputes (``run`` and ``watch``)."""
+    interrupted = [s.unit_id for s in unit_states(store) if s.state == "interrupted"]
+    if interrupted:
+        names = ", ".join(interrupted[:5]) + (" …" if len(interrupted) > 5 else "")
+        log.info("%s: %d interrupted unit(s) to recompute: %s", store, len(interrupted), names)
 
 
 def _run_unit_fn(store: str, job_json: str, torch_threads: int, force: bool, index: int) -> Outcome:

@@ -40,8 +40,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _child(layer: nn.Module, names: tuple[str, ...], site: str) -> nn.Module:
     for name in names:
-        if isinstance(getattr(layer, name, None), nn.Module):
-            return getattr(layer, name)
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module):
+            return child
     raise ValueError(f"{type(layer).__name__} exposes no {site} module (looked for {', '.join(names)})")
 
 

@@ -15,18 +15,20 @@ import itertools
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ckpt_analysis.errors import StoreError
+from ckpt_analysis.owners import STALE_AFTER_S, Liveness, describe
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -87,7 +89,8 @@ def open_results(path: str | Path, *, chunks: dict[str, int] | None = None, chec
     if check and (Path(path) / UNITS_DIR).is_dir():
         _refuse_missing(path)
     with _quiet_consolidated():
-        return xr.open_zarr(str(path), consolidated=True, chunks=chunks)
+        ds: xr.Dataset = xr.open_zarr(str(path), consolidated=True, chunks=chunks)
+    return ds
 
 
 _NUMERIC = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64"}
@@ -202,7 +205,8 @@ def _read_chunk(path: str, name: str, meta: dict[str, Any], key: list[int]) -> n
     if meta["checksum"] and not checksum_ok(raw):
         raise StoreError(f"{file} fails its checksum: the store is damaged; {_REPAIR.format(store=path)}")
     payload = raw[:-4] if meta["checksum"] else raw
-    return payload.view(meta["dtype"]).reshape(chunks)
+    block: np.ndarray = payload.view(meta["dtype"]).reshape(chunks)
+    return block
 
 
 _REPAIR = "run `ckpt-analysis verify {store} --repair`, then `ckpt-analysis run` to recompute it"
@@ -427,7 +431,7 @@ def grow_store(
 
 
 @cache
-def _array(path: str, name: str) -> zarr.Array:
+def _array(path: str, name: str) -> zarr.Array[Any]:
     """An array opened for writing; chunks equal to the fill value are written too, so a done
     unit's chunks are all on disk and a missing one is damage (docs/results.md, "Integrity")."""
     import zarr
@@ -446,12 +450,6 @@ def chunk_files(path: str | Path, write: Write) -> list[str]:
     return [f"{write.name}/{array.metadata.encode_chunk_key(key)}" for key in itertools.product(*ranges)]
 
 
-def write_block(path: str | Path, write: Write) -> None:
-    """Write one unit's block into its own chunks."""
-    _still_there(path)
-    _array(str(path), write.name)[write.index] = write.values
-
-
 def reset_chunks(path: str | Path, files: Iterable[str]) -> None:
     """Remove chunk files (they read as the fill value again); absent ones are skipped."""
     for file in files:
@@ -460,11 +458,11 @@ def reset_chunks(path: str | Path, files: Iterable[str]) -> None:
 
 def set_done(path: str | Path, index: int, done: bool) -> None:
     """Set a unit's completion marker (its own chunk of ``unit_done``)."""
-    _still_there(path)
+    still_there(path)
     _array(str(path), DONE)[index] = np.int8(done)
 
 
-def _still_there(path: str | Path) -> None:
+def still_there(path: str | Path) -> None:
     """Refuse to write into a store removed during the run: zarr would recreate a half-store."""
     if not (Path(path) / "zarr.json").is_file():
         raise StoreError(f"the store {path} was removed during the run; nothing more is written to it")
@@ -476,16 +474,42 @@ def creation_lock(path: str | Path) -> Iterator[None]:
 
     Two runs planning one output take turns: the second finds the store made and resumes it.
     Advisory ``flock`` locks hold on local disks and on NFS/Lustre mounts with locking enabled.
+    The lock file lives only while the lock is held: it is removed on the way out, so a creation
+    that fails (a full disk included) leaves no lock behind, as a refused job leaves none.
+    Folders it made for the store are removed too when no store came of it.
     """
     path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = (path.parent / f".{path.name}.lock").open("a")
+        handle = _locked(lock)
     except OSError as exc:
         raise StoreError(f"cannot create the store {path}: {exc.strerror or exc}") from exc
-    with handle:
+    try:
+        with handle:
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)  # still held: whoever waits on it retries on a new file
+    finally:
+        for folder in made if not path.exists() else []:  # deepest first; a non-empty one stays
+            with suppress(OSError):
+                folder.rmdir()
+
+
+def _locked(lock: Path) -> IO[str]:
+    """``lock`` opened and flock'ed exclusively; retried while the file we locked was unlinked by
+    its previous holder (:func:`creation_lock` removes it), so two holders never lock two files."""
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock.open("a")
         fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
 
 
 @contextmanager
@@ -495,9 +519,35 @@ def unit_lock(path: str | Path, unit_id: str) -> Iterator[None]:
     A concurrent run reaching the same unit waits here, then finds it done and skips it, so
     concurrent runs on one store never compute a unit twice (docs/results.md, "Concurrent runs").
     """
-    with _sidecar_path(path, unit_id).with_suffix(".lock").open("a") as handle:
+    with lock_file(path, unit_id).open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def lock_file(path: str | Path, unit_id: str) -> Path:
+    """A unit's lock file, ``_units/<unit>.lock``; its modification time is the running unit's
+    heartbeat (:func:`~ckpt_analysis.owners.heartbeat`)."""
+    return _sidecar_path(path, unit_id).with_suffix(".lock")
+
+
+def staging_folder(path: str | Path, unit_id: str) -> Path:
+    """Where a unit's chunks are staged before they are renamed into place (:mod:`~ckpt_analysis.staging`)."""
+    return _sidecar_path(path, unit_id).with_suffix(".staging")
+
+
+def _lock_held(lock: Path) -> bool:
+    """Whether some process holds ``lock`` (a unit's lock file) now; an absent file is not held."""
+    try:
+        handle = lock.open("r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def check_writable(path: str | Path) -> None:
@@ -538,19 +588,23 @@ def write_sidecar(path: str | Path, unit_id: str, record: dict[str, Any]) -> Non
 
 
 def sweep_temp_files(path: str | Path) -> int:
-    """Remove sidecar temp files left by a killed or failed write; returns how many.
+    """Remove sidecar temp files and staging folders left by a killed or failed unit; returns how many.
 
-    A temp file is removed only when its unit's lock is free, so a unit being written now by
-    another run keeps its own.
+    One is removed only when its unit's lock is free, so a unit being written now by another run
+    keeps its own.
     """
     removed = 0
-    for tmp in (Path(path) / UNITS_DIR).glob("*.tmp-*"):
+    units = Path(path) / UNITS_DIR
+    for tmp in [*units.glob("*.tmp-*"), *units.glob("*.staging")]:
         with tmp.with_suffix(".lock").open("a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed += 1
     return removed
 
@@ -562,29 +616,62 @@ def read_sidecar(path: str | Path, unit_id: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class UnitState:
-    """A unit's state as ``status`` reports it."""
+    """A unit's state as ``status`` reports it (docs/results.md, "Running or interrupted")."""
 
     index: int
     unit_id: str
-    state: Literal["done", "failed", "running", "missing"]
+    state: UnitStateName
     detail: str = ""
 
 
-def unit_states(path: str | Path) -> list[UnitState]:
-    """Every unit's state: done (marker set), failed (with reason), running/interrupted, missing."""
-    units = store_meta(path)["units"]
-    done = done_flags(path)
-    states = []
-    for i, unit in enumerate(units):
-        record = read_sidecar(path, unit["id"]) or {}
-        status = record.get("status")
-        if done[i]:
-            states.append(UnitState(i, unit["id"], "done", f"{record.get('wall_s', 0):.1f}s"))
-        elif status == "failed":
-            states.append(UnitState(i, unit["id"], "failed", str(record.get("error", ""))))
-        elif status == "running":
-            where = f"host {record.get('host')} pid {record.get('pid')}"
-            states.append(UnitState(i, unit["id"], "running", f"started on {where} (or interrupted)"))
-        else:
-            states.append(UnitState(i, unit["id"], "missing"))
-    return states
+UnitStateName = Literal["done", "damaged", "failed", "running", "interrupted", "missing"]
+STATES: tuple[UnitStateName, ...] = ("done", "damaged", "failed", "running", "interrupted", "missing")
+"""Every state, in the order ``status`` counts them."""
+
+
+def unit_states(path: str | Path, *, stale_after: float = STALE_AFTER_S) -> list[UnitState]:
+    """Every unit's state: done; damaged (done, but a chunk file it wrote is gone: one ``stat``
+    per chunk, no reads); failed (with the reason); running, or interrupted when its owner is
+    gone (:class:`~ckpt_analysis.owners.Liveness`; ``stale_after``: seconds without a heartbeat
+    after which an owner that cannot be asked counts as gone); missing."""
+    units = [u["id"] for u in store_meta(path)["units"]]
+    done = done_flags(path).tolist()
+    records = [read_sidecar(path, unit) or {} for unit in units]
+    finished = [r for r, d in zip(records, done, strict=True) if d and r.get("status") == "done"]
+    lost = missing_chunks(path, chunk_owners(finished))
+    running = [r for r, d in zip(records, done, strict=True) if not d and r.get("status") == "running"]
+    liveness = Liveness(running, stale_after=stale_after)
+    return [
+        _state(path, i, unit, record, done=done[i], lost=lost.get(unit), liveness=liveness)
+        for i, (unit, record) in enumerate(zip(units, records, strict=True))
+    ]
+
+
+def _state(
+    path: str | Path,
+    index: int,
+    unit: str,
+    record: dict[str, Any],
+    *,
+    done: bool,
+    lost: list[str] | None,
+    liveness: Liveness,
+) -> UnitState:
+    status = record.get("status")
+    if done and lost:
+        files = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        return UnitState(index, unit, "damaged", f"lost chunk file(s) {files}; {_REPAIR.format(store=path)}")
+    if done:
+        return UnitState(index, unit, "done", f"{record.get('wall_s', 0):.1f}s")
+    if status == "failed":
+        return UnitState(index, unit, "failed", str(record.get("error", "")))
+    if status != "running":
+        return UnitState(index, unit, "missing")
+    lock = lock_file(path, unit)
+    beat = lock.stat().st_mtime if lock.exists() else None
+    gone = liveness.gone(record, beat, held=lambda: _lock_held(lock))
+    if gone is None:
+        since = f", heartbeat {time.time() - beat:.0f} s ago" if beat else ""
+        return UnitState(index, unit, "running", f"on {describe(record)}{since}")
+    way_out = f"rerun the job (`ckpt-analysis run JOB`) or `ckpt-analysis resubmit {path}`"
+    return UnitState(index, unit, "interrupted", f"{gone} (was {describe(record)}); {way_out}")

@@ -147,21 +147,25 @@ def submit(job: JobSpec, job_path: Path, *, dry_run: bool = False, wait: bool = 
 
 def resubmit(
     store: Path, *, dry_run: bool = False, wait: bool = False
-) -> tuple[list[UnitState], list[Stage]]:
+) -> tuple[list[UnitState], list[Stage], list[str]]:
     """Submit again the units of ``store`` that are not done: failed, missing and interrupted.
 
     The job is the one the store was created with (its root attributes), written to
     ``STORE/slurm/job.toml`` for the array tasks; returns the units not done (with their reasons
-    from :func:`~ckpt_analysis.store.unit_states`) and the stages submitted. A unit still running
-    under an earlier submission is waited for by its lock, then skipped.
+    from :func:`~ckpt_analysis.store.unit_states`), the stages submitted, and the done units
+    that lost chunk files (damaged: ``verify --repair`` resets them, then a resubmit recomputes
+    them). A unit still running under an earlier submission is waited for by its lock, then
+    skipped.
     """
     store = Path(store).resolve()
     job = job_from_dict({**store_meta(store)["job_spec"], "output": str(store)}, base=store.parent)
     job_path = store / SCRIPTS_DIR / "job.toml"
     job_path.parent.mkdir(exist_ok=True)
     job_path.write_text(to_toml(job.to_dict()))
-    pending = [s for s in unit_states(store) if s.state != "done"]
-    return pending, (submit(job, job_path, dry_run=dry_run, wait=wait) if pending else [])
+    states = unit_states(store)
+    pending = [s for s in states if s.state not in ("done", "damaged")]
+    damaged = [s.unit_id for s in states if s.state == "damaged"]
+    return pending, (submit(job, job_path, dry_run=dry_run, wait=wait) if pending else []), damaged
 
 
 def _write_script(job: JobSpec, job_path: Path, stage: Stage, *, last_stage: int) -> Path:

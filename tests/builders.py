@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from ckpt_analysis.config import to_toml
 from ckpt_analysis.tasks.arithmetic import VOCAB, build_tokenizer
 from ckpt_analysis.zoo.standin import write_hub_revision
 from ckpt_analysis.zoo.train import GrammarTrainConfig, tiny_gpt_neox, train_grammar
+
+if TYPE_CHECKING:
+    import pytest
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]
 
@@ -57,7 +60,7 @@ def family_model(family: str, seed: int = 0) -> PreTrainedModel:
     v = len(VOCAB)
     if family == "gpt2":
         config = GPT2Config(vocab_size=v, n_embd=16, n_layer=2, n_head=4, n_positions=32)
-        return GPT2LMHeadModel(config).eval()
+        return _eval(GPT2LMHeadModel(config))
     if family == "llama":
         gqa = LlamaConfig(
             vocab_size=v,
@@ -68,7 +71,7 @@ def family_model(family: str, seed: int = 0) -> PreTrainedModel:
             num_key_value_heads=2,
             max_position_embeddings=32,
         )
-        return LlamaForCausalLM(gqa).eval()
+        return _eval(LlamaForCausalLM(gqa))
     opt = OPTConfig(
         vocab_size=v,
         hidden_size=16,
@@ -81,7 +84,13 @@ def family_model(family: str, seed: int = 0) -> PreTrainedModel:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return OPTForCausalLM(opt).eval()
+    return _eval(OPTForCausalLM(opt))
+
+
+def _eval(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` in eval mode (transformers types ``eval()`` as returning Any)."""
+    model.eval()
+    return model
 
 
 def trajectory(n: int, *, seed: int = 0, **overrides: Any) -> list[GPTNeoXForCausalLM]:
@@ -234,7 +243,8 @@ def dense_hessian(model: torch.nn.Module, names: tuple[str, ...], sample: Any) -
         with differentiable_attention(model):
             return scored_token_losses(call, *batch).mean()  # type: ignore[arg-type]
 
-    return torch.autograd.functional.hessian(loss, flat)
+    dense: torch.Tensor = torch.autograd.functional.hessian(loss, flat)
+    return dense
 
 
 def per_token_reverse(
@@ -259,6 +269,44 @@ def per_token_reverse(
                 curv.append(torch.cat([h.reshape(-1) for h in hd]) @ d)
             second.append(torch.stack(curv))
     return losses.detach(), torch.stack(first, dim=1), torch.stack(second, dim=1)
+
+
+def units_in_flight(store: Path) -> dict[str, int]:
+    """Units whose sidecar says running and whose done marker is not set → their owner's pid."""
+    import json
+
+    from ckpt_analysis.store import UNITS_DIR, done_flags, store_meta
+
+    if not (store / "zarr.json").exists():
+        return {}
+    done = done_flags(store)
+    records = {f.stem: json.loads(f.read_text()) for f in (store / UNITS_DIR).glob("*.json")}
+    flight = {}
+    for i, unit in enumerate(u["id"] for u in store_meta(store)["units"]):
+        record = records.get(unit.replace("/", "__"), {})
+        if not done[i] and record.get("status") == "running":
+            flight[unit] = int(record["pid"])
+    return flight
+
+
+def stop_mid_unit(store: Path, *, timeout: float = 120.0) -> dict[str, int]:
+    """SIGSTOP the owners of units in flight in ``store`` (processes on this host), once some unit
+    is caught in flight; returns those units → pids. The caller continues or kills them."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = set(units_in_flight(store).values())
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        caught = {u: p for u, p in units_in_flight(store).items() if p in pids}
+        if caught:
+            return caught
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"no unit of {store} was caught in flight within {timeout:.0f} s")
 
 
 def run_and_kill(
@@ -379,7 +427,7 @@ def slurm_ready() -> bool:
     return up.returncode == 0 and "idle" in up.stdout
 
 
-def needs_slurm() -> Any:
+def needs_slurm() -> pytest.MarkDecorator:
     """Skip without SLURM, unless CKPT_ANALYSIS_REQUIRE_SLURM=1 (CI), where the test must run."""
     import pytest
 

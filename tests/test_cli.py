@@ -104,7 +104,8 @@ def test_nan_weights_fail_their_unit_and_write_nothing_for_it(tmp_path: Path) ->
     result = cli("run", job)
     assert result.returncode == 1
     assert "parameter 'gpt_neox.embed_in.weight' has NaN/inf values" in result.stdout
-    assert cli("status", tmp_path / "out.zarr").stdout.endswith("0 done, 1 failed, 0 running, 0 missing")
+    counts = "0 done, 0 damaged, 1 failed, 0 running, 0 interrupted, 0 missing"
+    assert cli("status", tmp_path / "out.zarr").stdout.endswith(counts)
     assert np.isnan(open_results(tmp_path / "out.zarr").act_cov.values).all()
 
 
@@ -200,7 +201,7 @@ def test_demo_trains_sweeps_and_summarises(tmp_path: Path) -> None:
     assert runs == [*(f"checkpoint-{s}" for s in (0, 10, 20, 30, 40)), "training.json"]
     for store in ("covariance.zarr", "polca.zarr", "leading_terms_lr0.1.zarr", "leading_terms_lr1.0.zarr"):
         status = cli("status", tmp_path / store).stdout
-        assert status.endswith("0 failed, 0 running, 0 missing"), status
+        assert status.endswith("0 damaged, 0 failed, 0 running, 0 interrupted, 0 missing"), status
     assert all(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
     shown = cli("clusters", tmp_path / "polca.zarr", "--trajectory", "exact_loss", "--nearest", "2")
     assert shown.returncode == 0 and "vector 0 cluster 0" in shown.stdout and "⟨" in shown.stdout

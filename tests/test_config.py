@@ -118,7 +118,9 @@ def test_sbatch_values_refuse_shell_syntax(tmp_path: Path, key: str, value: str)
         ({"checkpoints": {"select": "0:40:0"}}, r"selector '0:40:0' is not valid"),
     ],
 )
-def test_bad_sizes_and_selectors_fail_at_parse_time(tmp_path: Path, overrides: dict, message: str) -> None:
+def test_bad_sizes_and_selectors_fail_at_parse_time(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
     with pytest.raises(JobSpecError, match=message):
         job_from_dict(job_dict(tmp_path, tmp_path / "o.zarr", **overrides), base=tmp_path)
 
@@ -220,7 +222,7 @@ def test_options_added_later_leave_the_spec_hash_of_older_jobs_unchanged(tmp_pat
     ],
 )
 def test_each_checkpoint_source_takes_its_own_keys_at_parse_time(
-    tmp_path: Path, table: dict, message: str
+    tmp_path: Path, table: dict[str, object], message: str
 ) -> None:
     raw = job_dict(tmp_path, tmp_path / "o.zarr")
     raw["checkpoints"] = table

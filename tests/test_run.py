@@ -236,13 +236,16 @@ def test_writes_refuse_a_store_removed_after_its_unit_started(run_dir: Path, tmp
 
     from ckpt_analysis.errors import StoreError
     from ckpt_analysis.registry import Write
-    from ckpt_analysis.store import write_block
+    from ckpt_analysis.staging import StagedWrites
 
     job = job_from_dict(job_dict(run_dir, tmp_path / "gone.zarr"), base=tmp_path)
     prepare_store(job, force=False)
+    staged = StagedWrites(job.output, "covariance/step=0")
     shutil.rmtree(job.output)
     with pytest.raises(StoreError, match="was removed during the run"):
-        write_block(job.output, Write("act_count", (0,), np.zeros((4, 2))))
+        staged.write(Write("act_count", (0,), np.zeros((4, 2))))
+    with pytest.raises(StoreError, match="was removed during the run"):
+        staged.commit()
     assert not Path(job.output).exists()
 
 
@@ -314,7 +317,7 @@ class _Stream(Analysis[_StreamParams]):
             yield Write("stream_block", (unit.checkpoint, block), np.array(block + 1.0))
 
 
-def test_a_streaming_unit_writes_as_it_goes_and_a_failure_resets_what_it_wrote(
+def test_a_streaming_unit_stages_as_it_goes_and_a_failure_leaves_nothing_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = build_local_run(tmp_path / "run", [0, 1])
@@ -324,14 +327,17 @@ def test_a_streaming_unit_writes_as_it_goes_and_a_failure_resets_what_it_wrote(
     monkeypatch.setenv("CKPT_TEST_STREAM_FAIL", "1")
     assert {o.error for o in run_job(job)} == {"RuntimeError: the stream broke"}
     assert not done_flags(job.output).any()
-    assert np.isnan(open_results(job.output).stream_block.values).all()  # the first block was reset
+    assert np.isnan(open_results(job.output).stream_block.values).all()  # the first block never landed
+    assert not list(Path(job.output).glob("stream_block/c/*/*"))  # not even as a chunk file
     monkeypatch.delenv("CKPT_TEST_STREAM_FAIL")
     assert all(o.ok for o in run_job(job))
     np.testing.assert_array_equal(open_results(job.output).stream_block.values, [[1, 2, 3], [1, 2, 3]])
     monkeypatch.setenv("CKPT_TEST_STREAM_FAIL", "1")
     assert not any(o.ok for o in run_job(job, force=True))
-    assert not done_flags(job.output).any()  # unlike a list-returning unit, nothing earlier is kept
-    assert (read_sidecar(job.output, "test_stream/step=0") or {})["status"] == "failed"
+    assert done_flags(job.output).all()  # as for a list-returning unit, the earlier result is kept
+    np.testing.assert_array_equal(open_results(job.output).stream_block.values, [[1, 2, 3], [1, 2, 3]])
+    record = read_sidecar(job.output, "test_stream/step=0") or {}
+    assert record["status"] == "done" and record["forced_recompute"]["status"] == "failed"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")

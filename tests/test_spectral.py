@@ -13,7 +13,8 @@ def _matrix(n: int = 120, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     values = torch.cat([torch.tensor([50.0, 40.0, 30.0, 20.0, 10.0]), torch.randn(n - 5, generator=gen)])
-    return (q * values.double()) @ q.T
+    matrix: torch.Tensor = (q * values.double()) @ q.T
+    return matrix
 
 
 @pytest.mark.parametrize("which", ["largest_algebraic", "largest_magnitude"])
@@ -100,8 +101,9 @@ def test_free_residuals_hold_for_the_deflated_operator() -> None:
 
     def deflated(v: torch.Tensor) -> torch.Tensor:
         v = v - b.T @ (b @ v)
-        w = a @ v
-        return w - b.T @ (b @ w)
+        w: torch.Tensor = a @ v
+        out: torch.Tensor = w - b.T @ (b @ w)
+        return out
 
     got = lanczos(lambda v: a @ v, a.shape[0], 3, like=LIKE, tol=1e-12, max_iter=15, deflate=b)
     explicit = torch.stack([deflated(v) - lam * v for v, lam in zip(got.vectors, got.values, strict=True)])

@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from builders import assert_same_results, build_fake_hub, build_local_run, job_dict, needs_slurm, write_job
+from builders import (
+    assert_same_results,
+    build_fake_hub,
+    build_local_run,
+    job_dict,
+    needs_slurm,
+    stop_mid_unit,
+    write_job,
+)
 
 from ckpt_analysis.config import SlurmSpec, job_from_dict, load_job
 from ckpt_analysis.errors import SubmitError
@@ -216,7 +224,7 @@ def test_resubmit_dry_run_lists_what_is_not_done_and_only_its_stages(tmp_path: P
     prepare_store(load_job(path), force=False)
     run_job(load_job(path), stage=0, shard=0, num_shards=1)
     run_job(load_job(path), stage=3, shard=0, num_shards=1)  # fails: its inputs are not done
-    pending, stages = resubmit(tmp_path / "again.zarr", dry_run=True)
+    pending, stages, _ = resubmit(tmp_path / "again.zarr", dry_run=True)
     assert {s.state for s in pending} == {"failed", "missing"}
     assert [s.number for s in stages] == [1, 2, 3, 4]
     assert all(s.tasks == min(2, s.pending) for s in stages)
@@ -274,10 +282,7 @@ def test_scancel_mid_run_then_resubmit_equals_an_uninterrupted_run(tmp_path: Pat
     store = tmp_path / "cancelled.zarr"
     started = _cli("submit", path)
     assert started.returncode == 0, started.stdout + started.stderr
-    for _ in range(600):
-        if done_flags(store).any():
-            break
-        time.sleep(0.2)
+    caught = stop_mid_unit(store)  # frozen mid-unit, so the cancel lands on a unit in flight
     names = [f"cancelled-stage{i}" for i in range(5)]
     for name in reversed(names):  # later stages first: cancelling one releases its dependants
         subprocess.run(["scancel", "-n", name], check=True)
@@ -287,6 +292,10 @@ def test_scancel_mid_run_then_resubmit_equals_an_uninterrupted_run(tmp_path: Pat
             break
         time.sleep(0.2)
     assert not done_flags(store).all()  # interrupted part-way
+    states = {s.unit_id: s.state for s in unit_states(store)}
+    assert "running" not in states.values() and {states[u] for u in caught} == {"interrupted"}
+    shown = _cli("status", store)
+    assert " 0 running" in shown.stdout and f"{len(caught)} interrupted" in shown.stdout, shown.stdout
     again = _cli("resubmit", store, "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
     assert done_flags(store).all()

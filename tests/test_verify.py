@@ -10,7 +10,6 @@ import pytest
 import xarray as xr
 from builders import cli, job_dict, write_job
 
-import ckpt_analysis.run as run_module
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.errors import StoreError
 from ckpt_analysis.run import run_job
@@ -72,6 +71,18 @@ def test_a_removed_chunk_of_a_done_unit_is_an_error_on_read(done_store: Path) ->
     rest = open_results(done_store, check=False).act_cov
     assert np.isnan(rest.sel(step=10, site="resid_post", layer=1)).all()
     assert np.isfinite(rest.sel(step=20).values).all()
+
+
+def test_status_counts_a_done_unit_that_lost_a_chunk_as_damaged(done_store: Path) -> None:
+    (done_store / CHUNK).unlink()
+    states = {s.unit_id: s for s in unit_states(done_store)}
+    assert states[UNIT].state == "damaged"
+    assert CHUNK in states[UNIT].detail and f"verify {done_store} --repair" in states[UNIT].detail
+    assert sum(s.state == "done" for s in states.values()) == len(states) - 1
+    shown = cli("status", done_store)
+    assert shown.returncode == 1 and "1 damaged" in shown.stdout, shown.stdout
+    assert cli("verify", done_store, "--repair").returncode == 0
+    assert {s.state for s in unit_states(done_store)} == {"done", "failed"}
 
 
 def test_an_unwritten_unit_still_reads_as_fill(run_dir: Path, tmp_path: Path) -> None:
@@ -137,21 +148,31 @@ def test_a_store_without_checksums_still_opens_and_verify_says_so(done_store: Pa
     assert report.clean and report.unchecked_arrays == ["act_cov"]
 
 
+@pytest.mark.parametrize("where", ["staging", "renaming"])
 def test_a_write_that_fails_mid_unit_leaves_no_values_and_a_failed_reason(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """A full disk after some of a unit's blocks: the fault is injected at the write call."""
-    real, calls = run_module.write_block, {"n": 0}
+    """A full disk after some of a unit's blocks, injected at the third staged block or at the
+    second rename into place (a real full disk: test_full_disk.py)."""
+    from ckpt_analysis import staging
 
-    def full_disk(store: str, write: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
+    calls = {"n": 0}
+    real = staging.StagedWrites.write if where == "staging" else os.replace
+
+    def full_disk(*args: object) -> None:
+        counted = where == "staging" or ".staging" in str(args[0])  # only renames out of staging
+        calls["n"] += counted
+        if counted and calls["n"] == (3 if where == "staging" else 2):
             raise OSError(28, "No space left on device")
-        real(store, write)  # type: ignore[arg-type]
+        real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(run_module, "write_block", full_disk)
+    if where == "staging":
+        monkeypatch.setattr(staging.StagedWrites, "write", full_disk)
+    else:
+        monkeypatch.setattr(os, "replace", full_disk)
     job = job_from_dict(job_dict(run_dir, tmp_path / "s.zarr"), base=tmp_path)
     outcomes = run_job(job)
+    monkeypatch.undo()
     failed = [o for o in outcomes if not o.ok]
     assert len(failed) == 1 and "No space left on device" in str(failed[0].error)
     state = {s.unit_id: s for s in unit_states(job.output)}[failed[0].name]
@@ -159,7 +180,7 @@ def test_a_write_that_fails_mid_unit_leaves_no_values_and_a_failed_reason(
     step = open_results(job.output).step.values[failed[0].index]
     assert np.isnan(open_results(job.output).act_cov.sel(step=step).values).all()  # nothing visible
     assert not list((Path(job.output) / UNITS_DIR).glob("*.tmp-*"))
-    monkeypatch.setattr(run_module, "write_block", real)
+    assert not list((Path(job.output) / UNITS_DIR).glob("*.staging"))
     assert [o.name for o in run_job(job) if o.status == "done"] == [failed[0].name]
     assert done_flags(job.output).all() and verify_store(job.output).clean
 

@@ -110,7 +110,8 @@ class CheckpointSource(ABC, Generic[S]):
             if not torch.isfinite(param).all():
                 raise CheckpointError(f"checkpoint {ckpt.revision}: parameter {name!r} has NaN/inf values")
         torch.nn.Module.to(model, resolve_device(self.spec.device))  # transformers mis-types .to
-        return model.eval()
+        model.eval()
+        return model
 
     def tokenizer(self, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer

@@ -59,7 +59,7 @@ BOOKKEEPING_KEYS = frozenset(
 agree across a job's checkpoints (docs/jobs.md, "What is checked before anything runs")."""
 
 
-def check_layout(source: CheckpointSource, ckpts: list[Checkpoint]) -> dict[str, Any]:
+def check_layout(source: CheckpointSource[Any], ckpts: list[Checkpoint]) -> dict[str, Any]:
     """Check every checkpoint computes the same function family: equal configs and parameter layouts.
 
     Every config field outside :data:`BOOKKEEPING_KEYS` is compared, and every parameter name and

@@ -63,7 +63,7 @@ class StateDictSource(CheckpointSource[StateDictCheckpoints], kind="state_dict")
 
         config = AutoConfig.from_pretrained(str(self.files_dir(ckpt)))
         config._attn_implementation = attn
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)
         state = read_state_dict(Path(ckpt.ref))
         model.load_state_dict(state, strict=True)
         return model

@@ -47,7 +47,8 @@ def problems(n: int, seed: int, operation: Operation = "addition") -> tuple[np.n
 
 
 def answers(a: np.ndarray, b: np.ndarray, operation: Operation) -> np.ndarray:
-    return a + b if operation == "addition" else a - b
+    result: np.ndarray = a + b if operation == "addition" else a - b
+    return result
 
 
 def texts(a: np.ndarray, b: np.ndarray, operation: Operation = "addition") -> list[str]:

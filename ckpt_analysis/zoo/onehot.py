@@ -45,7 +45,8 @@ def train_onehot(
     quiet_transformers_bars()
     dtype = getattr(torch, config.dtype)
     cfg = OneHotAttentionConfig(vocab_size, config.num_layers, max_position_embeddings=ids.shape[1])
-    model = OneHotAttentionModel(cfg).to(dtype)
+    model = OneHotAttentionModel(cfg)
+    torch.nn.Module.to(model, dtype)  # transformers mis-types .to
     tokens = torch.from_numpy(ids)
     tokenizer = build_tokenizer(vocab_size)
     with progress(config.steps, "gradient descent") as advance:
@@ -59,7 +60,8 @@ def train_onehot(
             loss.backward()
             with torch.no_grad():
                 for p in model.parameters():
-                    p -= config.lr * p.grad
+                    assert p.grad is not None  # every parameter takes part in the loss
+                    p.sub_(config.lr * p.grad)
             advance(f"loss {loss.item():.4f}", True)
     return model
 

@@ -127,7 +127,8 @@ def _attention_scores(model: Any, layer: int, x: np.ndarray, *, fold: bool) -> n
         qkv = attn.query_key_value(h) - attn.query_key_value.bias
         q, k, _ = qkv.view(h.shape[0], attn.config.num_attention_heads, -1).chunk(3, dim=-1)
         scores = torch.einsum("ahd,bhd->ab", q, k) / q.shape[1]
-    return scores.double().numpy()
+    out: np.ndarray = scores.double().numpy()
+    return out
 
 
 @pytest.mark.parametrize("fold", [True, False])
