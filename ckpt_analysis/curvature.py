@@ -7,10 +7,11 @@ import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
@@ -260,3 +261,87 @@ OPERATORS: dict[str, type[CurvatureOperator]] = {
     op.name: op for op in (HessianOperator, GGNOperator, FisherOperator)
 }
 """The curvature operators a Hessian analysis can use (``operator = "hessian" | "ggn" | "fisher"``)."""
+
+
+CurvatureKind = Literal["hessian", "ggn", "fisher"]
+
+
+def curvature_operator(
+    model: nn.Module,
+    data: EvalData | np.ndarray | torch.Tensor,
+    *,
+    kind: CurvatureKind = "hessian",
+    params: list[str] | None = None,
+    batch_size: int = 32,
+) -> CurvatureLinearOperator:
+    """The curvature matrix of ``model``'s mean token loss on ``data`` as a SciPy ``LinearOperator``
+    (docs/hessian.md, "The operators for your own solver"), for ``eigsh``, ``cg``, ``lsqr`` or
+    any solver that takes one.
+
+    Parameters
+    ----------
+    model
+        A causal LM (transformers' or a plain ``nn.Module`` returning ``.logits``).
+    data
+        An :class:`~ckpt_analysis.data.EvalData` (its scored tokens), or token ids
+        ``(sequence, position)``, every target after the first scored.
+    kind
+        ``"hessian"`` (H), ``"ggn"`` (the generalised Gauss–Newton) or ``"fisher"`` (the empirical
+        Fisher): docs/hessian.md, "Operators".
+    params
+        Globs over in-memory parameter names (default: every parameter); the operator acts on
+        their flattened concatenation, in model order (``.layout`` names it).
+    batch_size
+        Sequences per forward pass.
+
+    Notes
+    -----
+    The operator holds ``model``: it turns ``requires_grad`` off for the parameters outside
+    ``params`` and puts the model in eval mode. Not thread-safe; θ must not change while it is
+    used. ``matmat`` makes one product per column (no pass over the graph is shared between
+    columns). Vectors are NumPy arrays in the model's dtype, moved to its device for each product.
+
+    Examples
+    --------
+    >>> from scipy.sparse.linalg import eigsh  # doctest: +SKIP
+    >>> H = curvature_operator(model, ids, kind="hessian")  # doctest: +SKIP
+    >>> top = eigsh(H, k=5, which="LA", return_eigenvectors=False)  # doctest: +SKIP
+    """
+    if kind not in OPERATORS:
+        raise JobSpecError(f"kind = {kind!r} is not valid; choose one of: {', '.join(map(repr, OPERATORS))}")
+    layout = ParamLayout.from_model(model, params or ["*"])
+    return CurvatureLinearOperator(OPERATORS[kind](model, layout, _eval_data(data), batch_size=batch_size))
+
+
+def _eval_data(data: EvalData | np.ndarray | torch.Tensor) -> EvalData:
+    if isinstance(data, EvalData):
+        return data
+    ids = np.asarray(data.cpu() if isinstance(data, torch.Tensor) else data, dtype=np.int64)
+    if ids.ndim != 2:
+        raise JobSpecError(f"data must be token ids of shape (sequence, position); got shape {ids.shape}")
+    return EvalData(ids, np.ones_like(ids), np.ones(ids.shape, dtype=bool))
+
+
+class CurvatureLinearOperator(LinearOperator):  # type: ignore[misc]  # scipy is untyped
+    """A :class:`CurvatureOperator` as a symmetric SciPy ``LinearOperator`` (:func:`curvature_operator`)."""
+
+    def __init__(self, curvature: CurvatureOperator) -> None:
+        dtype = torch.empty(0, dtype=curvature.dtype).numpy().dtype
+        super().__init__(dtype=dtype, shape=(curvature.n, curvature.n))
+        self.curvature = curvature
+        self.layout = curvature.layout
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        c = self.curvature
+        v = torch.as_tensor(np.asarray(x, dtype=self.dtype).reshape(-1)).to(c.device)
+        product: np.ndarray = c(v).detach().cpu().numpy()
+        return product
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        return np.column_stack([self._matvec(column) for column in np.asarray(x).T])
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)  # symmetric
+
+    def _adjoint(self) -> CurvatureLinearOperator:
+        return self

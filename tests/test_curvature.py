@@ -8,7 +8,7 @@ import torch
 from builders import dense_hessian, tiny_model
 
 from ckpt_analysis.config import DataSpec
-from ckpt_analysis.curvature import HessianOperator, ParamLayout
+from ckpt_analysis.curvature import CurvatureKind, HessianOperator, ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.tasks import arithmetic
@@ -174,3 +174,50 @@ def test_a_pair_cut_short_is_never_flagged_converged(
     cut = lanczos(op32, op32.n, 1, like=op32.flat_params(), tol=1e-5, max_iter=4)
     assert not cut.converged.any()
     assert cut.residuals[0] > precision_floor("float32", op32.n) * abs(cut.values[0])
+
+
+def test_the_exported_operator_equals_the_dense_hessian_and_runs_under_eigsh(sample: EvalData) -> None:
+    from scipy.sparse.linalg import eigsh
+
+    import ckpt_analysis as ca
+
+    model = tiny_model(seed=2, **SMALL).double().eval()
+    hessian = ca.curvature_operator(model, sample, kind="hessian", params=["*attention*"], batch_size=5)
+    dense = dense_hessian(copy.deepcopy(model), hessian.layout.names, sample).numpy()
+    assert hessian.shape == dense.shape and hessian.dtype == np.float64
+    block = np.random.default_rng(0).normal(size=(hessian.shape[0], 3))
+    np.testing.assert_allclose(hessian @ block, dense @ block, rtol=1e-9, atol=1e-11)  # matmat
+    np.testing.assert_allclose(hessian.T @ block[:, 0], dense @ block[:, 0], rtol=1e-9, atol=1e-11)
+    top = np.sort(eigsh(hessian, k=3, which="LA", return_eigenvectors=False, tol=1e-12))
+    np.testing.assert_allclose(top, np.linalg.eigvalsh(dense)[-3:], rtol=1e-8)
+
+
+def test_the_exported_ggn_and_fisher_take_plain_token_ids(sample: EvalData) -> None:
+    from builders import dense_ggn_and_fisher
+
+    import ckpt_analysis as ca
+
+    model = tiny_model(seed=2, **SMALL)
+    torch.nn.Module.to(model, torch.float64)
+    ids = EvalData(sample.input_ids, np.ones_like(sample.input_ids), np.ones(sample.input_ids.shape, bool))
+    layout = ParamLayout.from_model(model.eval(), ["*"])
+    ggn, fisher = dense_ggn_and_fisher(copy.deepcopy(model), layout.names, ids)
+    v = np.random.default_rng(1).normal(size=layout.size)
+    kinds: tuple[tuple[CurvatureKind, torch.Tensor], ...] = (("ggn", ggn), ("fisher", fisher))
+    for kind, dense in kinds:
+        op = ca.curvature_operator(model, torch.from_numpy(sample.input_ids), kind=kind, batch_size=4)
+        np.testing.assert_allclose(op @ v, dense.numpy() @ v, rtol=1e-9, atol=1e-12)
+    with pytest.raises(JobSpecError, match=r"kind = 'gauss' is not valid; choose one of: 'hessian'"):
+        ca.curvature_operator(model, ids, kind="gauss")  # type: ignore[arg-type]
+
+
+def test_the_operator_example_in_the_docs_runs() -> None:
+    """docs/hessian.md, "The operators for your own solver", as a user would paste it."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "hessian.md").read_text()
+    section = text.split("## The operators for your own solver", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    scope: dict[str, object] = {}
+    exec(compile(code, "docs/hessian.md", "exec"), scope)
+    assert scope["info"] == 0 and np.isfinite(scope["x"]).all()  # type: ignore[call-overload]
