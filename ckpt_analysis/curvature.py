@@ -175,6 +175,16 @@ class CurvatureOperator(ABC):
 
         return primal, run
 
+    def _logits(self, batch: Batch) -> tuple[Params, Callable[[Params], torch.Tensor]]:
+        """The layout's parameters as a primal, and the scored tokens' logits as their function."""
+        primal, run = self._functional(batch)
+        scored = batch[2][:, 1:].bool()
+
+        def logits(params: Params) -> torch.Tensor:
+            return torch.as_tensor(run(params).logits[:, :-1][scored])
+
+        return primal, logits
+
 
 class HessianOperator(CurvatureOperator):
     """The Hessian H by double backward (reverse-over-reverse), never formed densely.
@@ -221,12 +231,7 @@ class GGNOperator(CurvatureOperator):
     name = "ggn"
 
     def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
-        primal, run = self._functional(batch)
-        scored = batch[2][:, 1:].bool()
-
-        def logits(params: Params) -> torch.Tensor:
-            return torch.as_tensor(run(params).logits[:, :-1][scored])
-
+        primal, logits = self._logits(batch)
         z, jv = jvp(logits, (primal,), ({n: tangent[n] for n in primal},))[:2]
         p = torch.softmax(z, dim=-1)
         u = (p * jv - p * (p * jv).sum(dim=-1, keepdim=True)) / self.count
@@ -257,13 +262,62 @@ class FisherOperator(CurvatureOperator):
         return tuple(grads[n] for n in self.layout.names)
 
 
+class MCFisherOperator(CurvatureOperator):
+    """The Monte Carlo *true* Fisher F̂ = (1/N) Σ_x (1/S) Σ_s g_{x,s} g_{x,s}ᵀ, g_{x,s} = ∇θ ℓ(x; y_s)
+    with targets y_s ~ p_x drawn from the model itself (docs/hessian.md, "Operators").
+
+    For cross-entropy E[F̂] = G, the GGN: g_{x,s} = J_xᵀ r_s with r_s = p_x − e_{y_s}, and
+    E[r rᵀ] = diag(p_x) − p_x p_xᵀ. Each batch's S targets per token are drawn once, at its first
+    product (seeded, ``targets[batch]``: (token, sample)), so F̂ is one fixed PSD matrix. A product
+    is one forward-mode pass and one reverse pass, as for the empirical Fisher.
+    """
+
+    name = "fisher_mc"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        sample: EvalData,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        samples: int = 1,
+    ) -> None:
+        super().__init__(model, layout, sample, batch_size=batch_size)
+        self.samples = samples
+        self.targets: dict[int, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
+        primal, logits = self._logits(batch)
+        z, jv = jvp(logits, (primal,), ({n: tangent[n] for n in primal},))[:2]
+        p = torch.softmax(z, dim=-1)
+        y = self._drawn(index, p)
+        slopes = (p * jv).sum(dim=-1, keepdim=True) - jv.gather(-1, y)  # r_s · J v, (token, sample)
+        u = p * slopes.sum(dim=-1, keepdim=True)
+        u = u.scatter_add(-1, y, -slopes) / (self.samples * self.count)  # Σ_s r_s (r_s · J v) / (S N)
+        pullback = vjp(logits, primal)[1]
+        (grads,) = pullback(u)
+        return tuple(grads[n] for n in self.layout.names)
+
+    def _drawn(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        """Batch ``index``'s targets, drawn from ``p`` (the model at θ) on its first product."""
+        if index not in self.targets:
+            probs = p.detach().double().cpu()
+            drawn = torch.multinomial(probs, self.samples, replacement=True, generator=self._generator)
+            self.targets[index] = drawn.to(p.device)
+        return self.targets[index]
+
+
 OPERATORS: dict[str, type[CurvatureOperator]] = {
-    op.name: op for op in (HessianOperator, GGNOperator, FisherOperator)
+    op.name: op for op in (HessianOperator, GGNOperator, FisherOperator, MCFisherOperator)
 }
-"""The curvature operators a Hessian analysis can use (``operator = "hessian" | "ggn" | "fisher"``)."""
+"""The curvature operators a Hessian analysis can use (``operator = "hessian" | "ggn" | "fisher" |
+"fisher_mc"``)."""
 
 
-CurvatureKind = Literal["hessian", "ggn", "fisher"]
+CurvatureKind = Literal["hessian", "ggn", "fisher", "fisher_mc"]
 
 
 def curvature_operator(
@@ -286,8 +340,9 @@ def curvature_operator(
         An :class:`~ckpt_analysis.data.EvalData` (its scored tokens), or token ids
         ``(sequence, position)``, every target after the first scored.
     kind
-        ``"hessian"`` (H), ``"ggn"`` (the generalised Gauss–Newton) or ``"fisher"`` (the empirical
-        Fisher): docs/hessian.md, "Operators".
+        ``"hessian"`` (H), ``"ggn"`` (the generalised Gauss–Newton), ``"fisher"`` (the empirical
+        Fisher) or ``"fisher_mc"`` (the true Fisher, one target per token sampled from the model,
+        seed 0): docs/hessian.md, "Operators".
     params
         Globs over in-memory parameter names (default: every parameter); the operator acts on
         their flattened concatenation, in model order (``.layout`` names it).

@@ -436,11 +436,11 @@ def needs_slurm() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not required and not slurm_ready(), reason=reason)
 
 
-def dense_ggn_and_fisher(
+def dense_logit_jacobian(
     model: torch.nn.Module, names: tuple[str, ...], sample: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense GGN (1/N) Σ_x J_xᵀ (diag p_x − p_x p_xᵀ) J_x and empirical Fisher (1/N) Σ_x g_x g_xᵀ,
-    from full Jacobians of the scored logits and per-token gradients (ground truth)."""
+    """The scored logits z (token, vocab) and their full Jacobian (token, vocab, param) in the
+    named parameters, by autograd (ground truth)."""
     from torch.func import functional_call
 
     from ckpt_analysis.attention import differentiable_attention
@@ -450,7 +450,6 @@ def dense_ggn_and_fisher(
     flat = torch.cat([base[n].reshape(-1) for n in names])
     ids, mask = torch.from_numpy(sample.input_ids), torch.from_numpy(sample.attention_mask)
     scored = torch.from_numpy(sample.score_mask)[:, 1:].bool()
-    targets = ids[:, 1:][scored]
 
     def logits(vector: torch.Tensor) -> torch.Tensor:
         params = _with_flat(base, names, shapes, vector)
@@ -458,8 +457,18 @@ def dense_ggn_and_fisher(
             out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask})
         return torch.as_tensor(out.logits[:, :-1][scored])
 
-    z = logits(flat).detach()
-    jac = torch.autograd.functional.jacobian(logits, flat)  # (N, V, P)
+    jac: torch.Tensor = torch.autograd.functional.jacobian(logits, flat)
+    return logits(flat).detach(), jac
+
+
+def dense_ggn_and_fisher(
+    model: torch.nn.Module, names: tuple[str, ...], sample: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense GGN (1/N) Σ_x J_xᵀ (diag p_x − p_x p_xᵀ) J_x and empirical Fisher (1/N) Σ_x g_x g_xᵀ,
+    from full Jacobians of the scored logits and per-token gradients (ground truth)."""
+    z, jac = dense_logit_jacobian(model, names, sample)
+    scored = torch.from_numpy(sample.score_mask)[:, 1:].bool()
+    targets = torch.from_numpy(sample.input_ids)[:, 1:][scored]
     p = torch.softmax(z, dim=-1)
     h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, V, V)
     n = z.shape[0]

@@ -221,3 +221,37 @@ def test_the_operator_example_in_the_docs_runs() -> None:
     scope: dict[str, object] = {}
     exec(compile(code, "docs/hessian.md", "exec"), scope)
     assert scope["info"] == 0 and np.isfinite(scope["x"]).all()  # type: ignore[call-overload]
+
+
+def test_the_sampled_fisher_equals_its_dense_construction_and_averages_to_the_ggn(sample: EvalData) -> None:
+    """F̂ with the operator's own drawn targets against (1/SN) Σ J_xᵀ r rᵀ J_x built densely; with
+    many targets per token F̂ approaches E F̂ = G (the GGN) as 1/√S."""
+    from builders import dense_ggn_and_fisher, dense_logit_jacobian
+
+    from ckpt_analysis.curvature import MCFisherOperator
+
+    model = tiny_model(seed=2, **SMALL)
+    torch.nn.Module.to(model, torch.float64)
+    layout = ParamLayout.from_model(model.eval(), ["*attention*"])
+    ggn, _ = dense_ggn_and_fisher(copy.deepcopy(model), layout.names, sample)
+    z, jac = dense_logit_jacobian(copy.deepcopy(model), layout.names, sample)
+    p = torch.softmax(z, dim=-1)
+    v = torch.randn(layout.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for samples in (50, 3200):
+        op = MCFisherOperator(
+            model, layout, sample, batch_size=len(sample.input_ids), seed=1, samples=samples
+        )
+        product = op(v)
+        y = op.targets[0]  # one batch: (token, sample)
+        r = p[:, None, :] - torch.nn.functional.one_hot(y, p.shape[1]).to(p)  # (token, sample, vocab)
+        rows = torch.einsum("nsv,nvp->nsp", r, jac).reshape(-1, layout.size)
+        dense = rows.T @ rows / rows.shape[0]
+        np.testing.assert_allclose(product.numpy(), (dense @ v).numpy(), rtol=1e-9, atol=1e-12)
+        assert torch.linalg.eigvalsh(dense).min() > -1e-10  # PSD
+        errors.append(float(torch.linalg.norm(dense - ggn) / torch.linalg.norm(ggn)))
+    assert errors[1] < 0.05 and errors[1] < errors[0] / 4, errors  # 1/√S: 8× smaller at 64× S
+    twins = [MCFisherOperator(model, layout, sample, batch_size=5, seed=1, samples=50) for _ in range(2)]
+    for twin in twins:
+        twin(v)
+    assert all(torch.equal(twins[0].targets[k], twins[1].targets[k]) for k in twins[0].targets)  # seeded

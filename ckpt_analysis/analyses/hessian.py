@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 import torch
 
-from ckpt_analysis.curvature import OPERATORS, CurvatureOperator, HessianOperator, ParamLayout, as_dtype
+from ckpt_analysis.curvature import (
+    OPERATORS,
+    CurvatureKind,
+    CurvatureOperator,
+    HessianOperator,
+    MCFisherOperator,
+    ParamLayout,
+    as_dtype,
+)
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
@@ -25,7 +33,7 @@ class CurvatureParams:
     """Options shared by the Hessian analyses: which loss, which parameters, which solver settings."""
 
     params: list[str] = field(default_factory=lambda: ["*"])
-    operator: Literal["hessian", "ggn", "fisher"] = "hessian"
+    operator: CurvatureKind = "hessian"
     dtype: Literal["float32", "float64"] = "float32"
     sample_sequences: int = 64
     cache_graph: bool = True
@@ -74,7 +82,7 @@ def link_variable(name: str, *, shuffled: bool) -> str:
 
 
 def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> CurvatureOperator:
-    """The ``operator`` (Hessian, GGN or empirical Fisher) of the mean scored-token loss over the
+    """The ``operator`` (Hessian, GGN, empirical or sampled Fisher) of the mean scored-token loss over the
     first ``sample_sequences`` sequences of the job's ``[sample]``, else of its analysed data
     (docs/hessian.md, "Operators" and "The Hessian sample")."""
     model = as_dtype(ctx.load_model(checkpoint), params.dtype)
@@ -83,6 +91,8 @@ def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> Cur
     size = ctx.job.compute.batch_size
     if params.operator == HessianOperator.name:
         return HessianOperator(model, layout, sample, batch_size=size, cache_graph=params.cache_graph)
+    if params.operator == MCFisherOperator.name:
+        return MCFisherOperator(model, layout, sample, batch_size=size, seed=params.seed + checkpoint)
     return OPERATORS[params.operator](model, layout, sample, batch_size=size)
 
 

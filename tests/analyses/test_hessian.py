@@ -188,3 +188,32 @@ def test_ggn_and_fisher_eigenpairs_and_basis_match_their_dense_matrices(
     np.testing.assert_allclose(ds.basis_eigval.values[:2], values.flip(0)[:2].numpy(), rtol=1e-6)
     cosines = np.abs(np.sum(ds.basis_vectors.values[:2] * vectors.flip(1)[:, :2].T.numpy(), axis=1))
     assert cosines.min() >= 0.9999
+
+
+def test_the_sampled_fisher_job_gives_the_eigenpairs_of_its_own_seeded_operator(tmp_path: Path) -> None:
+    """``operator = "fisher_mc"`` end to end: the stored Ritz values are the top of the dense matrix
+    of an operator built apart with the documented seed (``seed`` + checkpoint index); PSD."""
+    from ckpt_analysis.curvature import MCFisherOperator, ParamLayout
+
+    run = build_local_run(tmp_path / "run", [0, 100], seed=4, **SMALL)
+    solver = {**SOLVER, "operator": "fisher_mc", "params": ["*attention.dense*"], "seed": 5}
+    analyses = {"hessian": {**solver, "k": 3, "trace_probes": 6}}
+    job = job_from_dict(
+        job_dict(run, tmp_path / "f.zarr", analyses=analyses, data={"num_examples": 24, "seed": 11}),
+        base=tmp_path,
+    )
+    assert {o.status for o in run_job(job)} == {"done"}
+    ds = open_results(job.output)
+    sample = EvalData(ds.input_ids.values, ds.attention_mask.values, ds.score_mask.values.astype(bool)).head(
+        12
+    )
+    source = CheckpointSource.from_spec(job.checkpoints)
+    for index, ckpt in enumerate(source.checkpoints()):
+        model = source.load(ckpt)
+        torch.nn.Module.to(model, torch.float64)
+        layout = ParamLayout.from_model(model, ["*attention.dense*"])
+        twin = MCFisherOperator(model, layout, sample, batch_size=job.compute.batch_size, seed=5 + index)
+        dense = torch.stack([twin(e) for e in torch.eye(layout.size, dtype=torch.float64)], dim=1)
+        values = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)[:3].numpy()
+        np.testing.assert_allclose(ds.hessian_eigval.isel(step=index).values, values, rtol=1e-6)
+        assert values.min() > 0
