@@ -206,10 +206,11 @@ class Analysis(ABC, Generic[P]):
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write] | Iterator[Write]:
         """Compute one unit and hand back its blocks; never touches the store itself.
 
-        A list is written once the whole unit is computed (so a failed ``--force`` recompute
-        keeps the earlier result). An iterator is written block by block as it yields, for
-        units whose results together would not fit in memory; its unit is marked not done
-        before the first block, so a failure or kill midway leaves it to be recomputed.
+        A list or an iterator: an iterator's blocks are staged on disk one by one as it yields,
+        for units whose results together would not fit in memory. Either way nothing reaches the
+        store's chunks until every block is staged (:class:`~ckpt_analysis.staging.StagedWrites`),
+        so a failure or kill midway leaves the unit to be recomputed and a failed ``--force``
+        recompute keeps the earlier result.
         """
 
 
