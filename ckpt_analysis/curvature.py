@@ -7,7 +7,7 @@ import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
 import torch
@@ -153,10 +153,42 @@ class CurvatureOperator(ABC):
         tangent = self.layout.unflatten(v.to(self.dtype))
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         with differentiable_attention(self.model):
-            for i, batch in enumerate(self.batches):
-                total += torch.cat([part.reshape(-1) for part in self._product(i, batch, tangent)])
+            for i in range(len(self.batches)):
+                total += self._share(i, tangent)
         self.matvecs += 1
         return total
+
+    def _share(self, index: int, tangent: Params) -> torch.Tensor:
+        """Batch ``index``'s share of C v, flattened."""
+        return torch.cat([part.reshape(-1) for part in self._product(index, self.batches[index], tangent)])
+
+    def rounding(self, vectors: torch.Tensor, values: np.ndarray) -> float:
+        """The measured relative rounding error ρ of this operator's product on the pairs
+        (θᵢ = ``values[i]``, yᵢ = ``vectors[i]``): each ‖(Ĉ − C) yᵢ‖ is about ≤ ρ |θᵢ|
+        (docs/hessian.md, "The measured floor").
+
+        One product of the combination z = Σᵢ sᵢ yᵢ / |θᵢ| (seeded signs sᵢ = ±1) is made twice,
+        here and on a float64 twin of the model, and ρ = ‖Ĉz − Cz‖: its square is about
+        Σᵢ (‖(Ĉ − C) yᵢ‖ / |θᵢ|)², which bounds every term. Zero for a float64 operator. Costs one
+        product in this dtype, one in float64 (one batch's graph at a time), and a float64 copy of
+        the model while it runs.
+        """
+        if self.dtype == torch.float64:
+            return 0.0
+        scale = np.maximum(np.abs(values), 1e-6 * np.abs(values).max())  # a zero θ weighs as a tiny one
+        signs = torch.randint(0, 2, (len(values),), generator=torch.Generator().manual_seed(0)) * 2 - 1
+        z = torch.from_numpy(signs.numpy() / scale).to(vectors) @ vectors
+        return float((self(z).double() - self._twin(torch.float64)(z.double())).norm())
+
+    def _twin(self, dtype: torch.dtype) -> Self:
+        """This operator over a ``dtype`` copy of the model, sharing any state drawn from the data
+        (the MC Fisher's targets)."""
+        twin = copy.copy(self)
+        twin.model = torch.nn.Module.to(copy.deepcopy(self.model), dtype)  # transformers mis-types .to
+        named = dict(twin.model.named_parameters())
+        twin.params = [named[n] for n in self.layout.names]
+        twin.dtype = dtype
+        return twin
 
     @abstractmethod
     def _product(self, index: int, batch: Batch, tangent: Params) -> tuple[torch.Tensor, ...]:
@@ -218,6 +250,11 @@ class HessianOperator(CurvatureOperator):
                 self._graphs[index] = grads
         parts = [tangent[n] for n in self.layout.names]
         return torch.autograd.grad(grads, self.params, grad_outputs=parts, retain_graph=self.cache_graph)
+
+    def _twin(self, dtype: torch.dtype) -> Self:
+        twin = super()._twin(dtype)
+        twin._graphs, twin.cache_graph = {}, False  # the graphs belong to this operator's model
+        return twin
 
 
 class GGNOperator(CurvatureOperator):

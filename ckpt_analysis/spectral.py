@@ -15,11 +15,14 @@ Which = Literal["largest_algebraic", "largest_magnitude"]
 
 @dataclass(frozen=True)
 class Eigenpairs:
-    """Ritz pairs from Lanczos, with explicit residuals ``‖A v − λ v‖``."""
+    """Ritz pairs from Lanczos, with explicit residuals ``‖A v − λ v‖`` and each pair's measured
+    floor (the part of its residual that rounding in the products leaves, docs/hessian.md, "The
+    measured floor")."""
 
     values: np.ndarray
     vectors: torch.Tensor
     residuals: np.ndarray
+    floors: np.ndarray
     converged: np.ndarray
     iterations: int
     matvecs: int
@@ -45,9 +48,22 @@ def _pick(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class _Ritz:
+    """The wanted Ritz pairs of a Krylov space: values θ, coefficients s (columns, y = Q s), the
+    residuals ‖A y − θ y‖, their measured floors ‖(H − M) s‖ and the part more steps can remove,
+    ‖r‖ |s_m| (docs/hessian.md, "Eigenpairs" and "The measured floor")."""
+
+    values: np.ndarray
+    coefficients: np.ndarray
+    residuals: np.ndarray
+    floors: np.ndarray
+    reducible: np.ndarray
+
+
+@dataclass(frozen=True)
 class _Krylov:
     """What Lanczos steps leave: the tridiagonal (``alpha``, ``beta``), the Lanczos vectors Q (rows),
-    and the Arnoldi relation they satisfy exactly, A Q = Q H + r e_mᵀ.
+    and the Arnoldi relation they satisfy to the rounding of the vector arithmetic, A Q = Q H + r e_mᵀ.
 
     H = ``projections`` holds every coefficient full reorthogonalisation removed (so it is T plus
     the rounding Lanczos would otherwise lose), and ``remainder`` = ‖r‖, the part of the last
@@ -56,18 +72,75 @@ class _Krylov:
 
     alpha: list[float]
     beta: list[float]
-    basis: torch.Tensor
+    basis: _Rows
     projections: np.ndarray
     remainder: float
 
-    def residuals(self, theta: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """‖A y − θ y‖ for the Ritz pairs y = Q s, with no product by A (docs/hessian.md, "Eigenpairs").
+    def rayleigh(self) -> np.ndarray:
+        """M = QᵀAQ as the products measured it: H's upper triangle (every qᵢᵀ A qⱼ, i ≤ j, that
+        reorthogonalisation computed) mirrored below (docs/hessian.md, "Eigenpairs")."""
+        upper = np.triu(self.projections)
+        mirrored: np.ndarray = upper + np.triu(upper, 1).T
+        return mirrored
 
-        A y − θ y = Q (H s − θ s) + s_m r, and r ⊥ span(Q), so the norm is
-        √(‖H s − θ s‖² + (s_m ‖r‖)²).
+    def ritz(self, k: int, which: Which) -> _Ritz:
+        """The top-``k`` Rayleigh–Ritz pairs of M and their residuals, with no product by A.
+
+        A y − θ y = Q (H s − θ s) + s_m r with M s = θ s and r ⊥ span(Q), so the residual is
+        √(‖(H − M) s‖² + (s_m ‖r‖)²): H − M is the products' asymmetry, which no further step
+        removes (the floor), and s_m ‖r‖ is what further steps reduce.
         """
-        inside = np.linalg.norm(self.projections @ s - s * theta, axis=0)
-        return np.asarray(np.hypot(inside, self.remainder * s[-1]))
+        theta, s = np.linalg.eigh(self.rayleigh())
+        top = _pick(theta, k, which)
+        theta, s = theta[top], s[:, top]
+        floors = np.linalg.norm(self.projections @ s - s * theta, axis=0)
+        reducible = self.remainder * np.abs(s[-1])
+        return _Ritz(theta, s, np.hypot(floors, reducible), floors, reducible)
+
+
+class _Rows:
+    """The Lanczos vectors Q, stored in blocks of ``BLOCK`` rows so that memory follows the steps
+    taken, not the step limit (200 rows of Pythia-70M are 56 GB), and growing copies nothing."""
+
+    BLOCK = 16
+
+    def __init__(self, first: torch.Tensor) -> None:
+        self._blocks: list[torch.Tensor] = []
+        self._count = 0
+        self.append(first)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, row: torch.Tensor) -> None:
+        if self._count % self.BLOCK == 0:
+            self._blocks.append(row.new_zeros(self.BLOCK, row.numel()))
+        self._blocks[-1][self._count % self.BLOCK] = row
+        self._count += 1
+
+    def _filled(self) -> list[torch.Tensor]:
+        used = self._count - self.BLOCK * (len(self._blocks) - 1)
+        return [*self._blocks[:-1], self._blocks[-1][:used]]
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self._blocks[j // self.BLOCK][j % self.BLOCK]
+
+    def remove_from(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q w, w − Qᵀ Q w): one classical Gram–Schmidt pass against every row."""
+        parts = [block @ w for block in self._filled()]
+        for block, c in zip(self._filled(), parts, strict=True):
+            w = w - block.T @ c
+        return torch.cat(parts), w
+
+    def combine(self, coefficients: np.ndarray) -> torch.Tensor:
+        """The rows of ``coefficientsᵀ Q``: ``coefficients`` is (rows of Q, vectors)."""
+        out = self._blocks[0].new_zeros(coefficients.shape[1], self._blocks[0].shape[1])
+        start = 0
+        for block in self._filled():
+            part = torch.from_numpy(coefficients[start : start + len(block)].T.copy()).to(block)
+            out += part @ block
+            start += len(block)
+        return out
 
 
 def _lanczos_steps(
@@ -75,15 +148,14 @@ def _lanczos_steps(
     start: torch.Tensor,
     limit: int,
     *,
-    stop: Callable[[list[float], list[float], float], bool],
+    stop: Callable[[_Krylov], bool],
     project: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> _Krylov:
     """Up to ``limit`` Lanczos steps with full reorthogonalisation.
 
-    ``stop(alpha, beta, b)`` is asked after each step, ``b`` being the next off-diagonal.
+    ``stop(krylov)`` is asked after each step with the space built so far.
     """
-    basis = torch.zeros(limit + 1, start.numel(), dtype=start.dtype, device=start.device)
-    basis[0] = start / start.norm()
+    basis = _Rows(start / start.norm())
     projections = np.zeros((limit + 1, limit))
     alpha: list[float] = []
     beta: list[float] = []
@@ -91,31 +163,18 @@ def _lanczos_steps(
         w = op(basis[j])
         alpha.append(float(w @ basis[j]))
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            c = basis[: j + 1] @ w
-            w = w - basis[: j + 1].T @ c
+            c, w = basis.remove_from(w)
             projections[: j + 1, j] += c.double().cpu().numpy()
         w = project(w)
         b = float(w.norm())
         scale = max(abs(a) for a in alpha) or 1.0
-        if j + 1 == limit or stop(alpha, beta, b) or b <= 1e3 * np.finfo(np.float64).eps * scale:
-            break
+        krylov = _Krylov(alpha, beta, basis, projections[: j + 1, : j + 1], b)
+        if j + 1 == limit or stop(krylov) or b <= 1e3 * np.finfo(np.float64).eps * scale:
+            return krylov
         beta.append(b)
         projections[j + 1, j] = b
-        basis[j + 1] = w / b
-    m = len(alpha)
-    return _Krylov(alpha, beta, basis[:m], projections[:m, :m], b)
-
-
-FLOOR_FACTOR = 2.0
-"""The working-precision floor of a residual, in units of eps·√n (docs/hessian.md, "The float32 floor")."""
-
-
-def precision_floor(dtype: str | torch.dtype, n: int) -> float:
-    """The smallest relative residual (‖Av − θv‖ / max|θ|) an ``n``-dimensional operator evaluated
-    in ``dtype`` can be asked for: ``FLOOR_FACTOR · eps(dtype) · √n`` (docs/hessian.md, "The
-    float32 floor"; measured by ``benchmarks/hessian_floor.py``)."""
-    eps = torch.finfo(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)).eps
-    return FLOOR_FACTOR * eps * float(np.sqrt(n))
+        basis.append(w / b)
+    raise ValueError("Lanczos needs at least one step")
 
 
 def lanczos(
@@ -125,21 +184,25 @@ def lanczos(
     *,
     like: torch.Tensor,
     which: Which = "largest_algebraic",
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_iter: int = 200,
     seed: int = 0,
     deflate: torch.Tensor | None = None,
+    rounding: Callable[[torch.Tensor, np.ndarray], float] | None = None,
 ) -> Eigenpairs:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
-    docs/hessian.md. Deterministic for a given ``seed``. With ``deflate`` (rows: an orthonormal B) the
-    operator is Π⊥ A Π⊥ with Π⊥ = I − BᵀB, and the search is restricted to range(Π⊥): the start
-    vector and every Lanczos vector are projected out of span(B), so the zero eigenvalues on
-    span(B) never compete. A pair converges when its residual is ≤ ``tol`` · max|θ|, where ``tol``
-    is raised to the working precision's floor (:func:`precision_floor` of ``like``'s dtype) when
-    it asks for less than rounding allows. ``like`` fixes dtype and device.
+    docs/hessian.md, "Eigenpairs" and "The measured floor". Deterministic for a given ``seed``.
+    With ``deflate`` (rows: an orthonormal B) the operator is Π⊥ A Π⊥ with Π⊥ = I − BᵀB, and the
+    search is restricted to range(Π⊥): the start vector and every Lanczos vector are projected
+    out of span(B), so the zero eigenvalues on span(B) never compete. A pair converges when its
+    residual is ≤ ``tol`` · |θ|, its own eigenvalue. Iteration stops once every wanted pair has
+    converged or has reached its measured floor (more steps would not lower its residual), or at
+    ``max_iter``. ``rounding`` (``CurvatureOperator.rounding``) measures the products' own
+    rounding error on the final Ritz vectors; it is added to each residual and floor before the
+    pair is flagged, so a flag never trusts a product more than it deserves. ``like`` fixes dtype
+    and device.
     """
-    tol = max(tol, precision_floor(like.dtype, n))
 
     def project(x: torch.Tensor) -> torch.Tensor:
         return x if deflate is None else x - deflate.T @ (deflate @ x)
@@ -147,21 +210,36 @@ def lanczos(
     def op(x: torch.Tensor) -> torch.Tensor:
         return project(matvec(project(x)))
 
-    def converged(alpha: list[float], beta: list[float], b: float) -> bool:
-        theta, s = _tridiagonal(alpha, beta)
-        top = _pick(theta, k, which)
-        return len(top) == k and bool(np.all(b * np.abs(s[-1, top]) <= tol * np.abs(theta).max()))
+    measured: list[float] = []  # the products' relative rounding error, once measured
+
+    def settled(krylov: _Krylov) -> bool:
+        pairs = krylov.ritz(k, which)
+        if len(pairs.values) < k or not _settled(pairs, tol, sum(measured)):
+            return False
+        if rounding is None or measured:
+            return True
+        measured.append(rounding(krylov.basis.combine(pairs.coefficients).to(like), pairs.values))
+        return _settled(pairs, tol, measured[0])
 
     limit = min(max_iter, n - (0 if deflate is None else deflate.shape[0]))
     start = project(torch.randn(n, generator=_generator(seed)).to(like))
-    krylov = _lanczos_steps(op, start, limit, stop=converged, project=project)
-    theta, s = _tridiagonal(krylov.alpha, krylov.beta)
-    top = _pick(theta, k, which)
-    vectors = torch.from_numpy(s[:, top].T.copy()).to(like) @ krylov.basis
-    residuals = krylov.residuals(theta[top], s[:, top])
-    scale = float(np.abs(theta).max())
+    krylov = _lanczos_steps(op, start, limit, stop=settled, project=project)
+    pairs = krylov.ritz(k, which)
+    vectors = krylov.basis.combine(pairs.coefficients).to(like)
+    if rounding is not None and not measured:  # stopped before every pair settled
+        measured.append(rounding(vectors, pairs.values))
+    error = sum(measured) * np.abs(pairs.values)
+    residuals, floors = pairs.residuals + error, pairs.floors + error
+    converged = residuals <= tol * np.abs(pairs.values)
     steps = len(krylov.alpha)
-    return Eigenpairs(theta[top], vectors, residuals, residuals <= tol * scale, steps, steps)
+    return Eigenpairs(pairs.values, vectors, residuals, floors, converged, steps, steps)
+
+
+def _settled(pairs: _Ritz, tol: float, rounding: float) -> bool:
+    """Whether more steps would not help: each pair's reducible residual is within ``tol`` · |θ|
+    less its rounding error ``rounding`` · |θ|, or within its floor (docs/hessian.md, "Eigenpairs")."""
+    scale = np.abs(pairs.values)
+    return bool(np.all(pairs.reducible <= np.maximum((tol - rounding) * scale, pairs.floors)))
 
 
 def hutchinson(
@@ -203,7 +281,7 @@ def slq(
     weights = np.zeros((probes, steps))
     for p in range(probes):
         start = _rademacher((n,), _generator(seed + p), like)
-        krylov = _lanczos_steps(matvec, start, min(steps, n), stop=lambda a, b, c: False)
+        krylov = _lanczos_steps(matvec, start, min(steps, n), stop=lambda krylov: False)
         theta, s = _tridiagonal(krylov.alpha, krylov.beta)
         nodes[p, : len(theta)], weights[p, : len(theta)] = theta, s[0] ** 2
     return nodes, weights

@@ -20,7 +20,7 @@ from ckpt_analysis.curvature import (
 )
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.spectral import Which, hutchinson, hutchpp, lanczos, slq
+from ckpt_analysis.spectral import Eigenpairs, Which, hutchinson, hutchpp, lanczos, slq
 
 if TYPE_CHECKING:
     from ckpt_analysis.types import Columns
@@ -38,7 +38,7 @@ class CurvatureParams:
     sample_sequences: int = 64
     cache_graph: bool = True
     which: Which = "largest_algebraic"
-    tol: float = 1e-5
+    tol: float = 1e-4
     max_iter: int = 200
     seed: int = 0
 
@@ -96,6 +96,31 @@ def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> Cur
     return OPERATORS[params.operator](model, layout, sample, batch_size=size)
 
 
+def _eigenpairs(
+    params: HessianParams | BasisParams,
+    op: CurvatureOperator,
+    like: torch.Tensor,
+    *,
+    seed: int,
+    deflate: torch.Tensor | None = None,
+) -> Eigenpairs:
+    """The top ``k`` pairs of ``op`` by Lanczos at the analysis' solver settings, flagged with the
+    products' measured rounding (docs/hessian.md, "Eigenpairs" and "The measured floor")."""
+    p = params
+    return lanczos(
+        op,
+        op.n,
+        p.k,
+        like=like,
+        which=p.which,
+        tol=p.tol,
+        max_iter=p.max_iter,
+        seed=seed,
+        deflate=deflate,
+        rounding=op.rounding,
+    )
+
+
 C = TypeVar("C", bound=CurvatureParams)
 
 
@@ -150,7 +175,7 @@ class Hessian(_Curvature[HessianParams]):
         p, i = self.params, unit.checkpoint
         op = _operator(p, ctx, i)
         like = op.flat_params()
-        pairs = lanczos(op, op.n, p.k, like=like, which=p.which, tol=p.tol, max_iter=p.max_iter, seed=p.seed)
+        pairs = _eigenpairs(p, op, like, seed=p.seed)
         traces = [f(op, op.n, p.trace_probes, like=like, seed=p.seed) for f in (hutchinson, hutchpp)]
         writes = [
             Write("hessian_eigval", (i,), pairs.values),
@@ -288,17 +313,7 @@ class HessianBasis(_Curvature[BasisParams]):
         previous = torch.from_numpy(ctx.read(v("vectors"))[:start]).to(like) if start else None
         if previous is not None and not torch.isfinite(previous).all():
             raise RuntimeError("earlier basis vectors are missing; their units must finish first")
-        pairs = lanczos(
-            op,
-            op.n,
-            p.k,
-            like=like,
-            which=p.which,
-            tol=p.tol,
-            max_iter=p.max_iter,
-            seed=p.seed + start,
-            deflate=previous,
-        )
+        pairs = _eigenpairs(p, op, like, seed=p.seed + start, deflate=previous)
         rows = (slice(start, start + p.k),)
         return [
             Write(v("vectors"), rows, pairs.vectors.cpu().numpy()),
