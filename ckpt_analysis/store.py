@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -625,7 +625,7 @@ class UnitState:
 
 
 UnitStateName = Literal["done", "damaged", "failed", "running", "interrupted", "missing"]
-STATES: tuple[UnitStateName, ...] = ("done", "damaged", "failed", "running", "interrupted", "missing")
+STATES: tuple[UnitStateName, ...] = get_args(UnitStateName)
 """Every state, in the order ``status`` counts them."""
 
 
