@@ -294,8 +294,10 @@ def test_scancel_mid_run_then_resubmit_equals_an_uninterrupted_run(tmp_path: Pat
     assert not done_flags(store).all()  # interrupted part-way
     states = {s.unit_id: s.state for s in unit_states(store)}
     assert "running" not in states.values() and {states[u] for u in caught} == {"interrupted"}
+    # A task of the array may start its unit after the freeze and before the cancel: it is cut too.
+    interrupted = sum(state == "interrupted" for state in states.values())
     shown = _cli("status", store)
-    assert " 0 running" in shown.stdout and f"{len(caught)} interrupted" in shown.stdout, shown.stdout
+    assert " 0 running" in shown.stdout and f"{interrupted} interrupted" in shown.stdout, shown.stdout
     again = _cli("resubmit", store, "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
     assert done_flags(store).all()
