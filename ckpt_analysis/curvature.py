@@ -153,14 +153,10 @@ class CurvatureOperator(ABC):
         tangent = self.layout.unflatten(v.to(self.dtype))
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         with differentiable_attention(self.model):
-            for i in range(len(self.batches)):
-                total += self._share(i, tangent)
+            for i, batch in enumerate(self.batches):
+                total += torch.cat([part.reshape(-1) for part in self._product(i, batch, tangent)])
         self.matvecs += 1
         return total
-
-    def _share(self, index: int, tangent: Params) -> torch.Tensor:
-        """Batch ``index``'s share of C v, flattened."""
-        return torch.cat([part.reshape(-1) for part in self._product(index, self.batches[index], tangent)])
 
     def rounding(self, vectors: torch.Tensor, values: np.ndarray) -> float:
         """The measured relative rounding error ρ of this operator's product on the pairs

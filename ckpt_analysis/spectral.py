@@ -55,9 +55,13 @@ class _Ritz:
 
     values: np.ndarray
     coefficients: np.ndarray
-    residuals: np.ndarray
     floors: np.ndarray
     reducible: np.ndarray
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """√(floor² + reducible²) (docs/hessian.md, "Eigenpairs")."""
+        return np.asarray(np.hypot(self.floors, self.reducible))
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class _Krylov:
         theta, s = theta[top], s[:, top]
         floors = np.linalg.norm(self.projections @ s - s * theta, axis=0)
         reducible = self.remainder * np.abs(s[-1])
-        return _Ritz(theta, s, np.hypot(floors, reducible), floors, reducible)
+        return _Ritz(theta, s, floors, reducible)
 
 
 class _Rows:
@@ -108,9 +112,6 @@ class _Rows:
         self._blocks: list[torch.Tensor] = []
         self._count = 0
         self.append(first)
-
-    def __len__(self) -> int:
-        return self._count
 
     def append(self, row: torch.Tensor) -> None:
         if self._count % self.BLOCK == 0:
@@ -127,8 +128,9 @@ class _Rows:
 
     def remove_from(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q w, w − Qᵀ Q w): one classical Gram–Schmidt pass against every row."""
-        parts = [block @ w for block in self._filled()]
-        for block, c in zip(self._filled(), parts, strict=True):
+        blocks = self._filled()
+        parts = [block @ w for block in blocks]
+        for block, c in zip(blocks, parts, strict=True):
             w = w - block.T @ c
         return torch.cat(parts), w
 
@@ -210,25 +212,26 @@ def lanczos(
     def op(x: torch.Tensor) -> torch.Tensor:
         return project(matvec(project(x)))
 
-    measured: list[float] = []  # the products' relative rounding error, once measured
+    rho: float | None = None  # the products' relative rounding error, once measured
 
     def settled(krylov: _Krylov) -> bool:
+        nonlocal rho
         pairs = krylov.ritz(k, which)
-        if len(pairs.values) < k or not _settled(pairs, tol, sum(measured)):
+        if len(pairs.values) < k or not _settled(pairs, tol, rho or 0.0):
             return False
-        if rounding is None or measured:
+        if rounding is None or rho is not None:
             return True
-        measured.append(rounding(krylov.basis.combine(pairs.coefficients).to(like), pairs.values))
-        return _settled(pairs, tol, measured[0])
+        rho = rounding(krylov.basis.combine(pairs.coefficients).to(like), pairs.values)
+        return _settled(pairs, tol, rho)
 
     limit = min(max_iter, n - (0 if deflate is None else deflate.shape[0]))
     start = project(torch.randn(n, generator=_generator(seed)).to(like))
     krylov = _lanczos_steps(op, start, limit, stop=settled, project=project)
     pairs = krylov.ritz(k, which)
     vectors = krylov.basis.combine(pairs.coefficients).to(like)
-    if rounding is not None and not measured:  # stopped before every pair settled
-        measured.append(rounding(vectors, pairs.values))
-    error = sum(measured) * np.abs(pairs.values)
+    if rounding is not None and rho is None:  # stopped before every pair settled
+        rho = rounding(vectors, pairs.values)
+    error = (rho or 0.0) * np.abs(pairs.values)
     residuals, floors = pairs.residuals + error, pairs.floors + error
     converged = residuals <= tol * np.abs(pairs.values)
     steps = len(krylov.alpha)
@@ -237,7 +240,8 @@ def lanczos(
 
 def _settled(pairs: _Ritz, tol: float, rounding: float) -> bool:
     """Whether more steps would not help: each pair's reducible residual is within ``tol`` · |θ|
-    less its rounding error ``rounding`` · |θ|, or within its floor (docs/hessian.md, "Eigenpairs")."""
+    less its rounding error ``rounding`` · |θ|, or within its floor (docs/hessian.md, "Eigenpairs"
+    and "The measured floor")."""
     scale = np.abs(pairs.values)
     return bool(np.all(pairs.reducible <= np.maximum((tol - rounding) * scale, pairs.floors)))
 
