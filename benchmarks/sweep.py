@@ -38,7 +38,7 @@ def plain_loop(run: Path, ids: np.ndarray, out: Path) -> None:
             for start in range(0, len(ids), BATCH):
                 batch = torch.from_numpy(ids[start : start + BATCH])
                 model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch))
-        np.save(out / f"cov_{step}.npy", np.stack([a.covariance().numpy() for a in accs.values()]))
+        np.save(out / f"cov_{step}.npy", np.stack([a.statistics()[1].numpy() for a in accs.values()]))
 
 
 def _unit_seconds(store: Path) -> float:

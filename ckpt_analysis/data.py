@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckpt_analysis.config import DataSpec, hf_cache_dir
+from ckpt_analysis.device import to_device
 from ckpt_analysis.errors import DataError, one_line
 from ckpt_analysis.tasks import arithmetic, grammar, topics
 from ckpt_analysis.types import Batch
@@ -57,15 +58,10 @@ class EvalData:
 
     def batches(self, size: int, device: torch.device | str = "cpu") -> Iterator[Batch]:
         """``(input_ids, attention_mask, score_mask)`` tensors, ``size`` sequences at a time."""
-        import torch
-
         for start in range(0, self.input_ids.shape[0], size):
             part = slice(start, start + size)
             yield Batch(
-                *(
-                    torch.from_numpy(a[part]).to(device)
-                    for a in (self.input_ids, self.attention_mask, self.score_mask)
-                )
+                *(to_device(a[part], device) for a in (self.input_ids, self.attention_mask, self.score_mask))
             )
 
     def head(self, sequences: int) -> EvalData:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
+
 from ckpt_analysis.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str) -> str:
@@ -29,3 +36,18 @@ def visible_gpus(device: str) -> list[str]:
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``array`` as a tensor on ``device``, without blocking the host.
+
+    On CUDA the copy goes through page-locked memory with ``non_blocking=True``: a copy from
+    ordinary (pageable) memory makes torch wait for the device first, one synchronisation per
+    batch. Torch's pinned-memory cache keeps the staging buffer alive until the copy has run.
+    """
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

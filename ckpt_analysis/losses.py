@@ -7,13 +7,20 @@ from torch import nn
 
 
 def scored_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits predicting each scored target and the targets, in row-major (sequence, position)
-    order. docs/jobs.md: ``score_mask[s, t]`` marks token t, predicted by the logits at t − 1."""
+    order. docs/jobs.md: ``score_mask[s, t]`` marks token t, predicted by the logits at t − 1.
+
+    ``score_mask`` may also be the (sequence, position) indices of its true cells
+    (:func:`~ckpt_analysis.sites.row_index`), which spares the host the wait for the device that
+    finding them costs on a GPU."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    scored = score_mask[:, 1:].bool()
-    return logits[:, :-1][scored], input_ids[:, 1:][scored]
+    seq, pos = score_mask if isinstance(score_mask, tuple) else score_mask.nonzero(as_tuple=True)
+    return logits[seq, pos - 1], input_ids[seq, pos]
 
 
 def scored_token_losses(

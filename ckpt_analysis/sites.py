@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ckpt_analysis.device import to_device
 from ckpt_analysis.types import Site
 
 if TYPE_CHECKING:
@@ -91,6 +92,16 @@ def capture(model: nn.Module, sites: tuple[Site, ...], callback: Callback) -> It
             handle.remove()
 
 
+def row_index(mask: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence, position)`` indices of a host ``mask``'s true cells, row-major, on ``device``.
+
+    ``acts[row_index(mask, device)]`` picks the same rows as ``acts[mask]`` but, with the count
+    known on the host, without the device-to-host synchronisation a boolean index costs per call.
+    """
+    seq, pos = np.nonzero(mask)
+    return to_device(seq.astype(np.int64), device), to_device(pos.astype(np.int64), device)
+
+
 def activations_at(
     model: PreTrainedModel,
     sites: tuple[Site, ...],
@@ -103,19 +114,21 @@ def activations_at(
 ) -> dict[tuple[Site, int], torch.Tensor]:
     """``(site, layer) → (token, d)`` CPU activations, in ``dtype``, at the true cells of the
     ``(sequence, position)`` ``mask``, in row-major order. Forwards run over only the sequences that
-    hold a masked token, ``batch_size`` at a time; only the masked rows are kept."""
+    hold a masked token, ``batch_size`` at a time; only the masked rows are kept, on the model's
+    device until the last batch (one transfer per site and layer, none inside the batch loop)."""
     device = next(model.parameters()).device
     sequences = np.flatnonzero(mask.any(axis=1))
-    picked = torch.zeros(0, 0, dtype=torch.bool)
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None
     parts: dict[tuple[Site, int], list[torch.Tensor]] = {}
 
     def collect(site: Site, layer: int, acts: torch.Tensor) -> None:
-        parts.setdefault((site, layer), []).append(acts[picked.to(acts.device)].to(dtype).cpu())
+        assert picked is not None
+        parts.setdefault((site, layer), []).append(acts[picked].to(dtype))
 
     with torch.inference_mode(), capture(model, sites, collect):
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
-            picked = torch.from_numpy(mask[chunk])
-            ids = torch.from_numpy(input_ids[chunk]).to(device)
-            model.base_model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask[chunk]).to(device))
-    return {key: torch.cat(chunks) for key, chunks in parts.items()}
+            picked = row_index(mask[chunk], device)
+            ids, attn = to_device(input_ids[chunk], device), to_device(attention_mask[chunk], device)
+            model.base_model(input_ids=ids, attention_mask=attn)
+    return {key: torch.cat(chunks).cpu() for key, chunks in parts.items()}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from ckpt_analysis.zoo.train import GrammarTrainConfig, tiny_gpt_neox, train_gra
 
 if TYPE_CHECKING:
     import pytest
+
+    from ckpt_analysis.data import EvalData
+    from ckpt_analysis.registry import UnitContext
 
 CLI = [sys.executable, "-m", "ckpt_analysis"]
 
@@ -475,3 +479,77 @@ def dense_ggn_and_fisher(
     ggn = torch.einsum("nvp,nvw,nwq->pq", jac, h, jac) / n
     per_token = torch.einsum("nv,nvp->np", p - torch.nn.functional.one_hot(targets, z.shape[1]).to(p), jac)
     return ggn, per_token.T @ per_token / n
+
+
+def unit_context(
+    model: PreTrainedModel, data: EvalData, analyses: dict[str, Any], *, batch_size: int = 8
+) -> UnitContext:
+    """A unit's context over one in-memory model and an unlabelled token set, to call an
+    analysis's ``compute`` directly (every checkpoint index loads ``model``; nothing is stored)."""
+    from ckpt_analysis.config import ComputeSpec, DataSpec, JobSpec, LocalCheckpoints
+    from ckpt_analysis.registry import UnitContext
+
+    device: Literal["cpu", "cuda"] = "cuda" if model.device.type == "cuda" else "cpu"
+    spec = LocalCheckpoints(source="local", path="unused", device=device)
+    job = JobSpec(
+        "test", "unused", spec, DataSpec(source="topics"), analyses, ComputeSpec(batch_size=batch_size)
+    )
+    return UnitContext(job, [], model.config.to_dict(), data, lambda _: model, lambda *_a, **_k: np.empty(0))
+
+
+def random_eval_data(vocab: int, sequences: int, length: int, *, seed: int = 0) -> EvalData:
+    """Random token ids, right-padded to random lengths, a random half of the positions scored."""
+    from ckpt_analysis.data import EvalData
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(length // 2, length + 1, sequences)
+    attention = (np.arange(length) < lengths[:, None]).astype(np.int64)
+    return EvalData(
+        rng.integers(0, vocab, (sequences, length)), attention, rng.random((sequences, length)) < 0.5
+    )
+
+
+BATCH = 4
+"""Sequences per batch in :func:`ops_per_batch`."""
+
+
+def ops_per_batch(
+    model: PreTrainedModel, run: Callable[[EvalData], object], *, head: bool = False
+) -> tuple[float, int]:
+    """(ops, data-dependent ops) ``run(data)`` dispatches per batch of :data:`BATCH` sequences
+    beyond the bare forwards over the same batches (through the LM head if ``head``)."""
+    from ckpt_analysis.dispatch import OpCounter
+
+    ops, dependent = _per_batch(model, run, OpCounter, lambda c: (c.total, c.data_dependent), head=head)
+    return ops, int(dependent)
+
+
+def syncs_per_batch(
+    model: PreTrainedModel, run: Callable[[EvalData], object], *, head: bool = False
+) -> float:
+    """Host-device synchronisations ``run(data)`` adds per batch to the bare forwards (CUDA)."""
+    from ckpt_analysis.dispatch import SyncCounter
+
+    return _per_batch(model, run, SyncCounter, lambda c: (c.total,), head=head)[0]
+
+
+def _per_batch(
+    model: PreTrainedModel,
+    run: Callable[[EvalData], object],
+    counter: Callable[[], Any],
+    read: Callable[[Any], tuple[int, ...]],
+    *,
+    head: bool,
+) -> tuple[float, ...]:
+    """What ``read(counter)`` counts per batch in ``run`` beyond bare forwards: the difference between
+    runs over 4 and 2 batches, so once-per-unit work cancels out."""
+    excess = []
+    for batches in (2, 4):
+        data = random_eval_data(model.config.vocab_size, BATCH * batches, 12)
+        with counter() as unit:
+            run(data)
+        with counter() as bare, torch.inference_mode():
+            for ids, attn, _ in data.batches(BATCH, model.device):
+                (model if head else model.base_model)(input_ids=ids, attention_mask=attn)
+        excess.append(np.subtract(read(unit), read(bare)))
+    return tuple(float(x) for x in (excess[1] - excess[0]) / 2)

@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from builders import build_local_run, job_dict
+from builders import BATCH, build_local_run, job_dict, syncs_per_batch, tiny_model, unit_context
 
+from ckpt_analysis.analyses.covariance import Covariance, CovarianceParams
+from ckpt_analysis.analyses.diagnostics import Diagnostics, DiagnosticsParams
 from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.data import EvalData
+from ckpt_analysis.registry import Analysis, Unit
 from ckpt_analysis.run import run_job
+from ckpt_analysis.sites import SITES, activations_at
 from ckpt_analysis.store import open_results
 
 DEVICE = os.environ.get("CKPT_ANALYSIS_TEST_DEVICE", "cuda")
@@ -81,3 +86,24 @@ def test_every_arithmetic_analysis_on_the_gpu_equals_the_cpu(tmp_path: Path) -> 
 def test_leading_terms_on_the_gpu_equal_the_cpu(tmp_path: Path) -> None:
     topics = {"source": "topics", "num_examples": 40, "seq_len": 12, "seed": 3}
     _assert_close(*_both(tmp_path, LEADING_TERMS, topics))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="sync debug mode needs CUDA")
+@pytest.mark.parametrize("analysis", ["covariance", "diagnostics", "activations_at"])
+def test_batch_loops_add_no_host_device_synchronisation(analysis: str) -> None:
+    model = torch.nn.Module.to(tiny_model(), DEVICE)
+    unit = Unit(analysis, "step=0", checkpoint=0)
+
+    units: dict[str, Analysis[Any]] = {
+        "covariance": Covariance(CovarianceParams()),
+        "diagnostics": Diagnostics(DiagnosticsParams()),
+    }
+
+    def run(data: EvalData) -> None:
+        if analysis in units:
+            units[analysis].compute(unit, unit_context(model, data, {}, batch_size=BATCH))
+        else:
+            mask, ids, attn = data.score_mask, data.input_ids, data.attention_mask
+            activations_at(model, SITES, ids, attn, mask, batch_size=BATCH, dtype=torch.float32)
+
+    assert syncs_per_batch(model, run, head=analysis == "diagnostics") == 0

@@ -10,65 +10,88 @@ import torch
 
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
-from ckpt_analysis.sites import SITES, capture
+from ckpt_analysis.sites import SITES, capture, row_index
 from ckpt_analysis.types import Positions, Site
 
 
-class CovarianceAccumulator:
-    """Streaming mean and covariance of row vectors, merged in float64, memory O(d²).
+@dataclass(frozen=True)
+class Workspace:
+    """One batch's ``(n, d + 1)`` rows [x − c, 1] and its two views, made once per batch."""
 
-    docs/covariance.md: batches merge with Chan et al.'s pairwise update, so
-    ``cov = M2 / (n − 1)`` equals ``numpy.cov(X, rowvar=False, bias=False)`` of all rows seen.
-    Each batch's centred Gram matrix is formed in ``gram_dtype``: float64 is exact to ~1e-14;
-    float32 is about 2× faster on CPU with ~3e-7 relative error at a few thousand rows per batch
-    (growing like √rows), while the cross-batch merge stays float64.
+    columns: torch.Tensor
+    shifted: torch.Tensor
+    transposed: torch.Tensor
+
+
+class CovarianceAccumulator:
+    """Streaming mean and covariance of row vectors, summed in float64 on the rows' device, memory O(d²).
+
+    docs/covariance.md, "Numerics and memory": each batch's rows y = x − c, shifted by the mean c of
+    the first batch, are augmented with a column of ones; the Gram matrix of [y, 1] (formed in
+    ``gram_dtype``) adds Σyyᵀ, Σy and the count to one float64 (d + 1)² sum in a single matrix
+    product. ``cov = (Σyyᵀ − n ȳȳᵀ) / (n − 1)`` then equals ``numpy.cov(X, rowvar=False,
+    bias=False)`` of all rows seen (float64: ~1e-14; float32 Gram: ~3e-7 relative at a few
+    thousand rows per batch, about 2× faster on CPU). Nothing is read back to the host before
+    :meth:`statistics`, so the batch loop never waits for the device.
     """
 
     def __init__(
         self, dim: int, device: torch.device | str = "cpu", *, gram_dtype: torch.dtype = torch.float64
     ) -> None:
-        self.gram_dtype = gram_dtype
+        self.dim, self.gram_dtype = dim, gram_dtype
         self.count = 0
-        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.shift: torch.Tensor | None = None
+        self.moments = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
 
-    def update(self, rows: torch.Tensor) -> None:
-        """Merge a ``(n, d)`` batch of rows (any float dtype)."""
+    def workspace(self, rows: int) -> Workspace:
+        """A buffer for :meth:`update` of ``rows`` rows; one serves every accumulator of the same
+        ``d`` and dtype in turn."""
+        columns = torch.ones(rows, self.dim + 1, dtype=self.gram_dtype, device=self.moments.device)
+        return Workspace(columns, columns[:, : self.dim], columns.T)
+
+    def update(self, rows: torch.Tensor, workspace: Workspace | None = None) -> None:
+        """Merge a ``(n, d)`` batch of rows (any float dtype); a ``workspace`` of n rows from
+        :meth:`workspace` saves allocating one (two device ops per call in float64, three with a
+        float32 Gram)."""
         n = rows.shape[0]
         if n == 0:
             return
-        x = rows.to(self.gram_dtype)
-        centred = x - x.mean(dim=0)
-        batch_mean = rows.to(torch.float64).mean(dim=0)
-        total = self.count + n
-        delta = batch_mean - self.mean
-        gram = (centred.T @ centred).to(torch.float64)
-        self.m2 += gram + torch.outer(delta, delta) * (self.count * n / total)
-        self.mean += delta * (n / total)
-        self.count = total
+        space = self.workspace(n) if workspace is None else workspace
+        if self.shift is None:
+            self.shift = rows.mean(dim=0, dtype=torch.float64).to(self.gram_dtype)
+        torch.sub(rows, self.shift, out=space.shifted)
+        if self.gram_dtype == torch.float64:
+            self.moments.addmm_(space.transposed, space.columns)
+        else:
+            self.moments += space.transposed @ space.columns
+        self.count += n
 
-    def covariance(self) -> torch.Tensor:
-        """Unbiased covariance (denominator n − 1); NaN when fewer than two rows were seen."""
-        if self.count < 2:
-            return torch.full_like(self.m2, float("nan"))
-        return self.m2 / (self.count - 1)
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, covariance)``, float64 on the accumulator's device; the covariance (denominator
+        n − 1) is NaN when fewer than two rows were seen, the mean zero when none were."""
+        d, n = self.dim, self.count
+        if n == 0 or self.shift is None:
+            return self.moments[:d, d].clone(), torch.full_like(self.moments[:d, :d], float("nan"))
+        offset = self.moments[:d, d] / n  # ȳ, the mean of the shifted rows
+        mean = self.shift.to(torch.float64) + offset
+        if n < 2:
+            return mean, torch.full_like(self.moments[:d, :d], float("nan"))
+        return mean, (self.moments[:d, :d] - n * torch.outer(offset, offset)) / (n - 1)
 
 
-def position_mask(
-    score_mask: torch.Tensor, attention_mask: torch.Tensor, positions: Positions
-) -> torch.Tensor:
-    """Which positions' activations count (documented in docs/covariance.md).
+def position_mask(score_mask: np.ndarray, attention_mask: np.ndarray, positions: Positions) -> np.ndarray:
+    """Which positions' activations count (documented in docs/covariance.md), on the host.
 
     ``scored``: the analysed tokens' own positions t; ``predicting``: positions t − 1 whose
     logits predict them; ``all``: every non-padding position.
     """
     if positions == "scored":
-        return score_mask
+        return score_mask.astype(bool)
     if positions == "predicting":
-        shifted = torch.zeros_like(score_mask)
+        shifted = np.zeros_like(score_mask, dtype=bool)
         shifted[:, :-1] = score_mask[:, 1:]
         return shifted
-    return attention_mask.bool()
+    return attention_mask > 0
 
 
 @dataclass(frozen=True)
@@ -125,8 +148,10 @@ class Covariance(Analysis[CovarianceParams]):
         accs = {
             (s, i): CovarianceAccumulator(d, device, gram_dtype=gram) for s in sites for i in range(layers)
         }
-        data = ctx.eval_data
-        rows = torch.zeros(0, dtype=torch.bool)
+        data, size = ctx.eval_data, ctx.job.compute.batch_size
+        mask = position_mask(data.score_mask, data.attention_mask, self.params.positions)
+        rows = row_index(mask[:0], device)
+        workspace = accs[(sites[0], 0)].workspace(0)
         outputs: dict[int, torch.Tensor] = {}
         aliased: set[int] = set()
 
@@ -137,12 +162,14 @@ class Covariance(Analysis[CovarianceParams]):
                 return
             if site == "resid_post":
                 outputs[layer] = acts
-            accs[(site, layer)].update(acts[rows])
+            if len(workspace.columns):
+                accs[(site, layer)].update(acts[rows], workspace)
 
-        batch = ctx.job.compute.batch_size
         with torch.inference_mode(), capture(model, sites, collect):
-            for ids, attn, score in data.batches(batch, device):
-                rows = position_mask(score, attn, self.params.positions)
+            for index, (ids, attn, _) in enumerate(data.batches(size, device)):
+                part = mask[index * size : (index + 1) * size]
+                rows = row_index(part, device)
+                workspace = accs[(sites[0], 0)].workspace(int(part.sum()))
                 model.base_model(input_ids=ids, attention_mask=attn)
                 outputs.clear()
         for layer in aliased:
@@ -158,10 +185,10 @@ class Covariance(Analysis[CovarianceParams]):
         layers: int,
         accs: dict[tuple[Site, int], CovarianceAccumulator],
     ) -> list[Write]:
-        grid = [[accs[(s, i)] for i in range(layers)] for s in sites]
-        mean = np.stack([np.stack([a.mean.cpu().numpy() for a in row]) for row in grid])
-        cov = np.stack([np.stack([a.covariance().cpu().numpy() for a in row]) for row in grid])
-        count = np.array([[a.count for a in row] for row in grid], dtype=np.int64)
+        grid = [[[t.cpu().numpy() for t in accs[(s, i)].statistics()] for i in range(layers)] for s in sites]
+        mean = np.array([[m for m, _ in row] for row in grid])
+        cov = np.array([[c for _, c in row] for row in grid])
+        count = np.array([[accs[(s, i)].count for i in range(layers)] for s in sites], dtype=np.int64)
         return [
             Write("act_mean", (step,), mean),
             Write("act_cov", (step,), cov),

@@ -12,6 +12,7 @@ from ckpt_analysis.data import EvalData, label_names, label_variable, vocabulary
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_logits
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
+from ckpt_analysis.sites import row_index
 from ckpt_analysis.types import Columns
 
 METRICS = ("loss", "entropy", "top1_prob", "correct", "target_rank")
@@ -170,13 +171,15 @@ class Diagnostics(Analysis[DiagnosticsParams]):
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
         device = next(model.parameters()).device
+        data, size = ctx.eval_data, ctx.job.compute.batch_size
         parts, predicted = [], []
-        with torch.no_grad():
-            for batch in ctx.eval_data.batches(ctx.job.compute.batch_size, device):
-                logits, targets = scored_logits(model, *batch)
-                parts.append(output_diagnostics(logits, targets).cpu())
-                predicted.append(logits.argmax(dim=-1).cpu())
-        values = torch.cat(parts).numpy()
+        with torch.no_grad():  # kept on the device until the last batch: no wait inside the loop
+            for index, (ids, attn, _) in enumerate(data.batches(size, device)):
+                scored = row_index(data.score_mask[index * size : (index + 1) * size], device)
+                logits, targets = scored_logits(model, ids, attn, scored)
+                parts.append(output_diagnostics(logits, targets))
+                predicted.append(logits.argmax(dim=-1))
+        values = torch.cat(parts).cpu().numpy()
         by_label = [
             Write(
                 f"diag_by_{name}",
@@ -186,7 +189,7 @@ class Diagnostics(Analysis[DiagnosticsParams]):
             for name in label_names(ctx.job.data)
         ]
         writes = [Write("diag_token", (unit.checkpoint,), values.astype(np.float32)), *by_label]
-        return writes + self._matches(ctx, unit.checkpoint, torch.cat(predicted).numpy())
+        return writes + self._matches(ctx, unit.checkpoint, torch.cat(predicted).cpu().numpy())
 
     def _matches(self, ctx: UnitContext, row: int, predicted: np.ndarray) -> list[Write]:
         if not self.params.category_match:

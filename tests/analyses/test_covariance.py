@@ -5,11 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import independent_activations, job_dict
+from builders import BATCH, independent_activations, job_dict, ops_per_batch, tiny_model, unit_context
 
-from ckpt_analysis.analyses.covariance import CovarianceAccumulator, participation_ratio
+from ckpt_analysis.analyses.covariance import (
+    Covariance,
+    CovarianceAccumulator,
+    CovarianceParams,
+    participation_ratio,
+)
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.registry import Unit
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 
@@ -21,8 +27,9 @@ def test_streaming_accumulator_equals_numpy_cov_across_uneven_batches() -> None:
     for part in np.array_split(x, [1, 7, 300, 301, 999]):
         acc.update(torch.from_numpy(part).float())
     xf = x.astype(np.float32).astype(np.float64)
-    np.testing.assert_allclose(acc.covariance().numpy(), np.cov(xf, rowvar=False, bias=False), rtol=1e-10)
-    np.testing.assert_allclose(acc.mean.numpy(), xf.mean(axis=0), rtol=1e-12)
+    mean, cov = acc.statistics()
+    np.testing.assert_allclose(cov.numpy(), np.cov(xf, rowvar=False, bias=False), rtol=1e-10)
+    np.testing.assert_allclose(mean.numpy(), xf.mean(axis=0), rtol=1e-12)
     assert acc.count == 1000
 
 
@@ -77,4 +84,22 @@ def test_float32_gram_option_stays_within_1e6_relative() -> None:
     for part in np.array_split(x, 4):
         acc.update(torch.from_numpy(part).float())
     ref = np.cov(x.astype(np.float32).astype(np.float64), rowvar=False)
-    np.testing.assert_allclose(acc.covariance().numpy(), ref, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(acc.statistics()[1].numpy(), ref, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("gram", ["float64", "float32"])
+@pytest.mark.parametrize("layers", [2, 6])
+@pytest.mark.parametrize(
+    "sites", [["resid_post"], ["resid_pre", "resid_post"], ["resid_pre", "attn_out", "mlp_out", "resid_post"]]
+)
+def test_a_batch_costs_at_most_four_ops_per_site_layer_and_no_data_dependent_op(
+    sites: list[str], layers: int, gram: str
+) -> None:
+    model = tiny_model(num_layers=layers)
+    analysis = Covariance(CovarianceParams(sites=sites, gram_dtype=gram))  # type: ignore[arg-type]
+    unit = Unit("covariance", "step=0", checkpoint=0)
+    per_batch, data_dependent = ops_per_batch(
+        model, lambda data: analysis.compute(unit, unit_context(model, data, {}, batch_size=BATCH))
+    )
+    assert per_batch <= 4 * len(sites) * layers + 8  # + the batch's own index and workspace
+    assert data_dependent == 0

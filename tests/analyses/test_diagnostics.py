@@ -5,13 +5,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import build_grammar_run, build_local_run, job_dict
+from builders import (
+    BATCH,
+    build_grammar_run,
+    build_local_run,
+    job_dict,
+    ops_per_batch,
+    tiny_model,
+    unit_context,
+)
 from transformers import AutoTokenizer
 
+from ckpt_analysis.analyses.diagnostics import Diagnostics, DiagnosticsParams
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.plan import make_plan
+from ckpt_analysis.registry import Unit
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.tasks import grammar
@@ -114,3 +124,13 @@ def test_category_match_refuses_a_label_that_is_not_a_function_of_the_token(
     with pytest.raises(JobSpecError, match=message):
         run_job(job_from_dict(raw, base=tmp_path))
     assert not (tmp_path / "d.zarr").exists()
+
+
+def test_the_batch_loop_never_waits_for_the_device() -> None:
+    model = tiny_model()
+    unit = Unit("diagnostics", "step=0", checkpoint=0)
+    analysis = Diagnostics(DiagnosticsParams())
+    _, data_dependent = ops_per_batch(
+        model, lambda data: analysis.compute(unit, unit_context(model, data, {}, batch_size=BATCH)), head=True
+    )
+    assert data_dependent == 0
