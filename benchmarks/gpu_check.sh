@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one script (docs/benchmarks.md, "On a GPU"): the card, the CUDA-marked tests,
-# per-unit cost on the Pythia-70M stand-in, and a timed prefix of the paper-scale POLCA setting.
+# The GPU checks in one script (docs/benchmarks.md, "On a GPU"): the card, the CUDA-marked tests
+# (the batch loops' sync check among them), covariance against bare forwards and per-unit cost on
+# the Pythia-70M stand-in, and a timed prefix of the paper-scale POLCA setting.
 # Each step has its own time limit and writes its log under OUT (default: gpu_out); a step that
 # fails or runs out of time does not stop the next.
 # Run: bash benchmarks/gpu_check.sh [PAPER_STEPS]   (about 9 minutes on one H200); ONLY="cuda_tests
@@ -8,7 +9,7 @@
 set -uo pipefail
 out=${OUT:-gpu_out}
 steps=${1:-1000}
-only=${ONLY:-cuda_tests pythia_standin paper_prefix paper_units}
+only=${ONLY:-cuda_tests covariance_standin pythia_standin paper_prefix paper_units}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -27,6 +28,7 @@ for m in (torch, transformers, huggingface_hub, zarr, dask, distributed, xarray,
     print(m.__name__, m.__version__)
 print(torch.cuda.get_device_name(0))' >>"$out/card.txt" 2>&1
 step cuda_tests 120 python3 -m pytest -m cuda -p no:cacheprovider -q tests/test_cuda.py
+step covariance_standin 120 python3 benchmarks/covariance.py --standin --device cuda
 step pythia_standin 140 python3 benchmarks/pythia_standin.py /tmp/standin --device cuda
 step paper_prefix "${PAPER_LIMIT:-240}" python3 benchmarks/polca_scale_up.py /tmp/paper --paper --only paper --steps "$steps"
 # Whatever the prefix finished, measured per unit (from its sidecars), even if it ran out of time.
