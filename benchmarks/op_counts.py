@@ -14,11 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from builders import BATCH, ops_per_batch, tiny_model, unit_context
 from common import table
+from covariance import SITE_SETS
 
 from ckpt_analysis.analyses.covariance import Covariance, CovarianceParams
 from ckpt_analysis.registry import Unit
-
-SITE_SETS = (["resid_post"], ["resid_pre", "resid_post"], ["resid_pre", "attn_out", "mlp_out", "resid_post"])
 
 
 def main() -> None:

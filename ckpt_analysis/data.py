@@ -58,11 +58,15 @@ class EvalData:
 
     def batches(self, size: int, device: torch.device | str = "cpu") -> Iterator[Batch]:
         """``(input_ids, attention_mask, score_mask)`` tensors, ``size`` sequences at a time."""
-        for start in range(0, self.input_ids.shape[0], size):
-            part = slice(start, start + size)
+        for part in self.slices(size):
             yield Batch(
                 *(to_device(a[part], device) for a in (self.input_ids, self.attention_mask, self.score_mask))
             )
+
+    def slices(self, size: int) -> Iterator[slice]:
+        """The sequences of each of :meth:`batches`' batches, to index host arrays beside them."""
+        for start in range(0, self.input_ids.shape[0], size):
+            yield slice(start, start + size)
 
     def head(self, sequences: int) -> EvalData:
         """The first ``sequences`` sequences (e.g. a Hessian sample)."""

@@ -70,7 +70,7 @@ class CovarianceAccumulator:
         """``(mean, covariance)``, float64 on the accumulator's device; the covariance (denominator
         n − 1) is NaN when fewer than two rows were seen, the mean zero when none were."""
         d, n = self.dim, self.count
-        if n == 0 or self.shift is None:
+        if self.shift is None:  # no rows seen
             return self.moments[:d, d].clone(), torch.full_like(self.moments[:d, :d], float("nan"))
         offset = self.moments[:d, d] / n  # ȳ, the mean of the shifted rows
         mean = self.shift.to(torch.float64) + offset
@@ -162,14 +162,12 @@ class Covariance(Analysis[CovarianceParams]):
                 return
             if site == "resid_post":
                 outputs[layer] = acts
-            if len(workspace.columns):
-                accs[(site, layer)].update(acts[rows], workspace)
+            accs[(site, layer)].update(acts[rows], workspace)
 
         with torch.inference_mode(), capture(model, sites, collect):
-            for index, (ids, attn, _) in enumerate(data.batches(size, device)):
-                part = mask[index * size : (index + 1) * size]
-                rows = row_index(part, device)
-                workspace = accs[(sites[0], 0)].workspace(int(part.sum()))
+            for part, (ids, attn, _) in zip(data.slices(size), data.batches(size, device), strict=True):
+                rows = row_index(mask[part], device)
+                workspace = accs[(sites[0], 0)].workspace(int(mask[part].sum()))
                 model.base_model(input_ids=ids, attention_mask=attn)
                 outputs.clear()
         for layer in aliased:

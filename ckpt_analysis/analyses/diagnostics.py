@@ -174,8 +174,8 @@ class Diagnostics(Analysis[DiagnosticsParams]):
         data, size = ctx.eval_data, ctx.job.compute.batch_size
         parts, predicted = [], []
         with torch.no_grad():  # kept on the device until the last batch: no wait inside the loop
-            for index, (ids, attn, _) in enumerate(data.batches(size, device)):
-                scored = row_index(data.score_mask[index * size : (index + 1) * size], device)
+            for part, (ids, attn, _) in zip(data.slices(size), data.batches(size, device), strict=True):
+                scored = row_index(data.score_mask[part], device)
                 logits, targets = scored_logits(model, ids, attn, scored)
                 parts.append(output_diagnostics(logits, targets))
                 predicted.append(logits.argmax(dim=-1))
