@@ -111,11 +111,13 @@ def activations_at(
     *,
     batch_size: int,
     dtype: torch.dtype,
+    on_device: bool = False,
 ) -> dict[tuple[Site, int], torch.Tensor]:
-    """``(site, layer) → (token, d)`` CPU activations, in ``dtype``, at the true cells of the
+    """``(site, layer) → (token, d)`` activations, in ``dtype``, at the true cells of the
     ``(sequence, position)`` ``mask``, in row-major order. Forwards run over only the sequences that
     hold a masked token, ``batch_size`` at a time; only the masked rows are kept, on the model's
-    device until the last batch (one transfer per site and layer, none inside the batch loop)."""
+    device until the last batch, then moved to the CPU (one transfer per site and layer, none inside
+    the batch loop) unless ``on_device``."""
     device = next(model.parameters()).device
     sequences = np.flatnonzero(mask.any(axis=1))
     picked: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -131,4 +133,5 @@ def activations_at(
             picked = row_index(mask[chunk], device)
             ids, attn = to_device(input_ids[chunk], device), to_device(attention_mask[chunk], device)
             model.base_model(input_ids=ids, attention_mask=attn)
-    return {key: torch.cat(chunks).cpu() for key, chunks in parts.items()}
+    gathered = {key: torch.cat(chunks) for key, chunks in parts.items()}
+    return gathered if on_device else {key: acts.cpu() for key, acts in gathered.items()}

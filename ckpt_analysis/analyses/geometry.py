@@ -20,6 +20,10 @@ from ckpt_analysis.types import Site
 PCA_FRACTIONS = (0.9, 0.95)
 _DISTANCE_ROWS = 256
 Points = Literal["token", "sequence", "mean"]
+Measures = tuple[float, int, list[int], float, int]
+"""One sample's TwoNN dimension, points dropped, PCA dimensions, participation ratio, points."""
+Grid = list[list[Measures]]
+"""Measures per site, then per layer."""
 
 
 # --- docs/geometry.md formulas ---
@@ -33,9 +37,16 @@ def nearest_two(points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     for start in range(0, points.shape[0], _DISTANCE_ROWS):
         rows = points[start : start + _DISTANCE_ROWS]
         dist = torch.cdist(rows, points, compute_mode="donot_use_mm_for_euclid_dist")
-        dist[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = float("inf")
-        r[start : start + len(rows)] = dist.topk(2, dim=1, largest=False).values.cpu()
+        r[start : start + len(rows)] = _two_smallest_off_diagonal(dist, start).cpu()
     return r[:, 0].numpy(), r[:, 1].numpy()
+
+
+def _two_smallest_off_diagonal(dist: torch.Tensor, start: int) -> torch.Tensor:
+    """``(rows, 2)``: each row's two smallest distances to a point other than itself, for the rows
+    of an ``(rows, N)`` distance block that begins at point ``start``."""
+    rows = torch.arange(dist.shape[0], device=dist.device)
+    dist[rows, rows + start] = float("inf")
+    return dist.topk(2, dim=1, largest=False).values
 
 
 def two_nn(r1: np.ndarray, r2: np.ndarray, *, discard: float = 0.1) -> tuple[float, int]:
@@ -56,14 +67,43 @@ def two_nn(r1: np.ndarray, r2: np.ndarray, *, discard: float = 0.1) -> tuple[flo
     return float(x @ y / (x @ x)), int((~distinct).sum())
 
 
-def sequence_points(acts: torch.Tensor, sequences: int, kind: Points) -> torch.Tensor:
-    """docs/geometry.md, "Point kinds": the ``(sequences · L, d)`` activations of equal-length
-    sequences' scored positions (row-major) as one point per sequence: flattened to ``L · d``
-    (``sequence``, TRACE's) or mean-pooled to ``d`` (``mean``); ``token`` keeps them as they are."""
-    if kind == "token":
-        return acts
-    per_sequence = acts.reshape(sequences, -1, acts.shape[-1])
-    return per_sequence.reshape(sequences, -1) if kind == "sequence" else per_sequence.mean(dim=1)
+def position_chunks(sample: np.ndarray, positions: int) -> list[np.ndarray]:
+    """docs/geometry.md, "Streaming sequence points": the cells of a sample of sequences with equal
+    numbers of scored positions, split by rank into masks of ``positions`` ranks each (the k-th
+    scored position of every sampled sequence in the same chunk), in order."""
+    rank = np.cumsum(sample, axis=1) - 1
+    length = int(sample.sum(axis=1).max())
+    return [sample & (rank >= k) & (rank < k + positions) for k in range(0, length, positions)]
+
+
+@dataclass
+class SequenceCloud:
+    """docs/geometry.md, "Streaming sequence points": one site-layer's sequence points summed chunk
+    by chunk of positions, never held whole. ``sequence`` points (each sequence's positions
+    flattened) keep exact pairwise squared distances and the centred Gram matrix, both N × N sums
+    over chunks; ``mean`` points keep each sequence's position sum, N × d."""
+
+    kinds: tuple[Points, ...]
+    sq_distances: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    positions: int = 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Fold in the ``(sequences, positions, d)`` float64 activations of the next positions:
+        ‖xᵢ − xⱼ‖² is the sum over chunks of the chunks' exact squared distances, and centring by
+        the mean over sequences is per coordinate, so each chunk is centred on its own."""
+        if "sequence" in self.kinds:
+            flat = chunk.reshape(len(chunk), -1)
+            sq = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+            centred = flat - flat.mean(dim=0)
+            gram = centred @ centred.T
+            self.sq_distances = sq if self.sq_distances is None else self.sq_distances + sq
+            self.gram = gram if self.gram is None else self.gram + gram
+        if "mean" in self.kinds:
+            total = chunk.sum(dim=1)
+            self.sums = total if self.sums is None else self.sums + total
+        self.positions += chunk.shape[1]
 
 
 def spectrum_matrix(points: np.ndarray) -> np.ndarray:
@@ -94,6 +134,10 @@ class GeometryParams:
     sample_tokens: int = 2000
     sample_sequences: int = 128
     """``points = "sequence"`` or ``"mean"``: sequences in the seeded sample, all of one length."""
+    sequence_memory_mb: float = 1024.0
+    """``points = "sequence"`` or ``"mean"``: the most memory the gathered activations of one pass
+    take (float64, every site and layer); scored positions are gathered in chunks that fit, one
+    forward pass over the sampled sequences' prefixes per chunk."""
     seed: int = 0
     discard_fraction: float = 0.1
 
@@ -103,6 +147,10 @@ class GeometryParams:
         for key in ("sample_tokens", "sample_sequences"):
             if getattr(self, key) < 3:
                 raise JobSpecError(f"analyses.geometry.{key} = {getattr(self, key)} must be at least 3")
+        if not self.sequence_memory_mb > 0:
+            raise JobSpecError(
+                f"analyses.geometry.sequence_memory_mb = {self.sequence_memory_mb} must be positive"
+            )
         if not 0 <= self.discard_fraction < 1:
             raise JobSpecError(
                 f"analyses.geometry.discard_fraction = {self.discard_fraction} must be in [0, 1)"
@@ -196,55 +244,113 @@ class Geometry(Analysis[GeometryParams]):
         mask[pick] = score_mask[pick]
         return mask
 
+    def check(self, ctx: PlanContext) -> None:
+        """Sequence points: one scored position of every sampled sequence must fit the budget."""
+        if self.params.kinds != ["token"] and self._chunk_positions(ctx) < 1:
+            need = self._position_bytes(ctx) / 1e6
+            raise JobSpecError(
+                f"analyses.geometry.sequence_memory_mb = {self.params.sequence_memory_mb} holds less "
+                f"than one scored position of the sampled sequences ({need:.3g} MB: sequences × "
+                "hidden size × 8 B × sites × layers); raise it or lower sample_sequences"
+            )
+
+    def _position_bytes(self, ctx: PlanContext | UnitContext) -> int:
+        """Bytes one scored position of every sampled sequence takes, gathered in float64."""
+        sequences = int(self._sequence_sample(ctx.eval_data.score_mask).any(axis=1).sum())
+        config = ctx.model_config
+        per_layer = sequences * int(config["hidden_size"]) * 8 * len(self.params.sites)
+        return per_layer * int(config["num_hidden_layers"])
+
+    def _chunk_positions(self, ctx: PlanContext | UnitContext) -> int:
+        """docs/geometry.md, "Streaming sequence points": scored positions gathered per pass."""
+        return int(self.params.sequence_memory_mb * 1e6 // self._position_bytes(ctx))
+
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
-        reused = self._reused_sites(ctx)
-        stored = ctx.read("act_cov", rows=slice(unit.checkpoint, unit.checkpoint + 1))[0] if reused else None
-        grid = [self._measure_kind(model, ctx, kind, reused, stored) for kind in self.params.kinds]
+        kinds = self.params.kinds
+        measured: dict[Points, Grid] = {}
+        if "token" in kinds:
+            measured["token"] = self._measure_tokens(model, ctx, unit.checkpoint)
+        if kinds != ["token"]:
+            measured |= self._measure_sequences(model, ctx, tuple(k for k in kinds if k != "token"))
         names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
+        values = [measured[kind] for kind in kinds]
         return [
             Write(
-                name, (unit.checkpoint,), np.array([[[c[k] for c in row] for row in rows] for rows in grid])
+                name, (unit.checkpoint,), np.array([[[c[k] for c in row] for row in rows] for rows in values])
             )
             for k, name in enumerate(names)
         ]
 
-    def _measure_kind(
-        self,
-        model: PreTrainedModel,
-        ctx: UnitContext,
-        kind: Points,
-        reused: dict[Site, int],
-        stored: np.ndarray | None,
-    ) -> list[list[tuple[float, int, list[int], float, int]]]:
-        """One point kind's measures per (site, layer), on that kind's sample; token points take
-        the stored covariance of the ``reused`` sites."""
-        data, sites, sample = ctx.eval_data, tuple(self.params.sites), self.sample(ctx, kind)
-        acts = activations_at(
+    def _gather(
+        self, model: PreTrainedModel, ctx: UnitContext, mask: np.ndarray
+    ) -> dict[tuple[Site, int], torch.Tensor]:
+        """Float64 activations at ``mask``, forwards over only the prefix it reaches, kept on the
+        model's device."""
+        data, end = ctx.eval_data, int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+        return activations_at(
             model,
-            sites,
-            data.input_ids,
-            data.attention_mask,
-            sample,
+            tuple(self.params.sites),
+            data.input_ids[:, :end],
+            data.attention_mask[:, :end],
+            mask[:, :end],
             batch_size=ctx.job.compute.batch_size,
             dtype=torch.float64,
+            on_device=True,
         )
-        sequences = int(sample.any(axis=1).sum())
 
-        def measure(site: Site, layer: int) -> tuple[float, int, list[int], float, int]:
-            reuse = kind == "token" and site in reused
-            cov = stored[reused[site], layer] if reuse and stored is not None else None
-            return self._measure(sequence_points(acts[(site, layer)], sequences, kind), cov)
+    def _measure_tokens(self, model: PreTrainedModel, ctx: UnitContext, checkpoint: int) -> Grid:
+        """Token points' measures per (site, layer), on their seeded sample; the stored covariance
+        of the reused sites gives their PCA numbers."""
+        reused = self._reused_sites(ctx)
+        stored = ctx.read("act_cov", rows=slice(checkpoint, checkpoint + 1))[0] if reused else None
+        acts = self._gather(model, ctx, self.sample(ctx, "token"))
+
+        def measure(site: Site, layer: int) -> Measures:
+            cov = stored[reused[site], layer] if stored is not None and site in reused else None
+            return self._measure(acts[(site, layer)], cov)
 
         layers = int(ctx.model_config["num_hidden_layers"])
-        return [[measure(s, i) for i in range(layers)] for s in sites]
+        return [[measure(s, i) for i in range(layers)] for s in self.params.sites]
 
-    def _measure(
-        self, points: torch.Tensor, cov: np.ndarray | None
-    ) -> tuple[float, int, list[int], float, int]:
+    def _measure_sequences(
+        self, model: PreTrainedModel, ctx: UnitContext, kinds: tuple[Points, ...]
+    ) -> dict[Points, Grid]:
+        """docs/geometry.md, "Streaming sequence points": sequence and mean points' measures per
+        (site, layer) from one stream over their shared sample, a chunk of positions per pass."""
+        sites, layers = self.params.sites, int(ctx.model_config["num_hidden_layers"])
+        sample = self.sample(ctx, "sequence")
+        sequences = int(sample.any(axis=1).sum())
+        clouds = {(s, i): SequenceCloud(kinds) for s in sites for i in range(layers)}
+        for chunk in position_chunks(sample, self._chunk_positions(ctx)):
+            for key, acts in self._gather(model, ctx, chunk).items():
+                clouds[key].add(acts.reshape(sequences, -1, acts.shape[-1]))
+        return {
+            kind: [[self._measure_cloud(clouds[s, i], kind) for i in range(layers)] for s in sites]
+            for kind in kinds
+        }
+
+    def _measure_cloud(self, cloud: SequenceCloud, kind: Points) -> Measures:
+        """Mean points from their sums; sequence points from their N × N distances and Gram matrix
+        (the Gram matrix has the covariance's non-zero eigenvalues: docs/geometry.md)."""
+        if kind == "mean":
+            assert cloud.sums is not None
+            return self._measure(cloud.sums / cloud.positions, None)
+        assert cloud.sq_distances is not None and cloud.gram is not None
+        r = _two_smallest_off_diagonal(cloud.sq_distances.sqrt(), 0).cpu().numpy()
+        dimension, dropped = two_nn(r[:, 0], r[:, 1], discard=self.params.discard_fraction)
+        return self._spectrum((dimension, dropped), cloud.gram.cpu().numpy() / (len(r) - 1), len(r))
+
+    def _measure(self, points: torch.Tensor, cov: np.ndarray | None) -> Measures:
         dimension, dropped = two_nn(*nearest_two(points), discard=self.params.discard_fraction)
-        cov = spectrum_matrix(points.numpy()) if cov is None else cov.astype(np.float64)
+        cov = spectrum_matrix(points.cpu().numpy()) if cov is None else cov.astype(np.float64)
+        return self._spectrum((dimension, dropped), cov, len(points))
+
+    @staticmethod
+    def _spectrum(twonn: tuple[float, int], cov: np.ndarray, points: int) -> Measures:
+        """The measures of a sample of ``points``: its TwoNN result, and the PCA numbers of its
+        covariance (or centred Gram) matrix ``cov``."""
         eigvals = np.clip(np.linalg.eigvalsh(cov), 0, None)
         pca = [pca_dimension(eigvals, f) for f in PCA_FRACTIONS]
-        return dimension, dropped, pca, float(participation_ratio(cov)), len(points)
+        return *twonn, pca, float(participation_ratio(cov)), points

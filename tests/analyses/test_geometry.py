@@ -8,7 +8,14 @@ import pytest
 import torch
 from builders import build_local_run, independent_activations, job_dict
 
-from ckpt_analysis.analyses.geometry import Geometry, Points, nearest_two, pca_dimension, two_nn
+from ckpt_analysis.analyses.geometry import (
+    Geometry,
+    Points,
+    nearest_two,
+    pca_dimension,
+    position_chunks,
+    two_nn,
+)
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict
 from ckpt_analysis.errors import JobSpecError
@@ -123,9 +130,22 @@ def test_geometry_options_are_checked() -> None:
         Geometry.from_spec({"discard_fraction": 1.0})
 
 
-@pytest.mark.parametrize("kinds", [["token"], ["sequence"], ["mean"], ["mean", "token", "sequence"]])
+_ONE_POSITION_MB = 40 * 32 * 8 * 2 / 1e6  # 40 sequences × hidden 32 × float64 × 2 layers
+
+
+@pytest.mark.parametrize(
+    ("kinds", "chunk_positions"),
+    [
+        (["token"], 4),
+        (["sequence"], 4),
+        (["mean"], 4),
+        (["mean", "token", "sequence"], 4),
+        (["sequence", "mean"], 3),  # streamed: chunks of 3 and 1 of the 4 scored positions
+        (["sequence"], 1),
+    ],
+)
 def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independent_activations(
-    tmp_path: Path, kinds: list[Points]
+    tmp_path: Path, kinds: list[Points], chunk_positions: int
 ) -> None:
     import skdim
     from scipy.spatial.distance import cdist
@@ -139,6 +159,7 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
         "sample_sequences": 40,
         "sample_tokens": 120,
         "seed": 3,
+        "sequence_memory_mb": (chunk_positions + 0.5) * _ONE_POSITION_MB,
     }
     raw = job_dict(run, tmp_path / "g.zarr")
     raw["analyses"] = {"geometry": options}
@@ -148,6 +169,7 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
     assert ds.point_kind.values.tolist() == kinds
     source = CheckpointSource.from_spec(job.checkpoints)
     plan = make_plan(job)
+    assert Geometry.from_spec(options)._chunk_positions(plan.context) == chunk_positions
     acts = independent_activations(
         source.load(source.checkpoints()[1], attn="eager"), plan.eval_data.input_ids
     )
@@ -174,6 +196,32 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
             eig = np.linalg.eigvalsh(np.cov(points, rowvar=False))  # d × d even where d > points
             assert got.geom_pca_dim.values.tolist() == [pca_dimension(eig, f) for f in (0.9, 0.95)]
             assert float(got.geom_participation) == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-6)
+
+
+def test_position_chunks_split_each_sequence_by_scored_rank_within_the_budget() -> None:
+    sample = np.zeros((5, 12), dtype=bool)
+    sample[0, [1, 2, 5, 9, 10]] = True  # scored positions differ between sequences
+    sample[3, [0, 4, 6, 7, 11]] = True
+    chunks = position_chunks(sample, 2)
+    assert [c.sum(axis=1).tolist() for c in chunks] == [[2, 0, 0, 2, 0], [2, 0, 0, 2, 0], [1, 0, 0, 1, 0]]
+    assert np.array_equal(np.logical_or.reduce(chunks), sample) and not np.logical_and(*chunks[:2]).any()
+    assert np.flatnonzero(chunks[0][0]).tolist() == [1, 2] and np.flatnonzero(chunks[1][3]).tolist() == [6, 7]
+
+
+def test_a_sequence_budget_below_one_position_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    from ckpt_analysis.plan import make_plan
+
+    run = build_local_run(tmp_path / "run", [0])
+    raw = job_dict(run, tmp_path / "g.zarr")
+    raw["analyses"] = {"geometry": {"points": ["token", "mean"], "sample_sequences": 40}}
+    raw["analyses"]["geometry"]["sequence_memory_mb"] = 0.5 * _ONE_POSITION_MB
+    with pytest.raises(JobSpecError, match=r"sequence_memory_mb = 0.01024 holds less than one .*0.0205 MB"):
+        make_plan(job_from_dict(raw, base=tmp_path))
+    assert not (tmp_path / "g.zarr").exists()
+    with pytest.raises(JobSpecError, match=r"sequence_memory_mb = 0.0 must be positive"):
+        Geometry.from_spec({"sequence_memory_mb": 0})
 
 
 def test_point_kinds_are_checked() -> None:
