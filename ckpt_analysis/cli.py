@@ -212,13 +212,15 @@ def plan(
 
 
 def _print_estimate(spec: JobSpec, *, calibrate: bool) -> None:
-    from ckpt_analysis.estimate import device_name, estimate
+    from ckpt_analysis.estimate import device_name, estimate, sweep_seconds
 
     rows = estimate(spec, calibrate=calibrate)
     table = Table(
         "analysis",
         "units",
         "s / unit",
+        "of which load",
+        "once per worker",
         "unit-hours",
         "peak RSS / unit",
         "peak GPU / unit",
@@ -230,7 +232,9 @@ def _print_estimate(spec: JobSpec, *, calibrate: bool) -> None:
         table.add_row(
             r.analysis,
             str(r.units),
-            "—" if r.seconds is None else f"{r.seconds:.3g}",
+            _seconds(r.seconds),
+            _seconds(r.load_seconds),
+            _seconds(r.startup_seconds),
             "—" if r.total_seconds is None else f"{r.total_seconds / 3600:.3g}",
             _size(r.peak_rss_mb, 2**20),
             _size(r.gpu_peak_mb, 2**20),
@@ -240,13 +244,19 @@ def _print_estimate(spec: JobSpec, *, calibrate: bool) -> None:
     out.print(table)
     hours = sum(r.total_seconds or 0.0 for r in rows) / 3600
     unmeasured = [r.analysis for r in rows if r.seconds is None]
+    once = sum(r.startup_seconds or 0.0 for r in rows)
+    wall = sweep_seconds(rows, spec.compute.workers) / 3600
     out.print(
         f"sweep: {hours:.3g} unit-hours"
         + (f" (without {', '.join(unmeasured)})" if unmeasured else "")
-        + f", about {hours / spec.compute.workers:.3g} h on {spec.compute.workers} local workers; "
-        f"store {_size(sum(r.store_bytes for r in rows), 1)}",
+        + f" + {once:.3g} s once per worker, about {wall:.3g} h on {spec.compute.workers} local "
+        f"workers; store {_size(sum(r.store_bytes for r in rows), 1)}",
         highlight=False,
     )
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def _size(value: float | None, unit: int) -> str:

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,15 +22,22 @@ from ckpt_analysis.store import done_flags, read_sidecar, require_store, store_m
 log = logging.getLogger(__name__)
 
 CALIBRATION_UNITS = 4
-"""Most units one analysis's calibration may run (its first unit and the inputs it needs)."""
+"""Most units one analysis's calibration may run to reach each unit it times (that unit and the
+inputs it needs)."""
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """One analysis's predicted cost on this device.
+    """One analysis's predicted cost on this device (docs/cluster.md, "Know the cost before
+    submitting").
 
     ``seconds`` and the peaks are per unit, from ``source``: units finished in the store (their
-    sidecars), a calibration run of the analysis's first unit, or nothing (``None``).
+    sidecars), a calibration run, or nothing (``None``). A calibration times the analysis's second
+    unit, after a first one has paid the one-time costs (CUDA start-up, first kernels, targets a
+    worker computes once and keeps); ``startup_seconds`` is how much longer the first one took, a
+    cost each worker pays once. ``load_seconds`` is the part of ``seconds`` spent loading the
+    checkpoint and moving it to the device (0 where an earlier unit on the same checkpoint had
+    loaded it).
     """
 
     analysis: str
@@ -40,10 +47,20 @@ class Estimate:
     peak_rss_mb: float | None
     gpu_peak_mb: float | None
     source: str
+    load_seconds: float | None = None
+    startup_seconds: float | None = None
 
     @property
     def total_seconds(self) -> float | None:
+        """Every unit's time, without the one-time costs."""
         return None if self.seconds is None else self.seconds * self.units
+
+
+def sweep_seconds(estimates: Sequence[Estimate], workers: int) -> float:
+    """docs/cluster.md, "Know the cost before submitting": wall seconds of the measured analyses'
+    units on ``workers`` parallel workers, each paying the one-time costs once."""
+    once = sum(e.startup_seconds or 0.0 for e in estimates)
+    return sum(e.total_seconds or 0.0 for e in estimates) / workers + once
 
 
 def device_name(device: str) -> str:
@@ -82,17 +99,32 @@ def _closure(units: Sequence[Unit], first: Unit) -> list[Unit]:
     return list(needed.values())
 
 
-def calibration_units(units: Sequence[Unit]) -> dict[str, list[Unit]]:
-    """Per analysis, the units to run to time one of its units: its first per-checkpoint unit
-    (else its first), with the inputs it needs, when they number at most
-    :data:`CALIBRATION_UNITS` (a 16-link Hessian-basis chain is not run)."""
-    firsts: dict[str, Unit] = {}
-    for unit in units:
-        held = firsts.get(unit.analysis)
-        if held is None or (held.checkpoint is None and unit.checkpoint is not None):
-            firsts[unit.analysis] = unit
-    chains = {a: _closure(units, first) for a, first in firsts.items()}
-    return {a: chain for a, chain in chains.items() if len(chain) <= CALIBRATION_UNITS}
+class Calibration(NamedTuple):
+    """The units an analysis's calibration runs (``chain``, in a runnable order) and the ones of
+    them it times (``timed``: its first unit, then the warm one)."""
+
+    chain: list[Unit]
+    timed: list[Unit]
+
+
+def calibration_units(units: Sequence[Unit]) -> dict[str, Calibration]:
+    """Per analysis, the units to run to time its units: its first two per-checkpoint units (else
+    its first two, else its only one), each with the inputs it needs; a unit whose inputs number
+    more than :data:`CALIBRATION_UNITS` is left out (a 16-link Hessian-basis chain is not run),
+    and an analysis left with none too."""
+    ordered = sorted(units, key=lambda u: u.checkpoint is None)  # stable: per-checkpoint first
+    chosen: dict[str, list[Unit]] = {}
+    for unit in ordered:
+        if len(chosen.setdefault(unit.analysis, [])) < 2:
+            chosen[unit.analysis].append(unit)
+    plans: dict[str, Calibration] = {}
+    for analysis, candidates in chosen.items():
+        closures = {u.id: _closure(units, u) for u in candidates}
+        timed = [u for u in candidates if len(closures[u.id]) <= CALIBRATION_UNITS]
+        if timed:
+            chain = {v.id: v for u in timed for v in closures[u.id]}
+            plans[analysis] = Calibration(list(chain.values()), timed)
+    return plans
 
 
 def _measured(store: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -113,8 +145,9 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
     """Per analysis of ``job``: units, store bytes, and time and memory per unit.
 
     Finished units of ``job.output`` (if it exists) are read first; analyses with none are
-    calibrated, when ``calibrate``, by running their first unit (and its few inputs) in this
-    process into a temporary store, on the job's device. Nothing is written to ``job.output``.
+    calibrated, when ``calibrate``, by running their first two units (and their few inputs) in
+    this process into a temporary store, on the job's device, and timing the second. Nothing is
+    written to ``job.output``.
     """
     plan = make_plan(job)
     sizes = store_bytes(plan)
@@ -126,10 +159,11 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
     calibrated = _calibrate(job, todo) if calibrate and todo else {}
     out = []
     for analysis, ids in by_analysis.items():
-        records, source = finished[analysis], f"{len(finished[analysis])} finished units"
-        if not records:
-            records = calibrated.get(analysis, [])
-            source = "calibration run" if records else "not measured: its inputs are a long chain"
+        if finished[analysis]:
+            records, startup = finished[analysis], None
+            source = f"{len(records)} finished units"
+        else:
+            records, startup, source = _timed(calibrated.get(analysis, []))
         out.append(
             Estimate(
                 analysis,
@@ -139,9 +173,22 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
                 _summary(records, "peak_rss_mb", max),
                 _summary(records, "gpu_peak_mb", max),
                 source,
+                _summary(records, "load_s", statistics.median),
+                startup,
             )
         )
     return out
+
+
+def _timed(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float | None, str]:
+    """The sidecar to time by, the one-time cost and the source, from a calibration's ``runs``
+    of an analysis's units in order: the last, warm, and how much longer the first took."""
+    if not runs:
+        return [], None, "not measured: its inputs are a long chain"
+    if len(runs) == 1:
+        return runs, None, "calibration run (one unit: start-up included)"
+    startup = max(0.0, float(runs[0]["wall_s"]) - float(runs[-1]["wall_s"]))
+    return runs[-1:], startup, "calibration run (second unit)"
 
 
 def _finished(job: JobSpec, ids: list[str]) -> list[dict[str, Any]]:
@@ -152,13 +199,14 @@ def _finished(job: JobSpec, ids: list[str]) -> list[dict[str, Any]]:
     return _measured(Path(job.output), ids)
 
 
-def _calibrate(job: JobSpec, chains: dict[str, list[Unit]]) -> dict[str, list[dict[str, Any]]]:
-    """Run each chain in-process into a temporary store; the sidecars of each analysis's unit."""
+def _calibrate(job: JobSpec, chains: dict[str, Calibration]) -> dict[str, list[dict[str, Any]]]:
+    """Run each chain in-process into a temporary store; the sidecars of each analysis's timed
+    units, in order."""
     from ckpt_analysis.run import run_job
 
-    wanted = {u.id for chain in chains.values() for u in chain}
+    wanted = {u.id for plan in chains.values() for u in plan.chain}
     with tempfile.TemporaryDirectory(prefix="ckpt-analysis-estimate-") as tmp:
         trial = dataclasses.replace(job, output=str(Path(tmp) / "calibration.zarr"))
         log.info("calibrating %s on %d units", ", ".join(chains), len(wanted))
         run_job(trial, executor="inprocess", only=wanted)
-        return {a: _measured(Path(trial.output), [chain[-1].id]) for a, chain in chains.items()}
+        return {a: _measured(Path(trial.output), [u.id for u in plan.timed]) for a, plan in chains.items()}

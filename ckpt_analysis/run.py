@@ -49,18 +49,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _ModelCache:
-    """Loads checkpoints by index, keeping only the most recent model in memory."""
+    """Loads checkpoints by index, keeping only the most recent model in memory; ``load_s`` sums
+    the seconds spent loading (read, build, move to the device) so far."""
 
     source: CheckpointSource[Any]
     checkpoints: list[Checkpoint]
     index: int | None = None
     model: PreTrainedModel | None = None
+    load_s: float = 0.0
 
     def __call__(self, index: int) -> PreTrainedModel:
         if self.index != index or self.model is None:
+            import torch
+
+            start = time.time()
             self.model = None  # free the previous model before loading the next
             self.model = self.source.load(self.checkpoints[index])
             self.index = index
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the copy to the device is part of the load
+            self.load_s += time.time() - start
         return self.model
 
 
@@ -71,6 +79,7 @@ class _Worker:
     job: JobSpec
     units: list[Unit]
     context: UnitContext
+    models: _ModelCache
 
     @functools.cached_property
     def index(self) -> dict[str, int]:
@@ -103,7 +112,7 @@ def _worker(store: str, job_json: str) -> _Worker:
     models = _ModelCache(source, ckpts)
     read = functools.partial(read_array, store)
     context = UnitContext(job, ckpts, meta["model_config"], data, models, read, _sample(store, job))
-    return _Worker(job, units, context)
+    return _Worker(job, units, context, models)
 
 
 def _sample(store: str, job: JobSpec) -> EvalData | None:
@@ -198,7 +207,7 @@ def _run_locked(
     torch.set_num_threads(torch_threads)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    start = time.time()
+    start, loaded = time.time(), worker.models.load_s
     earlier = read_sidecar(store, unit.id) if flags[index] else None
     record: dict[str, Any] = {"unit": unit.id, "status": "running", "started": start, **owner()}
     staged = StagedWrites(store, unit.id)
@@ -218,7 +227,8 @@ def _run_locked(
         kept = None if cleared else earlier
         return _failed(store, worker.job, unit, index, exc, record, kept, staged.files if cleared else [])
     wall = time.time() - start
-    done = {**record, "status": "done", "wall_s": wall, **_memory(), "versions": versions()}
+    load = worker.models.load_s - loaded  # 0 when the model was already loaded by an earlier unit
+    done = {**record, "status": "done", "wall_s": wall, "load_s": load, **_memory(), "versions": versions()}
     write_sidecar(store, unit.id, {**done, "chunks": staged.files})
     return Outcome(index, unit.id, "done", None, wall)
 

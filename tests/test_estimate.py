@@ -6,7 +6,7 @@ import pytest
 from builders import job_dict, write_job
 
 from ckpt_analysis.config import job_from_dict
-from ckpt_analysis.estimate import calibration_units, estimate
+from ckpt_analysis.estimate import Estimate, calibration_units, estimate, sweep_seconds
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.run import run_job
 
@@ -30,15 +30,22 @@ def _bytes_on_disk(store: Path, names: list[str]) -> int:
 def test_estimate_calibrates_without_touching_the_output_then_reads_finished_units(
     run_dir: Path, tmp_path: Path
 ) -> None:
+    analyses = {**ANALYSES, "corpus_stats": {"vocab_size": 10}}  # one unit for the whole job
     job = job_from_dict(
-        job_dict(run_dir, tmp_path / "e.zarr", analyses=ANALYSES, data={"num_examples": 16}), base=tmp_path
+        job_dict(run_dir, tmp_path / "e.zarr", analyses=analyses, data={"num_examples": 16}), base=tmp_path
     )
     before = {e.analysis: e for e in estimate(job)}
+    once = before["corpus_stats"]
+    assert once.source == "calibration run (one unit: start-up included)" and once.startup_seconds is None
     assert not (tmp_path / "e.zarr").exists()
     for name in ("covariance", "hessian_basis", "token_loss"):
         e = before[name]
-        assert e.source == "calibration run" and e.seconds is not None and e.seconds > 0, e
+        assert e.seconds is not None and e.seconds > 0, e
         assert e.peak_rss_mb is not None and e.peak_rss_mb > 50 and e.gpu_peak_mb is None
+    for name in ("covariance", "token_loss"):  # per checkpoint: the second unit timed, warm
+        e = before[name]
+        assert e.source == "calibration run (second unit)" and e.startup_seconds is not None, e
+        assert e.load_seconds is not None and 0 < e.load_seconds < (e.seconds or 0), e
     assert before["polca"].seconds is None and "long chain" in before["polca"].source
     assert before["covariance"].units == len(make_plan(job).checkpoints)
     run_job(job)
@@ -53,9 +60,34 @@ def test_estimate_calibrates_without_touching_the_output_then_reads_finished_uni
 
 def test_calibration_skips_analyses_behind_a_long_chain(run_dir: Path, tmp_path: Path) -> None:
     job = job_from_dict(job_dict(run_dir, tmp_path / "c.zarr", analyses=ANALYSES), base=tmp_path)
-    chains = calibration_units(make_plan(job).units)
+    units = make_plan(job).units
+    chains = calibration_units(units)
     assert set(chains) == {"covariance", "hessian_basis", "token_loss"}
-    assert all(len(chain) == 1 for chain in chains.values())
+    for name in ("covariance", "token_loss"):  # the first two checkpoints' units, the warm one last
+        first_two = [u for u in units if u.analysis == name][:2]
+        assert chains[name].timed == chains[name].chain == first_two
+        assert [u.checkpoint for u in first_two] == [0, 1]
+    assert [u.key for u in chains["hessian_basis"].timed] == ["step=0", "step=10"]  # a chain's first links
+
+
+def test_each_sidecar_says_how_long_its_unit_spent_loading_the_checkpoint(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    raw = job_dict(run_dir, tmp_path / "l.zarr", analyses={"covariance": {"sites": ["resid_post"]}})
+    assert all(o.ok for o in run_job(job_from_dict(raw, base=tmp_path), executor="inprocess"))
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "l.zarr" / "_units").glob("*.json")]
+    assert len(sidecars) == len(make_plan(job_from_dict(raw, base=tmp_path)).checkpoints)
+    assert all(0 < s["load_s"] < s["wall_s"] for s in sidecars)
+
+
+def test_a_sweep_pays_the_one_time_costs_once_per_worker() -> None:
+    def row(seconds: float, units: int, once: float | None) -> Estimate:
+        return Estimate("a", units, 0, seconds, None, None, "calibration run", 0.0, once)
+
+    rows = [row(2.0, 10, 5.0), row(1.0, 4, None)]
+    assert sweep_seconds(rows, workers=2) == pytest.approx((20 + 4) / 2 + 5)
 
 
 def test_plan_estimate_prints_per_analysis_costs_and_creates_nothing(run_dir: Path, tmp_path: Path) -> None:
@@ -73,4 +105,5 @@ def test_plan_estimate_prints_per_analysis_costs_and_creates_nothing(run_dir: Pa
     printed = " ".join(shown.stdout.split())
     assert "covariance" in printed and "calibration run" in printed and "unit-hours" in printed
     assert "sweep:" in printed and "on 2 local workers" in printed and "cpu:" in printed
+    assert "once per worker" in printed and "of which load" in printed
     assert not (tmp_path / "j.zarr").exists()
