@@ -225,12 +225,14 @@ class ComputeSpec:
     workers: int = 2
     threads_per_worker: int = 1
     torch_threads: int = 1
-    batch_size: int = 32
+    batch_size: int | Literal["auto"] = "auto"
+    """Sequences per batch; ``"auto"``: sized to the free GPU memory on CUDA, 32 on the CPU
+    (``ckpt_analysis.batching``)."""
     vectors_per_pass: int = 4
 
     def __post_init__(self) -> None:
         for key in ("workers", "threads_per_worker", "torch_threads", "batch_size", "vectors_per_pass"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) != "auto" and getattr(self, key) < 1:
                 raise JobSpecError(f"compute.{key} = {getattr(self, key)} must be at least 1")
 
 
@@ -381,7 +383,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 
 def _same_shape(value: Any, hint: Any) -> bool:
-    """Whether ``value`` is a list exactly when ``hint`` is one, so that arm's error is the one."""
+    """Whether ``value`` is a list exactly when ``hint`` is one, and a string only where ``hint``
+    takes strings, so that arm's error is the one."""
+    if isinstance(value, str):
+        return hint is str or (
+            get_origin(hint) is Literal and all(isinstance(a, str) for a in get_args(hint))
+        )
     return isinstance(value, list) == (get_origin(hint) is list)
 
 

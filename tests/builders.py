@@ -482,7 +482,11 @@ def dense_ggn_and_fisher(
 
 
 def unit_context(
-    model: PreTrainedModel, data: EvalData, analyses: dict[str, Any], *, batch_size: int = 8
+    model: PreTrainedModel,
+    data: EvalData,
+    analyses: dict[str, Any],
+    *,
+    batch_size: int | Literal["auto"] = 8,
 ) -> UnitContext:
     """A unit's context over one in-memory model and an unlabelled token set, to call an
     analysis's ``compute`` directly (every checkpoint index loads ``model``; nothing is stored)."""

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ckpt_analysis.batching import batch_size
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
 from ckpt_analysis.sites import SITES, capture, row_index
@@ -148,7 +149,7 @@ class Covariance(Analysis[CovarianceParams]):
         accs = {
             (s, i): CovarianceAccumulator(d, device, gram_dtype=gram) for s in sites for i in range(layers)
         }
-        data, size = ctx.eval_data, ctx.job.compute.batch_size
+        data, size = ctx.eval_data, batch_size(ctx, model, "forward")
         mask = position_mask(data.score_mask, data.attention_mask, self.params.positions)
         rows = row_index(mask[:0], device)
         workspace = accs[(sites[0], 0)].workspace(0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ckpt_analysis.batching import batch_size
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.data import EvalData, label_names, label_variable, vocabulary_labels
 from ckpt_analysis.errors import JobSpecError
@@ -171,7 +172,7 @@ class Diagnostics(Analysis[DiagnosticsParams]):
         assert unit.checkpoint is not None
         model = ctx.load_model(unit.checkpoint)
         device = next(model.parameters()).device
-        data, size = ctx.eval_data, ctx.job.compute.batch_size
+        data, size = ctx.eval_data, batch_size(ctx, model, "logits")
         parts, predicted = [], []
         with torch.no_grad():  # kept on the device until the last batch: no wait inside the loop
             for part, (ids, attn, _) in zip(data.slices(size), data.batches(size, device), strict=True):

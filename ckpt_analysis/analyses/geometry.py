@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ckpt_analysis.analyses.covariance import Covariance, participation_ratio
+from ckpt_analysis.batching import batch_size
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.registry import Analysis, PlanContext, Unit, UnitContext, Variable, Write, register
@@ -295,7 +296,7 @@ class Geometry(Analysis[GeometryParams]):
             data.input_ids[:, :end],
             data.attention_mask[:, :end],
             mask[:, :end],
-            batch_size=ctx.job.compute.batch_size,
+            batch_size=batch_size(ctx, model, "forward"),
             dtype=torch.float64,
             on_device=True,
         )

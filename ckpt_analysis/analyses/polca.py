@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ckpt_analysis.analyses.hessian import HessianBasis
+from ckpt_analysis.batching import batch_size
 from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.errors import JobSpecError
@@ -117,7 +118,7 @@ def taylor_predictions(
     """:data:`TAYLOR` for the interval from ``model`` (θ_t) to ``following`` (θ_{t+1}), over the layout."""
     grads = [
         HessianOperator(
-            m, layout, ctx.eval_data, batch_size=ctx.job.compute.batch_size, cache_graph=False
+            m, layout, ctx.eval_data, batch_size=batch_size(ctx, m, "backward"), cache_graph=False
         ).gradient()
         for m in (model, following)
     ]
@@ -168,7 +169,8 @@ class TokenLoss(Analysis[TokenLossParams]):
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
-        model, data, size = ctx.load_model(unit.checkpoint), ctx.eval_data, ctx.job.compute.batch_size
+        model, data = ctx.load_model(unit.checkpoint), ctx.eval_data
+        size = batch_size(ctx, model, "logits")
         device = next(model.parameters()).device
         parts = []
         with torch.no_grad():
@@ -367,7 +369,7 @@ class Polca(Analysis[PolcaParams]):
             model,
             layout,
             ctx.eval_data,
-            batch_size=compute.batch_size,
+            batch_size=batch_size(ctx, model, "logits", scale=4 * compute.vectors_per_pass),
             vectors_per_pass=compute.vectors_per_pass,
         )
         step = None if theta_next is None else theta_next - theta

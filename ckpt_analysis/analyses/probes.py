@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ckpt_analysis.batching import batch_size
 from ckpt_analysis.config import require_distinct
 from ckpt_analysis.data import label_names, label_variable
 from ckpt_analysis.errors import DataError, JobSpecError
@@ -202,14 +203,14 @@ class Probes(Analysis[ProbesParams]):
         mask = np.zeros(ctx.eval_data.score_mask.shape, dtype=bool)
         mask[seq, pos] = True
         sites = tuple(self.params.sites)
-        data, batch = ctx.eval_data, ctx.job.compute.batch_size
+        data, model = ctx.eval_data, ctx.load_model(checkpoint)
         acts = activations_at(
-            ctx.load_model(checkpoint),
+            model,
             sites,
             data.input_ids,
             data.attention_mask,
             mask,
-            batch_size=batch,
+            batch_size=batch_size(ctx, model, "forward"),
             dtype=torch.float32,
         )
         return {(sites.index(site), layer): x.numpy() for (site, layer), x in acts.items()}

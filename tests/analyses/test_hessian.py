@@ -9,6 +9,7 @@ import torch
 from builders import build_local_run, dense_hessian, job_dict, run_and_kill, write_job
 from scipy.linalg import null_space
 
+from ckpt_analysis.batching import CPU_BATCH
 from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import job_from_dict, load_job
 from ckpt_analysis.data import EvalData
@@ -212,7 +213,7 @@ def test_the_sampled_fisher_job_gives_the_eigenpairs_of_its_own_seeded_operator(
         model = source.load(ckpt)
         torch.nn.Module.to(model, torch.float64)
         layout = ParamLayout.from_model(model, ["*attention.dense*"])
-        twin = MCFisherOperator(model, layout, sample, batch_size=job.compute.batch_size, seed=5 + index)
+        twin = MCFisherOperator(model, layout, sample, batch_size=CPU_BATCH, seed=5 + index)  # 'auto', CPU
         dense = torch.stack([twin(e) for e in torch.eye(layout.size, dtype=torch.float64)], dim=1)
         values = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)[:3].numpy()
         np.testing.assert_allclose(ds.hessian_eigval.isel(step=index).values, values, rtol=1e-6)
