@@ -1,14 +1,22 @@
-"""Per-unit cost on the Pythia-70M stand-in: what `plan --estimate` predicts for each analysis.
+"""Per-unit cost on the Pythia stand-ins (70M, 410M, 1.4B): what `plan --estimate` predicts, and
+the cost of the 154-revision sweep.
 
-Builds a Hub cache of ``EleutherAI/pythia-70m`` at three Pythia revision names with the real
+Builds a Hub cache of ``EleutherAI/pythia-<size>`` at Pythia revision names with the real
 architecture and random float16 weights (``ckpt_analysis.zoo.standin``), a pre-tokenized corpus of
-256 × 129 random ids (33K tokens), and one job with ``covariance`` (resid_pre, resid_post),
-``corpus_stats`` + ``lt_alignment`` (K = 2000, activations mode) and ``token_cov`` (factor form),
-then prints ``estimate()``'s table: every analysis's first unit run once here (a calibration).
-Run: ``python benchmarks/pythia_standin.py [WORKDIR] [--device cpu|cuda]`` (about 5 minutes on
-2 CPU cores; the cache takes 0.4 GB). ``--sweep`` checks the estimate instead: the same job over
-8 revisions, predicted by calibration, then run, then predicted vs measured per-unit time and
-store size per analysis (bar: within 25 %; about 10 minutes, a 1.1 GB cache).
+random ids (256 × 129 by default), and one job with the analyses of ``jobs/pythia_*.toml``:
+``covariance`` (resid_pre, resid_post, every position), ``corpus_stats`` + ``lt_alignment``
+(K = 2000, activations mode, LayerNorm folded), ``token_cov`` (factor form) and, with
+``--hessian``, ``hessian`` (layer 5's attention, k = 5, 100 Lanczos steps, 30 trace probes). It
+prints ``estimate()``'s table: each analysis's first two units run here (the second timed, warm;
+the first's extra time reported once), peak host and device memory, store MB per unit, and the
+projected wall time of the 154-revision sweep on one worker.
+
+Run: ``python benchmarks/pythia_standin.py [WORKDIR] [--size 70m|410m|1.4b] [--device cpu|cuda]
+[--sequences N] [--hessian]``. On 2 CPU cores: 70M about 2 minutes (the cache takes 0.4 GB);
+410M with ``--sequences 16`` about 6 minutes (a 2.5 GB cache). ``--sweep`` checks the estimate
+instead: the same job over 8 revisions, predicted by calibration, then run, then predicted vs
+measured per-unit time and store size per analysis (bar: within 25 %; 70M about 10 minutes, a
+1.1 GB cache).
 """
 
 from __future__ import annotations
@@ -19,25 +27,49 @@ from pathlib import Path
 from common import machine, table, write_ids
 
 from ckpt_analysis.config import job_from_dict
-from ckpt_analysis.estimate import device_name, estimate
+from ckpt_analysis.estimate import Estimate, device_name, estimate, sweep_seconds
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.registry import build_analyses
 from ckpt_analysis.run import run_job
-from ckpt_analysis.zoo.standin import PYTHIA_70M, pythia_standin
+from ckpt_analysis.zoo.standin import PYTHIA_SIZES, pythia_standin
 
 REVISIONS = ["step0", "step1000", "step143000"]
 SWEEP = ["step0", "step1", "step2", "step4", "step8", "step16", "step32", "step64"]
+PYTHIA_REVISIONS = 154
+HESSIAN = {
+    "params": ["gpt_neox.layers.5.attention.*"],
+    "k": 5,
+    "sample_sequences": 32,
+    "max_iter": 100,
+    "trace_probes": 30,
+}
+
+
+def _repo(size: str) -> str:
+    return f"EleutherAI/pythia-{size}"
 
 
 def job(
-    workdir: Path, device: str, revisions: list[str] = REVISIONS, store: str = "standin"
+    workdir: Path,
+    device: str,
+    revisions: list[str] = REVISIONS,
+    store: str = "standin",
+    *,
+    size: str = "70m",
+    hessian: bool = False,
 ) -> dict[str, object]:
+    analyses: dict[str, object] = {
+        "covariance": {"sites": ["resid_pre", "resid_post"], "positions": "all"},
+        "corpus_stats": {"vocab_size": 2000},
+        "token_cov": {},
+        "lt_alignment": {"mode": "activations", "fold_ln": True},
+    }
     return {
-        "name": "pythia-70m-standin",
-        "output": str(workdir / f"{store}.zarr"),
+        "name": f"pythia-{size}-standin",
+        "output": str(workdir / f"{store}-{size}.zarr"),
         "checkpoints": {
             "source": "hub",
-            "repo": "EleutherAI/pythia-70m",
+            "repo": _repo(size),
             "select": revisions,
             "cache_dir": str(workdir / "hub"),
             "dtype": "float32",
@@ -49,23 +81,20 @@ def job(
             "ids_column": "ids",
             "token_text": False,
         },
-        "analyses": {
-            "covariance": {"sites": ["resid_pre", "resid_post"]},
-            "corpus_stats": {"vocab_size": 2000},
-            "token_cov": {},
-            "lt_alignment": {},
-        },
+        "analyses": analyses | ({"hessian": HESSIAN} if hessian else {}),
         "compute": {"workers": 1, "torch_threads": 2, "batch_size": 16},
     }
 
 
-def _prepare(workdir: Path, revisions: list[str]) -> None:
-    if not all(
-        (workdir / "hub" / "models--EleutherAI--pythia-70m" / "refs" / r).is_file() for r in revisions
-    ):
-        pythia_standin(workdir / "hub", revisions)
-    if not (workdir / "ids.jsonl").is_file():
-        write_ids(workdir / "ids.jsonl", sequences=256, length=129, vocab=int(PYTHIA_70M["vocab_size"]))
+def _prepare(workdir: Path, revisions: list[str], *, size: str = "70m", sequences: int = 256) -> None:
+    """The stand-in cache at ``revisions`` (only those missing are built) and the token set."""
+    refs = workdir / "hub" / f"models--{_repo(size).replace('/', '--')}" / "refs"
+    missing = [r for r in revisions if not (refs / r).is_file()]
+    if missing:
+        pythia_standin(workdir / "hub", missing, repo=_repo(size), config=PYTHIA_SIZES[size])
+    ids = workdir / "ids.jsonl"
+    if not ids.is_file() or len(ids.read_text().splitlines()) != sequences:
+        write_ids(ids, sequences=sequences, length=129, vocab=int(PYTHIA_SIZES[size]["vocab_size"]))
 
 
 def sweep(workdir: Path, device: str) -> None:
@@ -103,25 +132,47 @@ def sweep(workdir: Path, device: str) -> None:
         "ratio",
     ]
     print(table(header, rows))
+    ran = sum(e.total_seconds or 0.0 for e in measured.values())
+    guessed = sweep_seconds(list(predicted.values()), 1)
+    print(f"\nwhole sweep, one worker: predicted {guessed:.1f} s, measured {ran:.1f} s (median × units)")
 
 
-def main(workdir: Path, device: str) -> None:
-    _prepare(workdir, REVISIONS)
-    spec = job_from_dict(job(workdir, device), base=workdir)
+def _cell(value: float | None, scale: float = 1.0, digits: str = ".1f") -> str:
+    return "—" if value is None else f"{value / scale:{digits}}"
+
+
+def _sweep_hours(e: Estimate, revisions: int) -> float | None:
+    """One worker's wall hours for the 154-revision sweep: an analysis's per-checkpoint units grow
+    to 154, its job-level ones (``corpus_stats``, ``lt_alignment``'s targets) stay; the one-time
+    costs once."""
+    if e.seconds is None:
+        return None
+    units = e.units - revisions + PYTHIA_REVISIONS if e.units >= revisions else e.units
+    return (units * e.seconds + (e.startup_seconds or 0.0)) / 3600
+
+
+def main(workdir: Path, device: str, *, size: str, sequences: int, hessian: bool) -> None:
+    revisions = REVISIONS if size == "70m" else REVISIONS[:2]
+    _prepare(workdir, revisions, size=size, sequences=sequences)
+    spec = job_from_dict(job(workdir, device, revisions, size=size, hessian=hessian), base=workdir)
     rows = [
         [
             e.analysis,
-            f"{e.seconds:.1f}" if e.seconds else "—",
-            f"{e.peak_rss_mb / 1024:.2f}" if e.peak_rss_mb else "—",
-            f"{e.gpu_peak_mb / 1024:.2f}" if e.gpu_peak_mb else "—",
+            _cell(e.seconds, digits=".2f"),
+            _cell(e.load_seconds, digits=".2f"),
+            _cell(e.startup_seconds, digits=".2f"),
+            _cell(e.peak_rss_mb, 1024, ".2f"),
+            _cell(e.gpu_peak_mb, 1024, ".2f"),
             f"{e.store_bytes / e.units / 1e6:.1f}",
+            _cell(_sweep_hours(e, len(revisions)), digits=".3f"),
             e.source,
         ]
         for e in estimate(spec)
     ]
     print(machine(), "\n")
-    print(f"Pythia-70M stand-in on {device_name(device)}; 256 sequences × 129 tokens\n")
-    header = ["analysis", "s / unit", "peak RSS GiB", "peak GPU GiB", "store MB / unit", "from"]
+    print(f"Pythia-{size} stand-in on {device_name(device)}; {sequences} sequences × 129 tokens\n")
+    header = ["analysis", "s / unit", "of which load", "once", "peak RSS GiB", "peak GPU GiB"]
+    header += ["store MB / unit", f"{PYTHIA_REVISIONS} revisions h", "from"]
     print(table(header, rows))
 
 
@@ -131,7 +182,19 @@ if __name__ == "__main__":
     )
     parser.add_argument("workdir", nargs="?", default="standin_out", type=Path)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--size", default="70m", choices=list(PYTHIA_SIZES))
+    parser.add_argument("--sequences", type=int, default=256, help="token set: sequences of 129 ids")
+    parser.add_argument("--hessian", action="store_true", help="add jobs/pythia_hessian_subset.toml's")
     parser.add_argument("--sweep", action="store_true", help="check the estimate on an 8-revision sweep")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    (sweep if args.sweep else main)(args.workdir.resolve(), args.device)
+    if args.sweep:
+        sweep(args.workdir.resolve(), args.device)
+    else:
+        main(
+            args.workdir.resolve(),
+            args.device,
+            size=args.size,
+            sequences=args.sequences,
+            hessian=args.hessian,
+        )

@@ -29,6 +29,25 @@ PYTHIA_70M: dict[str, Any] = {
 }
 """``EleutherAI/pythia-70m``'s ``config.json`` fields that shape the model (70.4M parameters)."""
 
+PYTHIA_410M: dict[str, Any] = PYTHIA_70M | {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+"""``EleutherAI/pythia-410m``'s shape (405M parameters)."""
+
+PYTHIA_1_4B: dict[str, Any] = PYTHIA_70M | {
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 8192,
+}
+"""``EleutherAI/pythia-1.4b``'s shape (1.41B parameters)."""
+
+PYTHIA_SIZES: dict[str, dict[str, Any]] = {"70m": PYTHIA_70M, "410m": PYTHIA_410M, "1.4b": PYTHIA_1_4B}
+"""The stand-in shapes by the size in the Hub repo's name (``EleutherAI/pythia-<size>``)."""
+
 
 def write_hub_revision(
     cache_dir: Path, repo: str, revision: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
