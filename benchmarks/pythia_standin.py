@@ -22,6 +22,7 @@ measured per-unit time and store size per analysis (bar: within 25 %; 70M about 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from common import machine, table, write_ids
@@ -148,7 +149,7 @@ def _sweep_hours(e: Estimate, revisions: int) -> float | None:
     if e.seconds is None:
         return None
     units = e.units - revisions + PYTHIA_REVISIONS if e.units >= revisions else e.units
-    return (units * e.seconds + (e.startup_seconds or 0.0)) / 3600
+    return sweep_seconds([replace(e, units=units)], workers=1) / 3600
 
 
 def main(workdir: Path, device: str, *, size: str, sequences: int, hessian: bool) -> None:

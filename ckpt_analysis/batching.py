@@ -35,7 +35,9 @@ def batch_size(ctx: UnitContext, model: nn.Module, footprint: Footprint, *, scal
     product's double backward).
 
     The measurement runs ``footprint`` once on the first sequence (full length) and resets CUDA's
-    peak-memory statistics, so a unit's ``gpu_peak_mb`` covers what follows it.
+    peak-memory statistics, so a unit's ``gpu_peak_mb`` covers what follows it. It depends only on
+    the architecture, dtype, sequence length and footprint, so a worker measures each such
+    combination once (:data:`_MEASURED`) and later units reuse it.
     """
     chosen = ctx.job.compute.batch_size
     if chosen != "auto":
@@ -43,7 +45,10 @@ def batch_size(ctx: UnitContext, model: nn.Module, footprint: Footprint, *, scal
     device = next(model.parameters()).device
     if device.type != "cuda":
         return CPU_BATCH
-    per_sequence = int(scale * _peak_bytes(model, ctx.eval_data, footprint))
+    key = (_architecture(model), ctx.eval_data.input_ids.shape[1], footprint)
+    if key not in _MEASURED:
+        _MEASURED[key] = _peak_bytes(model, ctx.eval_data, footprint)
+    per_sequence = int(scale * _MEASURED[key])
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     size = fit_batch(
@@ -51,6 +56,18 @@ def batch_size(ctx: UnitContext, model: nn.Module, footprint: Footprint, *, scal
     )
     log.info("compute.batch_size = 'auto': %d sequences per %s batch on %s", size, footprint, device)
     return size
+
+
+_MEASURED: dict[tuple[str, int, Footprint], int] = {}
+"""Per-sequence peak bytes by (architecture and dtype, sequence length, footprint), for the life of
+the worker process."""
+
+
+def _architecture(model: nn.Module) -> str:
+    """What the per-sequence peak depends on besides the data: the model's config and dtype."""
+    config = getattr(model, "config", None)
+    described = config.to_json_string() if config is not None else type(model).__name__
+    return f"{described}|{next(model.parameters()).dtype}"
 
 
 def fit_batch(free_bytes: int, per_sequence_bytes: int, sequences: int, *, length: int) -> int:

@@ -162,6 +162,11 @@ class GeometryParams:
         """The point kinds measured, in the order of the ``point_kind`` coordinate."""
         return [self.points] if isinstance(self.points, str) else list(self.points)
 
+    @property
+    def sequence_kinds(self) -> tuple[Points, ...]:
+        """The kinds streamed over the sampled sequences (docs/geometry.md, "Streaming sequence points")."""
+        return tuple(k for k in self.kinds if k != "token")
+
 
 @register
 class Geometry(Analysis[GeometryParams]):
@@ -247,24 +252,27 @@ class Geometry(Analysis[GeometryParams]):
 
     def check(self, ctx: PlanContext) -> None:
         """Sequence points: one scored position of every sampled sequence must fit the budget."""
-        if self.params.kinds != ["token"] and self._chunk_positions(ctx) < 1:
-            need = self._position_bytes(ctx) / 1e6
+        if not self.params.sequence_kinds:
+            return
+        sample = self.sample(ctx, "sequence")
+        if self._chunk_positions(ctx, sample) < 1:
+            need = self._position_bytes(ctx, sample) / 1e6
             raise JobSpecError(
                 f"analyses.geometry.sequence_memory_mb = {self.params.sequence_memory_mb} holds less "
                 f"than one scored position of the sampled sequences ({need:.3g} MB: sequences × "
                 "hidden size × 8 B × sites × layers); raise it or lower sample_sequences"
             )
 
-    def _position_bytes(self, ctx: PlanContext | UnitContext) -> int:
-        """Bytes one scored position of every sampled sequence takes, gathered in float64."""
-        sequences = int(self._sequence_sample(ctx.eval_data.score_mask).any(axis=1).sum())
+    def _position_bytes(self, ctx: PlanContext | UnitContext, sample: np.ndarray) -> int:
+        """Bytes one scored position of every sequence of ``sample`` takes, gathered in float64."""
+        sequences = int(sample.any(axis=1).sum())
         config = ctx.model_config
         per_layer = sequences * int(config["hidden_size"]) * 8 * len(self.params.sites)
         return per_layer * int(config["num_hidden_layers"])
 
-    def _chunk_positions(self, ctx: PlanContext | UnitContext) -> int:
+    def _chunk_positions(self, ctx: PlanContext | UnitContext, sample: np.ndarray) -> int:
         """docs/geometry.md, "Streaming sequence points": scored positions gathered per pass."""
-        return int(self.params.sequence_memory_mb * 1e6 // self._position_bytes(ctx))
+        return int(self.params.sequence_memory_mb * 1e6 // self._position_bytes(ctx, sample))
 
     def compute(self, unit: Unit, ctx: UnitContext) -> list[Write]:
         assert unit.checkpoint is not None
@@ -273,8 +281,8 @@ class Geometry(Analysis[GeometryParams]):
         measured: dict[Points, Grid] = {}
         if "token" in kinds:
             measured["token"] = self._measure_tokens(model, ctx, unit.checkpoint)
-        if kinds != ["token"]:
-            measured |= self._measure_sequences(model, ctx, tuple(k for k in kinds if k != "token"))
+        if self.params.sequence_kinds:
+            measured |= self._measure_sequences(model, ctx, self.params.sequence_kinds)
         names = ("geom_twonn", "geom_twonn_dropped", "geom_pca_dim", "geom_participation", "geom_points")
         values = [measured[kind] for kind in kinds]
         return [
@@ -324,7 +332,7 @@ class Geometry(Analysis[GeometryParams]):
         sample = self.sample(ctx, "sequence")
         sequences = int(sample.any(axis=1).sum())
         clouds = {(s, i): SequenceCloud(kinds) for s in sites for i in range(layers)}
-        for chunk in position_chunks(sample, self._chunk_positions(ctx)):
+        for chunk in position_chunks(sample, self._chunk_positions(ctx, sample)):
             for key, acts in self._gather(model, ctx, chunk).items():
                 clouds[key].add(acts.reshape(sequences, -1, acts.shape[-1]))
         return {

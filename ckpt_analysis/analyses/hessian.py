@@ -89,7 +89,7 @@ def _operator(params: CurvatureParams, ctx: UnitContext, checkpoint: int) -> Cur
     model = as_dtype(ctx.load_model(checkpoint), params.dtype)
     layout = ParamLayout.from_model(model, params.params)
     sample = ctx.hessian_data.head(params.sample_sequences)
-    size = batch_size(ctx, model, "backward", scale=2.0)  # a product differentiates a gradient
+    size = batch_size(ctx, model, "backward", scale=2.0)  # docs/jobs.md, "Batch size": ×2
     if params.operator == HessianOperator.name:
         return HessianOperator(model, layout, sample, batch_size=size, cache_graph=params.cache_graph)
     if params.operator == MCFisherOperator.name:

@@ -169,7 +169,9 @@ def test_each_point_kind_equals_scikit_dimension_on_exact_distances_of_independe
     assert ds.point_kind.values.tolist() == kinds
     source = CheckpointSource.from_spec(job.checkpoints)
     plan = make_plan(job)
-    assert Geometry.from_spec(options)._chunk_positions(plan.context) == chunk_positions
+    geometry = Geometry.from_spec(options)
+    sample = geometry.sample(plan.context, "sequence")
+    assert geometry._chunk_positions(plan.context, sample) == chunk_positions
     acts = independent_activations(
         source.load(source.checkpoints()[1], attn="eager"), plan.eval_data.input_ids
     )
