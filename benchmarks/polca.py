@@ -17,8 +17,9 @@ import torch
 from common import machine, median_time, table
 
 from ckpt_analysis.attention import differentiable_attention
+from ckpt_analysis.batching import CPU_VECTORS
 from ckpt_analysis.checkpoints import CheckpointSource
-from ckpt_analysis.config import ComputeSpec, DataSpec, LocalCheckpoints
+from ckpt_analysis.config import DataSpec, LocalCheckpoints
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import EvalData, load_eval_data
 from ckpt_analysis.directional import directional_derivatives
@@ -26,7 +27,7 @@ from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.zoo.train import TrainConfig, train_arithmetic
 
 PROBLEMS, K, STEPS, EVERY = 250, 16, 320, 20
-PER_PASS, PASS_SIZES = ComputeSpec().vectors_per_pass, (1, 4, 8, 16)  # the default, and those compared
+PER_PASS, PASS_SIZES = CPU_VECTORS, (1, 4, 8, 16)  # the CPU default, and those compared
 
 
 def reverse_mode(model: torch.nn.Module, data: EvalData, directions: torch.Tensor) -> torch.Tensor:

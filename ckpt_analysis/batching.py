@@ -21,6 +21,12 @@ CPU_BATCH = 32
 """``"auto"`` off CUDA: host memory is not the bound there, and 32 sequences keep the BLAS busy."""
 DEVICE_FRACTION = 0.8
 """``"auto"`` on CUDA: the share of the free device memory batches may fill."""
+CPU_VECTORS = 4
+"""``vectors_per_pass = "auto"`` off CUDA: the measured best on the CPU (docs/benchmarks.md,
+"POLCA projections")."""
+DIRECTIONAL_SCALE = 4
+"""A forward-mode pass holds about 4 streams (primal, tangent, their products) per vector
+(docs/jobs.md, "Batch size")."""
 
 Footprint = Literal["forward", "logits", "backward"]
 """What one batch holds at its peak: the decoder stack's activations without the LM head
@@ -45,17 +51,49 @@ def batch_size(ctx: UnitContext, model: nn.Module, footprint: Footprint, *, scal
     device = next(model.parameters()).device
     if device.type != "cuda":
         return CPU_BATCH
-    key = (_architecture(model), ctx.eval_data.input_ids.shape[1], footprint)
-    if key not in _MEASURED:
-        _MEASURED[key] = _peak_bytes(model, ctx.eval_data, footprint)
-    per_sequence = int(scale * _MEASURED[key])
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    per_sequence = int(scale * _per_sequence(ctx, model, footprint))
     size = fit_batch(
-        free, per_sequence, len(ctx.eval_data.input_ids), length=ctx.eval_data.input_ids.shape[1]
+        _free_bytes(device),
+        per_sequence,
+        len(ctx.eval_data.input_ids),
+        length=ctx.eval_data.input_ids.shape[1],
     )
     log.info("compute.batch_size = 'auto': %d sequences per %s batch on %s", size, footprint, device)
     return size
+
+
+def directional_pass(ctx: UnitContext, model: nn.Module, vectors: int) -> tuple[int, int]:
+    """docs/jobs.md, "Batch size": sequences per batch and basis vectors per ``vmap``-batched pass
+    of POLCA's forward-mode passes over ``vectors`` directions, each vector ×
+    :data:`DIRECTIONAL_SCALE` the ``logits`` footprint. ``vectors_per_pass = "auto"`` is
+    :data:`CPU_VECTORS` off CUDA; on CUDA the batch is sized for one vector, then as many vectors
+    as fit the rest of :data:`DEVICE_FRACTION` of the free memory at that batch, at most
+    ``vectors``."""
+    per_pass = ctx.job.compute.vectors_per_pass
+    device = next(model.parameters()).device
+    if per_pass != "auto":
+        return batch_size(ctx, model, "logits", scale=DIRECTIONAL_SCALE * per_pass), per_pass
+    if device.type != "cuda":
+        return batch_size(ctx, model, "logits", scale=DIRECTIONAL_SCALE * CPU_VECTORS), CPU_VECTORS
+    size = batch_size(ctx, model, "logits", scale=DIRECTIONAL_SCALE)
+    per_vector = DIRECTIONAL_SCALE * _per_sequence(ctx, model, "logits") * size
+    fitted = max(1, min(vectors, int(_free_bytes(device) * DEVICE_FRACTION) // max(per_vector, 1)))
+    log.info("compute.vectors_per_pass = 'auto': %d vectors per pass on %s", fitted, device)
+    return size, fitted
+
+
+def _per_sequence(ctx: UnitContext, model: nn.Module, footprint: Footprint) -> int:
+    """The measured per-sequence peak of ``footprint``, measured once per worker (:data:`_MEASURED`)."""
+    key = (_architecture(model), ctx.eval_data.input_ids.shape[1], footprint)
+    if key not in _MEASURED:
+        _MEASURED[key] = _peak_bytes(model, ctx.eval_data, footprint)
+    return _MEASURED[key]
+
+
+def _free_bytes(device: torch.device) -> int:
+    """The card's free memory plus what torch holds cached but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 _MEASURED: dict[tuple[str, int, Footprint], int] = {}

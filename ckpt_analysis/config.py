@@ -228,7 +228,9 @@ class ComputeSpec:
     batch_size: int | Literal["auto"] = "auto"
     """Sequences per batch; ``"auto"``: sized to the free GPU memory on CUDA, 32 on the CPU
     (``ckpt_analysis.batching``)."""
-    vectors_per_pass: int = 4
+    vectors_per_pass: int | Literal["auto"] = "auto"
+    """POLCA basis vectors per forward-mode pass; ``"auto"``: 4 on the CPU, sized to the free GPU
+    memory on CUDA (``ckpt_analysis.batching.directional_pass``)."""
 
     def __post_init__(self) -> None:
         for key in ("workers", "threads_per_worker", "torch_threads", "batch_size", "vectors_per_pass"):

@@ -13,7 +13,9 @@ from torch.func import functional_call, jvp, vmap
 from ckpt_analysis.attention import differentiable_attention
 from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.data import EvalData
+from ckpt_analysis.device import to_device
 from ckpt_analysis.losses import scored_token_losses
+from ckpt_analysis.sites import row_index
 
 Params = dict[str, torch.Tensor]
 
@@ -76,7 +78,7 @@ def directional_derivatives(
         stack.enter_context(differentiable_attention(model))
         if second:
             stack.enter_context(_plain_layer_norms(model))
-        for batch in data.batches(batch_size, directions.device):
+        for batch in _scored_batches(data, batch_size, directions.device):
             loss_of = _loss_function(model, base, batch)
 
             def along(direction: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,9 +92,24 @@ def directional_derivatives(
     return Directional(torch.cat(losses), torch.cat(first, dim=1), torch.cat(curv, dim=1) if second else None)
 
 
-def _loss_function(
-    model: nn.Module, base: Params, batch: tuple[torch.Tensor, ...]
-) -> Callable[[Params], torch.Tensor]:
+ScoredBatch = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+"""A batch's input ids, attention mask and scored (sequence, position) indices, on the device."""
+
+
+def _scored_batches(data: EvalData, size: int, device: torch.device) -> list[ScoredBatch]:
+    """Every batch moved to the device once, its scored cells indexed from the host mask so no
+    batch waits for the device to find them (:func:`~ckpt_analysis.sites.row_index`)."""
+    return [
+        (
+            to_device(data.input_ids[part], device),
+            to_device(data.attention_mask[part], device),
+            row_index(data.score_mask[part], device),
+        )
+        for part in data.slices(size)
+    ]
+
+
+def _loss_function(model: nn.Module, base: Params, batch: ScoredBatch) -> Callable[[Params], torch.Tensor]:
     def loss_of(sub: Params) -> torch.Tensor:
         merged = {**base, **sub}
 

@@ -16,7 +16,7 @@ import numpy as np
 from ckpt_analysis.config import JobSpec
 from ckpt_analysis.errors import StoreError
 from ckpt_analysis.plan import Plan, make_plan
-from ckpt_analysis.registry import Unit
+from ckpt_analysis.registry import Unit, get_analysis
 from ckpt_analysis.store import done_flags, read_sidecar, require_store, store_meta
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,20 @@ def _closure(units: Sequence[Unit], first: Unit) -> list[Unit]:
 
 class Calibration(NamedTuple):
     """The units an analysis's calibration runs (``chain``, in a runnable order) and the ones of
-    them it times (``timed``: its first unit, then the warm one)."""
+    them it times (``timed``: its first unit, then the warm one); with ``placeholders`` the timed
+    units run alone, on the fill values of inputs never computed."""
 
     chain: list[Unit]
     timed: list[Unit]
+    placeholders: bool = False
 
 
 def calibration_units(units: Sequence[Unit]) -> dict[str, Calibration]:
     """Per analysis, the units to run to time its units: its first two per-checkpoint units (else
     its first two, else its only one), each with the inputs it needs; a unit whose inputs number
     more than :data:`CALIBRATION_UNITS` is left out (a 16-link Hessian-basis chain is not run),
-    and an analysis left with none too."""
+    and an analysis left with none too, unless its time does not depend on its inputs' values
+    (``times_without_inputs``): then its two units run alone, on placeholder inputs."""
     ordered = sorted(units, key=lambda u: u.checkpoint is None)  # stable: per-checkpoint first
     chosen: dict[str, list[Unit]] = {}
     for unit in ordered:
@@ -124,6 +127,8 @@ def calibration_units(units: Sequence[Unit]) -> dict[str, Calibration]:
         if timed:
             chain = {v.id: v for u in timed for v in closures[u.id]}
             plans[analysis] = Calibration(list(chain.values()), timed)
+        elif get_analysis(analysis).times_without_inputs:
+            plans[analysis] = Calibration(candidates, candidates, placeholders=True)
     return plans
 
 
@@ -164,6 +169,8 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
             source = f"{len(records)} finished units"
         else:
             records, startup, source = _timed(calibrated.get(analysis, []))
+            if analysis in todo and todo[analysis].placeholders and records:
+                source += " on placeholder inputs"
         out.append(
             Estimate(
                 analysis,
@@ -205,8 +212,9 @@ def _calibrate(job: JobSpec, chains: dict[str, Calibration]) -> dict[str, list[d
     from ckpt_analysis.run import run_job
 
     wanted = {u.id for plan in chains.values() for u in plan.chain}
+    placeholders = {u.id for plan in chains.values() if plan.placeholders for u in plan.chain}
     with tempfile.TemporaryDirectory(prefix="ckpt-analysis-estimate-") as tmp:
         trial = dataclasses.replace(job, output=str(Path(tmp) / "calibration.zarr"))
         log.info("calibrating %s on %d units", ", ".join(chains), len(wanted))
-        run_job(trial, executor="inprocess", only=wanted)
+        run_job(trial, executor="inprocess", only=wanted, placeholders=placeholders)
         return {a: _measured(Path(trial.output), [u.id for u in plan.timed]) for a, plan in chains.items()}

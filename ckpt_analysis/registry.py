@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 import numpy as np
@@ -138,6 +138,11 @@ class UnitContext:
     """Read a stored array (or rows of it), e.g. results of the units this one depends on."""
     sample_data: EvalData | None = None
     """The job's ``[sample]`` (a separate Hessian sample), if it names one."""
+    kept: dict[str, Any] = field(default_factory=dict)
+    """What units may keep for later units of the same worker (e.g. a basis on the device), by a
+    key that names what determines it. It lives for one run of one worker process: inputs a run
+    reads were finished before its units start, so they cannot change under it. Not shared
+    between the threads of a worker beyond Python's own dict atomicity."""
 
     @property
     def hessian_data(self) -> EvalData:
@@ -158,6 +163,10 @@ class Analysis(ABC, Generic[P]):
 
     name: ClassVar[str]
     params_type: ClassVar[type[Any]]
+    times_without_inputs: ClassVar[bool] = False
+    """Whether a unit's time is independent of its inputs' values, so ``plan --estimate`` may time
+    it on the store's fill values where its inputs are too long a chain to run first
+    (docs/cluster.md, "Know the cost before submitting")."""
 
     def __init__(self, params: P) -> None:
         self.params = params

@@ -79,9 +79,10 @@ def validity_rows(ds: xr.Dataset) -> list[tuple[int, float, float, dict[str, flo
     "Per-interval validity")."""
     change, norm = ds.polca_interval_change.values[:-1], ds.step_norm.values[:-1]
     predicted = ds.polca_interval_predicted.values[:-1]
-    taylor = ds.taylor_change.values[:-1]
-    predicted = np.concatenate([taylor, predicted], axis=1)
-    variants = [f"gradient, {v}" for v in ds.taylor.values] + [f"basis, {v}" for v in ds.variant.values]
+    variants = [f"basis, {v}" for v in ds.variant.values]
+    if "taylor_change" in ds:  # written when analyses.polca.store lists "taylor"
+        predicted = np.concatenate([ds.taylor_change.values[:-1], predicted], axis=1)
+        variants = [f"gradient, {v}" for v in ds.taylor.values] + variants
     computed = [i for i, _ in enumerate(variants) if np.isfinite(predicted[:, i]).any()]
     with np.errstate(divide="ignore", invalid="ignore"):
         errors = np.abs(predicted - change[:, None]) / np.abs(change[:, None])

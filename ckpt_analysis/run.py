@@ -165,7 +165,9 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATOR_FAILURES)
 
 
-def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force: bool) -> Outcome:
+def run_unit(
+    store: str, job_json: str, index: int, *, torch_threads: int, force: bool, placeholder: bool = False
+) -> Outcome:
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
     The unit's lock (:func:`~ckpt_analysis.store.unit_lock`) is held throughout, so a concurrent
@@ -185,21 +187,23 @@ def run_unit(store: str, job_json: str, index: int, *, torch_threads: int, force
         return Outcome(index, f"unit {index}", "failed", one_line(exc))
     try:
         with unit_lock(store, unit.id), heartbeat(lock_file(store, unit.id)):
-            return _run_locked(store, worker, unit, index, torch_threads=torch_threads, force=force)
+            return _run_locked(
+                store, worker, unit, index, torch_threads=torch_threads, force=force, placeholder=placeholder
+            )
     except Exception as exc:  # the store itself failed: removed, unwritable, full disk
         log.warning("unit %s failed: %s", unit.id, one_line(exc))
         return Outcome(index, unit.id, "failed", one_line(exc))
 
 
 def _run_locked(
-    store: str, worker: _Worker, unit: Unit, index: int, *, torch_threads: int, force: bool
+    store: str, worker: _Worker, unit: Unit, index: int, *, torch_threads: int, force: bool, placeholder: bool
 ) -> Outcome:
     import torch
 
     flags = done_flags(store)
     if not force and flags[index]:
         return Outcome(index, unit.id, "skipped")
-    missing = [d for d in unit.deps if not flags[worker.index[d]]]
+    missing = [] if placeholder else [d for d in unit.deps if not flags[worker.index[d]]]
     if missing:  # a shard of a later SLURM stage whose inputs failed or never ran: no data written
         error = f"dependency not done: {', '.join(missing)}"
         write_sidecar(store, unit.id, {"unit": unit.id, "status": "failed", "error": error, **owner()})
@@ -276,6 +280,7 @@ def run_job(
     num_shards: int = 1,
     stage: int | None = None,
     only: Collection[str] | None = None,
+    placeholders: Collection[str] = (),
 ) -> list[Outcome]:
     """Plan (or resume) ``job``'s store, then run its units; returns one Outcome per unit run.
 
@@ -283,7 +288,9 @@ def run_job(
     units ``i`` with ``i % num_shards == shard`` run, in-process; with ``stage`` too, the units of
     that stage (:func:`~ckpt_analysis.plan.unit_stages`) are numbered alone and sharded so. A unit
     whose dependencies are not done fails with that reason (in its sidecar) and writes no data.
-    ``only`` restricts the run to those unit ids (``plan --estimate``'s calibration).
+    ``only`` restricts the run to those unit ids (``plan --estimate``'s calibration); the units
+    in ``placeholders`` run even though their inputs are not done, on the store's fill values
+    (a calibration timing an analysis whose time does not depend on its inputs' values).
     """
     store = job.output
     if shard is None:
@@ -314,7 +321,9 @@ def run_job(
         log_directory=str(Path(store) / "slurm" / "dask-workers"),
         gpus=visible_gpus(job.checkpoints.device),
     )
-    fn = functools.partial(_run_unit_fn, store, job_json, job.compute.torch_threads, force)
+    fn = functools.partial(
+        _run_unit_fn, store, job_json, job.compute.torch_threads, force, frozenset(placeholders)
+    )
     with progress(len(tasks), f"{job.name}") as advance:
         outcomes = runner.run(tasks, fn, lambda o: advance(o.name, o.ok))
     _worker.cache_clear()
@@ -329,5 +338,8 @@ def _note_interrupted(store: str) -> None:
         log.info("%s: %d interrupted unit(s) to recompute: %s", store, len(interrupted), names)
 
 
-def _run_unit_fn(store: str, job_json: str, torch_threads: int, force: bool, index: int) -> Outcome:
-    return run_unit(store, job_json, index, torch_threads=torch_threads, force=force)
+def _run_unit_fn(
+    store: str, job_json: str, torch_threads: int, force: bool, placeholders: frozenset[str], index: int
+) -> Outcome:
+    placeholder = bool(placeholders) and _worker(store, job_json).units[index].id in placeholders
+    return run_unit(store, job_json, index, torch_threads=torch_threads, force=force, placeholder=placeholder)

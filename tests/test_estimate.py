@@ -46,7 +46,8 @@ def test_estimate_calibrates_without_touching_the_output_then_reads_finished_uni
         e = before[name]
         assert e.source == "calibration run (second unit)" and e.startup_seconds is not None, e
         assert e.load_seconds is not None and 0 < e.load_seconds < (e.seconds or 0), e
-    assert before["polca"].seconds is None and "long chain" in before["polca"].source
+    polca = before["polca"]  # behind the basis chain, timed on placeholder inputs
+    assert polca.source == "calibration run (second unit) on placeholder inputs" and polca.seconds, polca
     assert before["covariance"].units == len(make_plan(job).checkpoints)
     run_job(job)
     after = {e.analysis: e for e in estimate(job, calibrate=False)}
@@ -58,11 +59,16 @@ def test_estimate_calibrates_without_touching_the_output_then_reads_finished_uni
     assert after["covariance"].store_bytes == pytest.approx(written, rel=0.01)
 
 
-def test_calibration_skips_analyses_behind_a_long_chain(run_dir: Path, tmp_path: Path) -> None:
-    job = job_from_dict(job_dict(run_dir, tmp_path / "c.zarr", analyses=ANALYSES), base=tmp_path)
+def test_calibration_times_input_independent_analyses_on_placeholders_and_skips_the_rest_behind_a_long_chain(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    analyses = {**ANALYSES, "clusters": {"lag": 10}}
+    job = job_from_dict(job_dict(run_dir, tmp_path / "c.zarr", analyses=analyses), base=tmp_path)
     units = make_plan(job).units
     chains = calibration_units(units)
-    assert set(chains) == {"covariance", "hessian_basis", "token_loss"}
+    assert set(chains) == {"covariance", "hessian_basis", "token_loss", "polca"}  # not clusters
+    polca = [u for u in units if u.analysis == "polca"][:2]
+    assert chains["polca"] == (polca, polca, True) and [u.checkpoint for u in polca] == [0, 1]
     for name in ("covariance", "token_loss"):  # the first two checkpoints' units, the warm one last
         first_two = [u for u in units if u.analysis == name][:2]
         assert chains[name].timed == chains[name].chain == first_two

@@ -223,6 +223,10 @@ class HessianBasis(_Curvature[BasisParams]):
     def _size(self, ctx: PlanContext | UnitContext) -> int:
         return self.params.k * len(self._links(ctx))
 
+    def vectors(self, ctx: PlanContext | UnitContext, *, axis: bool) -> int:
+        """Vectors in the axis basis (``axis``), else in each of the others (k per link)."""
+        return self.params.axis if axis else self._size(ctx)
+
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
         coords = {"basis": np.arange(self._size(ctx))}
         if self.params.axis:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ckpt_analysis.analyses.hessian import HessianBasis
-from ckpt_analysis.batching import batch_size
+from ckpt_analysis.batching import batch_size, directional_pass
 from ckpt_analysis.curvature import HessianOperator, ParamLayout, as_dtype
 from ckpt_analysis.directional import directional_derivatives
 from ckpt_analysis.errors import JobSpecError
@@ -107,6 +107,14 @@ def interval_changes(token_loss: np.ndarray, total: np.ndarray) -> tuple[np.ndar
     return np.diff(token_loss, axis=0).mean(axis=1), total.sum(axis=1).mean(axis=1)
 
 
+OPTIONAL_TERMS = {
+    "first": ("polca_first", "first-order term P·D"),
+    "second": ("polca_second", "second-order term of the chosen variant"),
+    "terms": ("polca", "POLCA[t,b,x] of the chosen variant"),
+}
+"""``store`` options naming a (step, basis, token) term, derivable from ``proj_grad``,
+``step_proj`` and ``projected_loss`` (docs/polca.md, "What is stored")."""
+
 TAYLOR = ("first", "trapezoid")
 """Basis-free predictions of an interval's loss change from the full gradient (docs/polca.md,
 "Per-interval validity"): ⟨g_t, Δθ_t⟩ and ½⟨g_t + g_{t+1}, Δθ_t⟩, g the mean token loss's gradient."""
@@ -180,6 +188,7 @@ class TokenLoss(Analysis[TokenLossParams]):
 
 
 Basis = Literal["hessian", "random", "axis", "shuffled"]
+Stored = Literal["terms", "first", "second", "taylor"]
 
 
 def suffix(basis: str) -> str:
@@ -200,6 +209,21 @@ class PolcaParams:
     variant; a list: on those bases only (e.g. ``["hessian"]``, the cheap way to see them all)."""
     dtype: Literal["float32", "float64"] | None = None
     """``None``: the job's ``checkpoints.dtype`` (float32 where that is a half type)."""
+    store: list[Stored] = field(default_factory=lambda: ["terms", "taylor"])
+    """The optional variables written (docs/polca.md, "What is stored"): ``terms`` (``polca``),
+    ``first`` (``polca_first``), ``second`` (``polca_second``), ``taylor`` (``taylor_change``,
+    two full gradients per checkpoint). What the filters, clusters and conservation need is
+    always written."""
+    basis_memory_mb: float = 8192
+    """Device memory the bases may hold for the life of a worker (docs/polca.md, "Cost"): a basis
+    that fits is read once per worker and every checkpoint's directions go through one pass over
+    the data; one that does not is streamed per checkpoint in groups of this size."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.store)) != len(self.store):
+            raise JobSpecError(f"analyses.polca.store = {self.store} names an option twice")
+        if self.basis_memory_mb <= 0:
+            raise JobSpecError(f"analyses.polca.basis_memory_mb = {self.basis_memory_mb} must be positive")
 
 
 @register
@@ -213,6 +237,7 @@ class Polca(Analysis[PolcaParams]):
     """
 
     name = "polca"
+    times_without_inputs = True  # the passes' cost depends on the basis's shape, not its values
 
     def requires(self) -> tuple[type[Analysis[Any]], ...]:
         return (HessianBasis, TokenLoss)
@@ -272,13 +297,16 @@ class Polca(Analysis[PolcaParams]):
         s = {"step": len(ctx.checkpoints)}
         shared = [
             Variable.of("step_norm", s, doc="‖θ_{t+1} − θ_t‖ over the basis's parameters (last step NaN)"),
-            Variable.of(
-                "taylor_change",
-                {**s, "taylor": len(TAYLOR)},
-                doc="loss change predicted by the full gradient: ⟨g_t, Δθ⟩, ½⟨g_t + g_{t+1}, Δθ⟩",
-            ),
             Variable.of("polca_interval_change", s, unit_axes=0, doc="exact change of the mean token loss"),
         ]
+        if "taylor" in self.params.store:
+            shared.append(
+                Variable.of(
+                    "taylor_change",
+                    {**s, "taylor": len(TAYLOR)},
+                    doc="loss change predicted by the full gradient: ⟨g_t, Δθ⟩, ½⟨g_t + g_{t+1}, Δθ⟩",
+                )
+            )
         per_basis = [
             v for b, (dim, k) in self.sizes(ctx).items() for v in self._basis_variables(ctx, b, dim, k)
         ]
@@ -291,9 +319,11 @@ class Polca(Analysis[PolcaParams]):
         out = [
             Variable.of(f"proj_grad{x}", grid, "float32", doc="P[t,b,x] = ⟨b, ∇ℓ(x; θ_t)⟩"),
             Variable.of(f"step_proj{x}", {"step": s, dim: k}, doc="D[t,b] = ⟨b, θ_{t+1} − θ_t⟩"),
-            Variable.of(f"polca_first{x}", grid, "float32", doc="first-order term P·D"),
-            Variable.of(f"polca_second{x}", grid, "float32", doc="second-order term of the chosen variant"),
-            Variable.of(f"polca{x}", grid, "float32", doc="POLCA[t,b,x] of the chosen variant"),
+            *(
+                Variable.of(f"{name}{x}", grid, "float32", doc=doc)
+                for option, (name, doc) in OPTIONAL_TERMS.items()
+                if option in self.params.store
+            ),
             Variable.of(f"projected_loss{x}", grid, "float32", doc="L_b(x, t) = Σ_{i<t} POLCA[i,b,x]"),
             Variable.of(f"polca_residual{x}", pairs, "float32", doc="ℓ(θ_{t+1}) − ℓ(θ_t) − Σ_b POLCA"),
             Variable.of(
@@ -358,19 +388,14 @@ class Polca(Analysis[PolcaParams]):
         patterns = self._check(ctx)
         last = t + 1 == len(ctx.checkpoints)
         dtype = self._dtype(ctx)
-        following = None if last else as_dtype(ctx.load_model(t + 1), dtype)
-        layout = ParamLayout.from_model(following or ctx.load_model(t), patterns)
+        model = as_dtype(ctx.load_model(t), dtype)  # the previous checkpoint's unit left θ_t cached
+        following = None if last else as_dtype(ctx.load_model(t + 1), dtype)  # cached for the next
+        layout = ParamLayout.from_model(model, patterns)
         theta_next = None if following is None else layout.flatten(following)
-        model = as_dtype(ctx.load_model(t), dtype)  # the cache now holds θ_t
         theta = layout.flatten(model)
-        compute = ctx.job.compute
+        size, per_pass = directional_pass(ctx, model, max(self._rows(ctx, b) for b in self.params.bases))
         project = partial(
-            directional_derivatives,
-            model,
-            layout,
-            ctx.eval_data,
-            batch_size=batch_size(ctx, model, "logits", scale=4 * compute.vectors_per_pass),
-            vectors_per_pass=compute.vectors_per_pass,
+            directional_derivatives, model, layout, ctx.eval_data, batch_size=size, vectors_per_pass=per_pass
         )
         step = None if theta_next is None else theta_next - theta
         mid = any(self._needs(b)[1] for b in self.params.bases)
@@ -378,8 +403,7 @@ class Polca(Analysis[PolcaParams]):
         parts: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
             x, (curv, at_midpoint) = suffix(name), self._needs(name)
-            for rows in _stream(ctx, BASIS_VARIABLES[name][0], compute.vectors_per_pass):
-                chunk = torch.from_numpy(rows).to(theta)
+            for chunk in self._directions(ctx, name, theta):
                 here = project(chunk, second=curv)
                 parts.setdefault(f"proj_grad{x}", []).append(here.first.cpu().numpy())
                 if here.second is not None:
@@ -390,16 +414,42 @@ class Polca(Analysis[PolcaParams]):
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
         norm = np.array(np.nan if step is None else float(step.norm()))
-        taylor = (
-            np.full(len(TAYLOR), np.nan)
-            if following is None
-            else taylor_predictions(model, following, layout, ctx)
-        )
-        return [
+        writes = [
             Write("step_norm", (t,), norm),
-            Write("taylor_change", (t,), taylor),
             *(Write(v, (t,), np.concatenate(b)) for v, b in parts.items()),
         ]
+        if "taylor" in self.params.store:
+            taylor = (
+                np.full(len(TAYLOR), np.nan)
+                if following is None
+                else taylor_predictions(model, following, layout, ctx)
+            )
+            writes.append(Write("taylor_change", (t,), taylor))
+        return writes
+
+    def _rows(self, ctx: UnitContext, basis: str) -> int:
+        """How many vectors ``basis`` has."""
+        return self._basis(ctx).vectors(ctx, axis=basis == "axis")
+
+    def _directions(self, ctx: UnitContext, basis: str, like: torch.Tensor) -> Iterator[torch.Tensor]:
+        """docs/polca.md, "Cost": the stored ``basis`` on ``like``'s device and dtype. Within
+        ``basis_memory_mb`` (with the bases this worker keeps already) it is read once per
+        worker and kept in ``ctx.kept`` for later checkpoints; otherwise it is streamed, as many
+        rows at a time as the budget holds."""
+        key = f"polca/basis/{basis}/{like.dtype}/{like.device}"
+        if key in ctx.kept:
+            yield ctx.kept[key]
+            return
+        row_bytes = like.numel() * like.element_size()
+        held = sum(v.numel() * v.element_size() for k, v in ctx.kept.items() if k.startswith("polca/basis/"))
+        budget = self.params.basis_memory_mb * 2**20
+        if self._rows(ctx, basis) * row_bytes <= budget - held:
+            whole = torch.from_numpy(ctx.read(BASIS_VARIABLES[basis][0])).to(like)
+            ctx.kept[key] = whole
+            yield whole
+            return
+        for rows in _stream(ctx, BASIS_VARIABLES[basis][0], max(1, int(budget // row_bytes))):
+            yield torch.from_numpy(rows).to(like)
 
     def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
         curv, mid = self._needs(basis)
@@ -431,10 +481,13 @@ class Polca(Analysis[PolcaParams]):
             return np.concatenate([values, np.full((1, *values.shape[1:]), np.nan)]).astype(np.float32)
 
         everything = (slice(None),)
+        terms = {"first": first, "second": chosen - first, "terms": chosen}
         return [
-            Write(f"polca_first{x}", everything, padded(first)),
-            Write(f"polca_second{x}", everything, padded(chosen - first)),
-            Write(f"polca{x}", everything, padded(chosen)),
+            *(
+                Write(f"{OPTIONAL_TERMS[o][0]}{x}", everything, padded(terms[o]))
+                for o in OPTIONAL_TERMS
+                if o in self.params.store
+            ),
             Write(f"projected_loss{x}", everything, projected.astype(np.float32)),
             Write(f"polca_residual{x}", everything, padded(conservation_residual(loss, chosen))),
             Write(f"polca_explained_token{x}", everything, per_token.astype(np.float32)),

@@ -26,6 +26,7 @@ from ckpt_analysis.curvature import ParamLayout
 from ckpt_analysis.errors import JobSpecError
 from ckpt_analysis.losses import scored_token_losses
 from ckpt_analysis.plan import prepare_store
+from ckpt_analysis.report import validity_rows
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 
@@ -114,6 +115,7 @@ def polca_store(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
             "bases": ["hessian", "random", "axis", "shuffled"],
             "second_order": "trapezoid",
             "measure_all_variants": True,
+            "store": ["terms", "first", "second", "taylor"],
         },
     }
     job = job_from_dict(
@@ -355,3 +357,26 @@ def test_the_plan_checks_refuse_a_job_that_cannot_run_before_anything_is_written
     with pytest.raises(JobSpecError, match=message):
         run_job(job)
     assert not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("store", [[], ["terms"]])
+def test_a_basis_over_its_memory_budget_streams_to_the_same_projections_and_the_store_keeps_what_is_asked(
+    tmp_path: Path, store: list[str]
+) -> None:
+    run = build_local_run(tmp_path / "run", [0, 10, 20], seed=12, **SMALL)
+    basis = {"k": 2, "every": 10, "sample_sequences": 8, "random": True}
+    stores = {}
+    for name, budget in (("kept", 8192), ("streamed", 1e-5)):
+        polca = {"bases": ["hessian", "random"], "basis_memory_mb": budget, "store": store}
+        analyses = {"hessian_basis": basis, "token_loss": {}, "polca": polca}
+        raw = job_dict(run, tmp_path / f"{name}.zarr", analyses=analyses, data={"num_examples": 8})
+        job = job_from_dict(raw, base=tmp_path)
+        assert {o.status for o in run_job(job, executor="inprocess")} == {"done"}
+        stores[name] = open_results(job.output)
+    kept, streamed = stores["kept"], stores["streamed"]
+    assert kept.proj_grad.shape == (3, 6, kept.sizes["token"])
+    for name in ("proj_grad", "proj_grad_random", "step_proj", "projected_loss"):
+        np.testing.assert_allclose(streamed[name].values, kept[name].values, rtol=1e-5, atol=1e-7)
+    assert ("polca" in kept) == ("terms" in store)
+    assert "polca_first" not in kept and "polca_second" not in kept and "taylor_change" not in kept
+    assert all(not name.startswith("gradient") for row in validity_rows(kept) for name in row[3])
