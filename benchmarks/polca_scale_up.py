@@ -38,6 +38,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from common import CARRY_HEADER, SCORE_HEADER, carry_rows, score_rows, table
@@ -45,12 +46,12 @@ from polca_after_tau import group_losses, plot_groups
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
-from ckpt_analysis.estimate import estimate
+from ckpt_analysis.estimate import Estimate, device_name, estimate, sweep_seconds
 from ckpt_analysis.plots import plot_validity
 from ckpt_analysis.run import run_job
 from ckpt_analysis.store import open_results
 from ckpt_analysis.zoo.demo import polca_job, train_or_reuse
-from ckpt_analysis.zoo.train import TrainConfig, with_paper_optimiser
+from ckpt_analysis.zoo.train import TrainConfig, skeleton_run, train_arithmetic, with_paper_optimiser
 
 SETTINGS = {
     "long": TrainConfig(steps=1800, save_every=20),
@@ -75,27 +76,32 @@ spacing and the lag keep the paper's ratio to the checkpoint spacing (a vector e
 checkpoints, 10 per basis; lag 5 checkpoints). The learning rate is raised with the width so that
 the run learns in 5000 steps and τ falls within its first fifth (a pilot of four rates and widths,
 docs/polca.md, "A CPU-sized twin")."""
+PAPER_TINY = replace(
+    PAPER_CPU, hidden_size=16, num_layers=1, num_heads=2, steps=200, save_every=10, batch_size=32
+)
+"""A twin small enough for a test (seconds): width 16, one layer, 200 steps, 64 problems."""
 PAPER_JOB = """name = "polca-paper-protocol"
 output = "polca.zarr"
 
 [checkpoints]
 source = "local"
 path = "run"
+select = "{select}"
 
 [data]
 source = "addition"
-num_examples = 1250
+num_examples = {problems}
 seed = 4321
 
 [sample]
 source = "addition"
-num_examples = 1250
+num_examples = {problems}
 seed = 2025
 
 [analyses.hessian_basis]
 k = 1
 steps = {basis_steps}
-sample_sequences = 1250
+sample_sequences = {problems}
 random = true
 axis = 0
 shuffled = true
@@ -119,15 +125,29 @@ window = [["start", "end"], ["tau", "end"]]
 
 [compute]
 workers = 1
-batch_size = 1250
+batch_size = {problems}
 """
+PROBLEMS = 1250
+"""The paper's analysed problems (5,000 answer tokens) and, separately drawn, its Hessian sample."""
 
 
-def paper_job(train: TrainConfig) -> str:
+def paper_job(train: TrainConfig, *, analyse_every: int = 1, problems: int = PROBLEMS) -> str:
     """The paper protocol's analysis job for ``train``: as the paper, a basis vector every 10
-    checkpoints (every 200 steps at its spacing of 20) and a lag of 5 (100 steps)."""
+    checkpoints (every 200 steps at its spacing of 20) and a lag of 5 (100 steps). With
+    ``analyse_every`` = r > 1, the budget's reduction: only every r-th saved checkpoint is
+    analysed (the basis steps, multiples of 10 saves, stay among them for r dividing 10)."""
     every = 10 * train.save_every
-    return PAPER_JOB.format(basis_steps=list(range(every, train.steps + 1, every)), lag=5 * train.save_every)
+    select = "all" if analyse_every == 1 else f"every={analyse_every * train.save_every}"
+    return PAPER_JOB.format(
+        basis_steps=list(range(every, train.steps + 1, every)),
+        lag=5 * train.save_every,
+        select=select,
+        problems=problems,
+    )
+
+
+PROTOCOLS = {"paper": (PAPER, PROBLEMS), "paper_cpu": (PAPER_CPU, PROBLEMS), "paper_tiny": (PAPER_TINY, 64)}
+"""The protocol settings and their analysed problems."""
 
 
 def run_setting(
@@ -158,21 +178,114 @@ def run_setting(
     return carry_rows(folder / "polca.zarr", name, f"{accuracy:.2f}")
 
 
-def protocol_report(folder: Path) -> None:
-    """τ, the share of checkpoints after it, the carry scores beside the base rate, the group figure."""
+def protocol_report(folder: Path) -> str:
+    """τ, the share of checkpoints after it, the carry scores beside the base rate (printed and
+    returned); the group figure written to ``folder/groups.png``."""
     ds = open_results(folder / "polca.zarr")
     tau = float(ds.cluster_tau.isel(window=0, trajectory=0))
     after = float((ds.step.values > tau).mean())
-    print(f"{folder.name}: τ = {tau:.0f}, {after:.0%} of the {ds.sizes['step']} checkpoints after it")
-    print(table(SCORE_HEADER, score_rows(ds)))
+    text = f"{folder.name}: τ = {tau:.0f}, {after:.0%} of the {ds.sizes['step']} checkpoints after it\n\n"
+    text += table(SCORE_HEADER, score_rows(ds))
+    print(text)
     plot_groups(ds, group_losses(ds), folder / "groups.png", f"{folder.name} protocol run")
+    return text
 
 
-def main(workdir: Path, *, papers: list[str], only: list[str], steps: int | None) -> None:
+REDUCTIONS = (1, 2, 5, 10)
+"""``--budget``'s documented reductions (docs/polca.md, "One budgeted command"): analyse every
+r-th saved checkpoint; r divides the basis spacing of 10 saves, so the basis is the paper's."""
+
+
+def training_seconds(folder: Path, train: TrainConfig) -> float:
+    """The run's training time, extrapolated from two timed prefixes trained into ``folder``, of
+    one and two checkpoint spacings: their difference is one spacing's steps and save, without
+    the start-up both pay (first kernels, the first save)."""
+    times = []
+    for spacings in (1, 2):
+        start = time.perf_counter()
+        train_arithmetic(folder / str(spacings), replace(train, steps=spacings * train.save_every))
+        times.append(time.perf_counter() - start)
+    return max(times[1] - times[0], 0.0) / train.save_every * train.steps
+
+
+def reduction_estimates(
+    folder: Path, train: TrainConfig, problems: int, reduction: int, *, calibrate: bool
+) -> list[Estimate]:
+    """``plan --estimate`` of the protocol's job at ``reduction`` on a skeleton of the run
+    (:func:`~ckpt_analysis.zoo.train.skeleton_run`): exact unit counts and store sizes, and with
+    ``calibrate`` the time per unit, before anything is trained."""
+    skeleton_run(folder / "run", train)
+    spec = folder / f"polca_every{reduction}.toml"
+    spec.write_text(paper_job(train, analyse_every=reduction, problems=problems))
+    return estimate(load_job(spec), calibrate=calibrate)
+
+
+def choose_reduction(
+    train_s: float, calibrated: list[Estimate], counts: dict[int, list[Estimate]], budget: float
+) -> tuple[int, dict[int, float]]:
+    """The smallest reduction whose predicted seconds (training, then each analysis's units at
+    its calibrated time per unit, one worker, plus the one-time costs) fit ``budget``, else the
+    largest; and every reduction's prediction."""
+    per_unit = {e.analysis: e for e in calibrated}
+    predicted = {
+        r: train_s + sweep_seconds([replace(per_unit[e.analysis], units=e.units) for e in rows], workers=1)
+        for r, rows in counts.items()
+    }
+    fitting = [r for r in REDUCTIONS if predicted[r] <= budget]
+    return (fitting[0] if fitting else REDUCTIONS[-1]), predicted
+
+
+def run_budgeted(workdir: Path, name: str, train: TrainConfig, budget: float, problems: int) -> None:
+    """docs/polca.md, "One budgeted command": estimate, choose the full protocol or the nearest
+    reduction that fits ``budget`` seconds, run it, and write ``report.md`` with the choice, the
+    carry table, τ and accuracy beside the figures in ``workdir/name``."""
+    folder, start = workdir / name, time.perf_counter()
+    train_s = training_seconds(folder / "probe", train)
+    calibrated = reduction_estimates(folder / "skeleton", train, problems, 1, calibrate=True)
+    counts = {
+        r: reduction_estimates(folder / "skeleton", train, problems, r, calibrate=False) for r in REDUCTIONS
+    }
+    left = budget - (time.perf_counter() - start)  # the estimate's own time counts against the budget
+    chosen, predicted = choose_reduction(train_s, calibrated, counts, left)
+    rows = [
+        [
+            "full protocol" if r == 1 else f"1 in {r} checkpoints",
+            f"{predicted[r]:.0f}",
+            f"{sum(e.store_bytes for e in counts[r]) / 1e9:.2f}",
+            "chosen" if r == chosen else "",
+        ]
+        for r in REDUCTIONS
+    ]
+    unmeasured = [e.analysis for e in calibrated if e.seconds is None]
+    choice = table(["analysed", "predicted s", "store GB", ""], rows)
+    fits = "fits" if predicted[chosen] <= left else "does not fit even at the largest reduction; ran that"
+    timed = f"not timed: {', '.join(unmeasured)}" if unmeasured else "every analysis timed"
+    head = f"budget {budget:.0f} s on {device_name('auto')}, {left:.0f} s left after the estimate; "
+    head += f"training ≈ {train_s:.0f} s; {timed}"
+    head += f"; the choice {fits}"
+    print(head, choice, sep="\n\n")
+    began = time.perf_counter()
+    carry = run_setting(workdir, name, train, lambda t: paper_job(t, analyse_every=chosen, problems=problems))
+    wall = time.perf_counter() - began
+    report = protocol_report(folder)
+    text = "\n\n".join(
+        [head, choice, f"ran in {wall:.0f} s", report, table(["setting", "accuracy", *CARRY_HEADER], carry)]
+    )
+    (folder / "report.md").write_text(text + "\n")
+
+
+def main(
+    workdir: Path, *, papers: list[str], only: list[str], steps: int | None, budget: float | None
+) -> None:
     hf_logging.disable_progress_bar()
+    if budget is not None:
+        for name in papers:
+            train, problems = PROTOCOLS[name]
+            run_budgeted(workdir, name, replace(train, steps=steps) if steps else train, budget, problems)
+        return
     rows = carry_rows(workdir / "polca.zarr", "demo", "—") if (workdir / "polca.zarr").is_dir() else []
     settings = {name: (train, polca_job) for name, train in SETTINGS.items()}  # the demo's job, scaled
-    protocols = {"paper": (PAPER, paper_job), "paper_cpu": (PAPER_CPU, paper_job)}
+    protocols = {name: (train, partial(paper_job, problems=n)) for name, (train, n) in PROTOCOLS.items()}
     settings |= {name: protocols[name] for name in papers}
     for name, (train, job_text) in settings.items():
         if not only or name in only:
@@ -191,7 +304,17 @@ if __name__ == "__main__":
     parser.add_argument("--paper", action="store_true", help="also the 9.5M-parameter setting (CUDA)")
     parser.add_argument("--paper-cpu", action="store_true", help="also the paper protocol's CPU-sized twin")
     parser.add_argument("--only", nargs="+", default=[], help="run only these settings")
+    parser.add_argument("--paper-tiny", action="store_true", help="also a tiny twin (seconds; the tests')")
     parser.add_argument("--steps", type=int, help="train only this prefix of each setting (a cost timing)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds: estimate the chosen protocol settings first, run the full protocol or the "
+        "nearest reduction that fits, and write WORKDIR/<setting>/report.md",
+    )
     args = parser.parse_args()
-    papers = [name for name, chosen in (("paper", args.paper), ("paper_cpu", args.paper_cpu)) if chosen]
-    main(Path(args.workdir), papers=papers, only=args.only, steps=args.steps)
+    chosen = (("paper", args.paper), ("paper_cpu", args.paper_cpu), ("paper_tiny", args.paper_tiny))
+    papers = [name for name, wanted in chosen if wanted]
+    if args.budget is not None and not papers:
+        parser.error("--budget runs a protocol setting: add --paper, --paper-cpu or --paper-tiny")
+    main(Path(args.workdir), papers=papers, only=args.only, steps=args.steps, budget=args.budget)

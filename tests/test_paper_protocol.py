@@ -77,3 +77,27 @@ def test_the_cpu_twin_scales_only_model_width_run_length_and_learning_rate(scrip
     every = 10 * twin["save_every"]
     assert job["analyses"]["hessian_basis"]["steps"] == list(range(every, twin["steps"] + 1, every))
     assert job["analyses"]["clusters"]["lag"] == 5 * twin["save_every"]
+
+
+def test_gpu_check_runs_the_budgeted_protocol_end_to_end_on_the_cpu_at_tiny_size(tmp_path: Path) -> None:
+    """The step gpu_check.sh runs on a GPU, here on its tiny twin, so it works when it meets one."""
+    import os
+    import subprocess
+
+    env = {
+        **os.environ,
+        "ONLY": "paper_budget",
+        "PAPER_SETTING": "paper-tiny",
+        "PAPER_BUDGET": "1",  # nothing fits: the largest reduction runs and the report says so
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    root = BENCHMARKS.parent
+    subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], cwd=root, env=env, check=True, timeout=600)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "paper_budget: rc=0" in summary, (tmp_path / "out" / "paper_budget.log").read_text()[-3000:]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "does not fit even at the largest reduction" in report and "| 1 in 10 checkpoints |" in report
+    assert "carry homogeneity" in report and "τ =" in report
+    assert (tmp_path / "out" / "groups.png").is_file() and (tmp_path / "out" / "validity.png").is_file()

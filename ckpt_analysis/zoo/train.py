@@ -197,6 +197,26 @@ def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+def skeleton_run(out: Path, config: TrainConfig) -> Path:
+    """The checkpoints a ``config`` run saves (step 0, then every ``save_every``), each the
+    untrained model: one saved copy that the others link to. For planning and timing a protocol
+    before training it; its store's shapes and its units' costs do not depend on the weights."""
+    tokenizer = arithmetic.build_tokenizer()
+    first = out / "checkpoint-0"
+    if not first.is_dir():
+        _save(_model(replace(config, device="cpu"), len(arithmetic.VOCAB)), tokenizer, out, 0)
+    for step in range(config.save_every, config.steps + 1, config.save_every):
+        folder = out / f"checkpoint-{step}"
+        if folder.is_dir():
+            continue
+        folder.mkdir()
+        for file in first.iterdir():
+            if file.name != "trainer_state.json":
+                (folder / file.name).symlink_to(file.resolve())
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return out
+
+
 @dataclass(frozen=True)
 class _Optimiser:
     lr: float
