@@ -35,6 +35,7 @@ are printed, for extrapolating a setting too long to run here (docs/polca.md, "C
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -125,6 +126,7 @@ window = [["start", "end"], ["tau", "end"]]
 
 [compute]
 workers = 1
+torch_threads = {threads}
 batch_size = {problems}
 """
 PROBLEMS = 1250
@@ -143,6 +145,7 @@ def paper_job(train: TrainConfig, *, analyse_every: int = 1, problems: int = PRO
         lag=5 * train.save_every,
         select=select,
         problems=problems,
+        threads=os.cpu_count() or 1,  # the clusters units' fits, a thread per core
     )
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import rankdata
+from threadpoolctl import threadpool_limits
 
 from ckpt_analysis.analyses.polca import FINALIZE, Polca, TokenLoss, filters, suffix
 from ckpt_analysis.config import require_distinct
@@ -108,6 +111,21 @@ MIN_CLUSTERED = 3
 to tell a cluster from noise."""
 
 
+DENSE_DISTANCES_BYTES = 2**30
+"""HDBSCAN's ``generic`` algorithm (the dense n × n distance matrix, computed by BLAS) up to this
+many bytes of it, about 11,500 curves; above, its tree-based ``best``. The same minimum spanning
+tree, so the same labels: 5.4× faster on 5,000 curves of 501 points (docs/benchmarks.md,
+"Clusters at the paper's size")."""
+
+
+@contextmanager
+def _fitting_threads(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """docs/polca.md, "Clusters": a unit's vectors are clustered ``compute.torch_threads`` at a
+    time, each fit's BLAS on one thread (HDBSCAN's distance and tree work release the GIL)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool, threadpool_limits(1 if threads > 1 else None):
+        yield pool
+
+
 def hdbscan_labels(
     curves: np.ndarray, *, min_cluster_fraction: float, min_samples_fraction: float
 ) -> np.ndarray:
@@ -119,7 +137,9 @@ def hdbscan_labels(
         return np.full(n, OUTLIER)
     size = max(2, round(min_cluster_fraction * n))
     samples = max(1, round(min_samples_fraction * n))
-    return np.asarray(hdbscan.HDBSCAN(min_cluster_size=size, min_samples=samples).fit_predict(curves))
+    algorithm = "generic" if n * n * 8 <= DENSE_DISTANCES_BYTES else "best"
+    fit = hdbscan.HDBSCAN(min_cluster_size=size, min_samples=samples, algorithm=algorithm)
+    return np.asarray(fit.fit_predict(np.asarray(curves, dtype=np.float64)))
 
 
 def label_scores(labels: np.ndarray, has_label: np.ndarray, cluster: int) -> tuple[float, float, float]:
@@ -476,10 +496,12 @@ class Clusters(Analysis[ClusterParams]):
             allowed = np.isin(
                 ctx.read(label_variable(self.params.restrict)), self.params.restrict_values or []
             )
-        results = [
-            self._cluster(c, k, curve_steps, lag, tau, has_label, allowed)
-            for c, k in zip(sets, kept, strict=True)
-        ]
+
+        def cluster(pair: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+            return self._cluster(pair[0], pair[1], curve_steps, lag, tau, has_label, allowed)
+
+        with _fitting_threads(ctx.job.compute.torch_threads) as pool:
+            results = list(pool.map(cluster, zip(sets, kept, strict=True)))
         if allowed is not None and not any((r["scored"] == 1).any() for r in results):
             log.warning(
                 "clusters/%s: no cluster passes restrict = %r (values %s, fraction %s), so none is scored",

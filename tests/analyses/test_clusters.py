@@ -286,3 +286,19 @@ def test_a_restriction_must_name_a_label_and_values_it_has(
     }
     with pytest.raises(JobSpecError, match=message):
         prepare_store(job_from_dict(raw, base=tmp_path), force=False)
+
+
+def test_the_dense_hdbscan_gives_the_tree_based_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense ``generic`` algorithm is only a faster way to the same spanning tree."""
+    from ckpt_analysis.analyses import clusters
+
+    rng = np.random.default_rng(3)
+    curves = np.cumsum(rng.normal(size=(900, 60)), axis=1) * 0.05
+    curves[:300] += np.linspace(0, 3, 60)
+    curves[300:500] -= np.linspace(0, 2, 60)
+    options = {"min_cluster_fraction": 0.03, "min_samples_fraction": 1 / 15}
+    dense = clusters.hdbscan_labels(curves, **options)
+    monkeypatch.setattr(clusters, "DENSE_DISTANCES_BYTES", 0)
+    tree = clusters.hdbscan_labels(curves, **options)
+    assert len(set(dense.tolist())) >= 3
+    np.testing.assert_array_equal(dense, tree)
