@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -149,6 +150,23 @@ def _midpoint(here: torch.nn.Module, following: torch.nn.Module) -> dict[str, to
     return {n: 0.5 * (p.detach() + after[n].detach()) for n, p in here.named_parameters()}
 
 
+@contextmanager
+def _matmul_tf32(enabled: bool) -> Iterator[None]:
+    """docs/polca.md, "TF32": CUDA matmuls and convolutions in TF32 while the block runs (no
+    effect off CUDA), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model``, detached: the point θ_{t+1} for a projection there."""
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
 def _stream(ctx: UnitContext, variable: str, per_pass: int) -> Iterator[np.ndarray]:
     """A stored basis, ``per_pass`` rows at a time, so no unit holds the whole basis (docs/polca.md)."""
     start = 0
@@ -219,7 +237,22 @@ class PolcaParams:
     that fits is read once per worker and every checkpoint's directions go through one pass over
     the data; one that does not is streamed per checkpoint in groups of this size."""
 
+    tf32: bool = False
+    """TF32 matmuls for the projections on CUDA (docs/polca.md, "TF32"); off by default. Where on,
+    every ``tf32_check_every``-th interval is also projected in fp32, and the conservation
+    residual and explained fraction are reported both ways (``polca_tf32_*``)."""
+    tf32_check_every: int = 10
+
     def __post_init__(self) -> None:
+        if self.tf32_check_every < 1:
+            raise JobSpecError(
+                f"analyses.polca.tf32_check_every = {self.tf32_check_every} must be at least 1"
+            )
+        if self.tf32 and self.second_order in ("exact", "simpson"):
+            raise JobSpecError(
+                f"analyses.polca.tf32 checks conservation on first-order projections only; with "
+                f"second_order = {self.second_order!r} set tf32 = false, or choose 'trapezoid' or 'paper'"
+            )
         if len(set(self.store)) != len(self.store):
             raise JobSpecError(f"analyses.polca.store = {self.store} names an option twice")
         if self.basis_memory_mb <= 0:
@@ -355,6 +388,28 @@ class Polca(Analysis[PolcaParams]):
             Variable.of(f"basis_kept{x}", {dim: k}, "int8", unit_axes=0, doc="mean L_b(x, end) < 0"),
             Variable.of(f"token_kept{x}", {dim: k, "token": n}, "int8", doc="L_b(x, end) ≤ 0"),
         ]
+        if self.params.tf32:
+            checks = {"tf32_check": len(self.checked(len(ctx.checkpoints)))}
+            out += [
+                Variable.of(
+                    f"proj_grad_fp32{x}",
+                    {**checks, "endpoint": 2, dim: k, "token": n},
+                    "float32",
+                    doc="P at θ_t and θ_{t+1} of each checked interval, projected in fp32",
+                ),
+                Variable.of(
+                    f"polca_tf32_residual{x}",
+                    {**checks, "precision": 2},
+                    unit_axes=0,
+                    doc="mean |conservation residual| of each checked interval, TF32 and fp32",
+                ),
+                Variable.of(
+                    f"polca_tf32_explained{x}",
+                    {"precision": 2},
+                    unit_axes=0,
+                    doc="fraction of the checked intervals' loss change explained, TF32 and fp32",
+                ),
+            ]
         if curv:
             out.append(Variable.of(f"proj_curv{x}", grid, "float32", doc="c[t,b,x] = bᵀ∇²ℓ(x; θ_t) b"))
         if mid:
@@ -363,7 +418,19 @@ class Polca(Analysis[PolcaParams]):
         return out
 
     def coords(self, ctx: PlanContext) -> dict[str, np.ndarray]:
-        return {"variant": np.array(VARIANTS, dtype=object), "taylor": np.array(TAYLOR, dtype=object)}
+        coords = {"variant": np.array(VARIANTS, dtype=object), "taylor": np.array(TAYLOR, dtype=object)}
+        if self.params.tf32:
+            steps = np.array([c.step for c in ctx.checkpoints])
+            coords |= {
+                "tf32_check": steps[self.checked(len(steps))],
+                "endpoint": np.array(["t", "t+1"], dtype=object),
+                "precision": np.array(["tf32", "fp32"], dtype=object),
+            }
+        return coords
+
+    def checked(self, checkpoints: int) -> list[int]:
+        """docs/polca.md, "TF32": the intervals [t, t+1] also projected in fp32."""
+        return list(range(0, checkpoints - 1, self.params.tf32_check_every))
 
     def units(self, ctx: PlanContext) -> list[Unit]:
         basis = self._basis(ctx)
@@ -401,10 +468,16 @@ class Polca(Analysis[PolcaParams]):
         mid = any(self._needs(b)[1] for b in self.params.bases)
         midpoint = _midpoint(model, following) if mid and following is not None else None
         parts: dict[str, list[np.ndarray]] = {}
+        checked = self.params.tf32 and t in self.checked(len(ctx.checkpoints))
+        checks: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
             x, (curv, at_midpoint) = suffix(name), self._needs(name)
             for chunk in self._directions(ctx, name, theta):
-                here = project(chunk, second=curv)
+                with _matmul_tf32(self.params.tf32):
+                    here = project(chunk, second=curv)
+                if checked and following is not None:  # the same pair in fp32 (docs/polca.md, "TF32")
+                    pair = [project(chunk).first, project(chunk, params=_parameters(following)).first]
+                    checks.setdefault(f"proj_grad_fp32{x}", []).append(torch.stack(pair).cpu().numpy())
                 parts.setdefault(f"proj_grad{x}", []).append(here.first.cpu().numpy())
                 if here.second is not None:
                     parts.setdefault(f"proj_curv{x}", []).append(here.second.cpu().numpy())
@@ -414,9 +487,11 @@ class Polca(Analysis[PolcaParams]):
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
         norm = np.array(np.nan if step is None else float(step.norm()))
+        position = (self.checked(len(ctx.checkpoints)).index(t),) if checks else ()
         writes = [
             Write("step_norm", (t,), norm),
             *(Write(v, (t,), np.concatenate(b)) for v, b in parts.items()),
+            *(Write(v, position, np.concatenate(b, axis=1)) for v, b in checks.items()),
         ]
         if "taylor" in self.params.store:
             taylor = (
@@ -451,17 +526,49 @@ class Polca(Analysis[PolcaParams]):
         for rows in _stream(ctx, BASIS_VARIABLES[basis][0], max(1, int(budget // row_bytes))):
             yield torch.from_numpy(rows).to(like)
 
-    def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
-        curv, mid = self._needs(basis)
-        x = suffix(basis)
-        p = ctx.read(f"proj_grad{x}").astype(np.float64)
-        d = ctx.read(f"step_proj{x}")[:-1]
+    def _first_order_totals(
+        self, ctx: UnitContext, basis: str, p: np.ndarray, d: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The variants computed from P and D alone (``none``, ``trapezoid``, and ``paper`` where
+        λ_b exists), and per b the paper variant's guarded step pairs."""
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
         guarded = np.zeros(p.shape[1], dtype=np.int64)
         if basis == "hessian" or self._basis(ctx).params.rayleigh:
             paper, guarded = second_order_paper(p, d, ctx.read(EIGVAL_VARIABLES[basis]))
             totals["paper"] = first + paper
+        return totals, guarded
+
+    def _tf32_check(
+        self, ctx: UnitContext, basis: str, loss: np.ndarray, p: np.ndarray, d: np.ndarray
+    ) -> list[Write]:
+        """docs/polca.md, "TF32": each checked interval's conservation residual (mean |r|) and the
+        checked intervals' explained fraction, from the TF32 projections and from the fp32 ones."""
+        x, variant = suffix(basis), self.params.second_order
+        fp32 = ctx.read(f"proj_grad_fp32{x}").astype(np.float64)  # (checks, 2, K, N)
+        residuals, allocated, change = [], np.zeros(2), 0.0
+        for i, t in enumerate(self.checked(len(loss))):
+            pair, step = loss[t : t + 2], d[t : t + 1]
+            row = []
+            for j, projections in enumerate((p[t : t + 2], fp32[i])):
+                total = self._first_order_totals(ctx, basis, projections, step)[0][variant]
+                row.append(float(np.abs(conservation_residual(pair, total)).mean()))
+                allocated[j] += total.sum()
+            residuals.append(row)
+            change += float(np.diff(pair, axis=0).sum())
+        everything = (slice(None),)
+        return [
+            Write(f"polca_tf32_residual{x}", everything, np.array(residuals)),
+            Write(f"polca_tf32_explained{x}", everything, allocated / change),
+        ]
+
+    def _finalize(self, ctx: UnitContext, basis: str, loss: np.ndarray) -> list[Write]:
+        curv, mid = self._needs(basis)
+        x = suffix(basis)
+        p = ctx.read(f"proj_grad{x}").astype(np.float64)
+        d = ctx.read(f"step_proj{x}")[:-1]
+        totals, guarded = self._first_order_totals(ctx, basis, p, d)
+        first = totals["none"]
         if curv:
             totals["exact"] = first + second_order_exact(ctx.read(f"proj_curv{x}").astype(np.float64), d)
         if mid:
@@ -497,4 +604,5 @@ class Polca(Analysis[PolcaParams]):
             Write(f"polca_paper_guarded{x}", everything, guarded),
             Write(f"basis_kept{x}", everything, kept.astype(np.int8)),
             Write(f"token_kept{x}", everything, tokens.astype(np.int8)),
+            *(self._tf32_check(ctx, basis, loss, p, d) if self.params.tf32 else []),
         ]

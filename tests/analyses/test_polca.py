@@ -10,6 +10,7 @@ import torch
 from builders import build_local_run, job_dict
 
 from ckpt_analysis.analyses.polca import (
+    Polca,
     conservation_residual,
     explained_fraction,
     filters,
@@ -380,3 +381,29 @@ def test_a_basis_over_its_memory_budget_streams_to_the_same_projections_and_the_
     assert ("polca" in kept) == ("terms" in store)
     assert "polca_first" not in kept and "polca_second" not in kept and "taylor_change" not in kept
     assert all(not name.startswith("gradient") for row in validity_rows(kept) for name in row[3])
+
+
+def test_tf32_checks_report_conservation_both_ways_on_the_checked_intervals(tmp_path: Path) -> None:
+    """Off CUDA TF32 changes nothing, so the fp32 check must reproduce the stored projections."""
+    run = build_local_run(tmp_path / "run", [0, 10, 20, 30, 40], seed=13, **SMALL)
+    basis = {"k": 2, "every": 20, "sample_sequences": 8}
+    polca = {"second_order": "paper", "tf32": True, "tf32_check_every": 2}
+    analyses = {"hessian_basis": basis, "token_loss": {}, "polca": polca}
+    raw = job_dict(run, tmp_path / "t.zarr", analyses=analyses, data={"num_examples": 8})
+    job = job_from_dict(raw, base=tmp_path)
+    assert {o.status for o in run_job(job, executor="inprocess")} == {"done"}
+    ds = open_results(job.output)
+    assert ds.tf32_check.values.tolist() == [0, 20]  # intervals starting at checkpoints 0 and 2
+    for i, t in enumerate([0, 2]):
+        np.testing.assert_array_equal(ds.proj_grad_fp32.values[i], ds.proj_grad.values[t : t + 2])
+    residual = ds.polca_tf32_residual.values
+    np.testing.assert_allclose(residual[:, 0], residual[:, 1])
+    stored = np.abs(ds.polca_residual.values[[0, 2]].astype(np.float64)).mean(axis=1)
+    np.testing.assert_allclose(residual[:, 0], stored, rtol=1e-5)
+    explained = ds.polca_tf32_explained.values
+    assert np.isfinite(explained).all() and explained[0] == pytest.approx(explained[1])
+
+
+def test_tf32_refuses_the_variants_it_cannot_check(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match="tf32 = false, or choose 'trapezoid' or 'paper'"):
+        Polca.from_spec({"tf32": True, "second_order": "exact"})
