@@ -22,12 +22,16 @@ measured per-unit time and store size per analysis (bar: within 25 %; 70M about 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from common import machine, table, write_ids
+import torch
+from common import machine, median_time, table, write_ids
 
-from ckpt_analysis.config import job_from_dict
+from ckpt_analysis.analyses.leading_terms import TOKEN_BATCH
+from ckpt_analysis.checkpoints import CheckpointSource
+from ckpt_analysis.config import JobSpec, job_from_dict
 from ckpt_analysis.estimate import Estimate, device_name, estimate, sweep_seconds
 from ckpt_analysis.plan import make_plan
 from ckpt_analysis.registry import build_analyses
@@ -152,10 +156,46 @@ def _sweep_hours(e: Estimate, revisions: int) -> float | None:
     return sweep_seconds([replace(e, units=units)], workers=1) / 3600
 
 
+def bare_forward_seconds(spec: JobSpec, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of the bare decoder forwards (``model.base_model``, no hooks) over the tokens
+    each analysis feeds, on the job's device: the corpus at the job's batch size (``covariance``),
+    and the K vocabulary tokens as length-1 sequences in the analysis's batches (``token_cov``,
+    ``lt_alignment``, docs/leading_terms.md). The floor the analyses are held to."""
+    source = CheckpointSource.from_spec(spec.checkpoints)
+    model = source.load(source.checkpoints()[-1])
+    data, size = make_plan(spec).eval_data, int(spec.compute.batch_size)  # type: ignore[call-overload]
+    device = next(model.parameters()).device
+    vocab = torch.arange(int(spec.analyses["corpus_stats"]["vocab_size"]), device=device)[:, None]
+
+    def timed(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]) -> float:
+        def forwards() -> None:
+            with torch.inference_mode():
+                for ids, attn in batches():
+                    model.base_model(input_ids=ids, attention_mask=attn)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        forwards()  # warm
+        return median_time(forwards, repeats)
+
+    corpus = timed(lambda: ((ids, attn) for ids, attn, _ in data.batches(size, device)))
+    tokens = timed(lambda: ((vocab[i : i + TOKEN_BATCH], None) for i in range(0, len(vocab), TOKEN_BATCH)))
+    return {"covariance": corpus, "token_cov": tokens, "lt_alignment": tokens}
+
+
+def _ratio(e: Estimate, forwards: dict[str, float]) -> str:
+    """A per-checkpoint unit's compute (its time less its checkpoint load) ÷ its bare forwards."""
+    if e.seconds is None or e.analysis not in forwards:
+        return "—"
+    return f"{(e.seconds - (e.load_seconds or 0.0)) / forwards[e.analysis]:.2f}×"
+
+
 def main(workdir: Path, device: str, *, size: str, sequences: int, hessian: bool) -> None:
     revisions = REVISIONS if size == "70m" else REVISIONS[:2]
     _prepare(workdir, revisions, size=size, sequences=sequences)
     spec = job_from_dict(job(workdir, device, revisions, size=size, hessian=hessian), base=workdir)
+    torch.set_num_threads(int(spec.compute.torch_threads))
+    forwards = bare_forward_seconds(spec)
     rows = [
         [
             e.analysis,
@@ -166,6 +206,7 @@ def main(workdir: Path, device: str, *, size: str, sequences: int, hessian: bool
             _cell(e.gpu_peak_mb, 1024, ".2f"),
             f"{e.store_bytes / e.units / 1e6:.1f}",
             _cell(_sweep_hours(e, len(revisions)), digits=".3f"),
+            _ratio(e, forwards),
             e.source,
         ]
         for e in estimate(spec)
@@ -173,8 +214,12 @@ def main(workdir: Path, device: str, *, size: str, sequences: int, hessian: bool
     print(machine(), "\n")
     print(f"Pythia-{size} stand-in on {device_name(device)}; {sequences} sequences × 129 tokens\n")
     header = ["analysis", "s / unit", "of which load", "once", "peak RSS GiB", "peak GPU GiB"]
-    header += ["store MB / unit", f"{PYTHIA_REVISIONS} revisions h", "from"]
+    header += ["store MB / unit", f"{PYTHIA_REVISIONS} revisions h", "÷ bare forwards", "from"]
     print(table(header, rows))
+    print(
+        f"\nbare forwards over the same tokens: the corpus (batch {spec.compute.batch_size}) "
+        f"{forwards['covariance']:.3f} s, the K vocabulary tokens {forwards['token_cov']:.3f} s; bar ≤ 1.3×"
+    )
 
 
 if __name__ == "__main__":

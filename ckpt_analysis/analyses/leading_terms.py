@@ -41,7 +41,7 @@ ACTIVATION_COMPARISONS = ("value_resid_pre", "value_resid_mid", "value_resid_pos
 WEIGHT_COMPARISONS = ("WO_bigram", "V_value", "W_qk", "W_qk_T", "P_delta")
 TARGETS = ("value", "qk", "qk_T")
 """The alignment targets, computed once per job by ``lt_alignment/targets`` (docs/leading_terms.md)."""
-_TOKEN_BATCH = 1024
+TOKEN_BATCH = 1024
 TARGETS_UNIT = "targets"
 
 
@@ -126,8 +126,8 @@ def token_activations(
     if bos is not None:
         ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
     with torch.inference_mode(), capture(model, hooked, keep):
-        for start in range(0, ids.shape[0], _TOKEN_BATCH):
-            model.base_model(input_ids=ids[start : start + _TOKEN_BATCH])
+        for start in range(0, ids.shape[0], TOKEN_BATCH):
+            model.base_model(input_ids=ids[start : start + TOKEN_BATCH])
     pre, attn, post = ([torch.cat(chunks) for chunks in parts[s]] for s in hooked)
     return {
         "resid_pre": pre,
