@@ -47,6 +47,7 @@ from polca_after_tau import group_losses, plot_groups
 from transformers.utils import logging as hf_logging
 
 from ckpt_analysis.config import load_job
+from ckpt_analysis.device import resolve_device
 from ckpt_analysis.estimate import Estimate, device_name, estimate, sweep_seconds
 from ckpt_analysis.plots import plot_validity
 from ckpt_analysis.run import run_job
@@ -113,6 +114,7 @@ rayleigh = true
 [analyses.polca]
 bases = ["hessian", "random", "shuffled"]
 second_order = "paper"
+tf32 = {tf32}
 
 [analyses.clusters]
 trajectories = ["polca", "polca_random", "polca_shuffled", "exact_loss", "fisher"]
@@ -133,11 +135,14 @@ PROBLEMS = 1250
 """The paper's analysed problems (5,000 answer tokens) and, separately drawn, its Hessian sample."""
 
 
-def paper_job(train: TrainConfig, *, analyse_every: int = 1, problems: int = PROBLEMS) -> str:
+def paper_job(
+    train: TrainConfig, *, analyse_every: int = 1, problems: int = PROBLEMS, tf32: bool = False
+) -> str:
     """The paper protocol's analysis job for ``train``: as the paper, a basis vector every 10
     checkpoints (every 200 steps at its spacing of 20) and a lag of 5 (100 steps). With
     ``analyse_every`` = r > 1, the budget's reduction: only every r-th saved checkpoint is
-    analysed (the basis steps, multiples of 10 saves, stay among them for r dividing 10)."""
+    analysed (the basis steps, multiples of 10 saves, stay among them for r dividing 10).
+    ``tf32``: the projections in TF32 on CUDA, conservation checked in fp32 (docs/polca.md, "TF32")."""
     every = 10 * train.save_every
     select = "all" if analyse_every == 1 else f"every={analyse_every * train.save_every}"
     return PAPER_JOB.format(
@@ -146,6 +151,7 @@ def paper_job(train: TrainConfig, *, analyse_every: int = 1, problems: int = PRO
         select=select,
         problems=problems,
         threads=os.cpu_count() or 1,  # the clusters units' fits, a thread per core
+        tf32=str(tf32).lower(),
     )
 
 
@@ -211,31 +217,51 @@ def training_seconds(folder: Path, train: TrainConfig) -> float:
     return max(times[1] - times[0], 0.0) / train.save_every * train.steps
 
 
-def reduction_estimates(
-    folder: Path, train: TrainConfig, problems: int, reduction: int, *, calibrate: bool
+Choice = tuple[int, bool]
+"""A run ``--budget`` may choose: (analyse 1 in r checkpoints, TF32 projections)."""
+
+
+def choices(cuda: bool) -> list[Choice]:
+    """docs/polca.md, "One budgeted command": the full protocol in fp32, then on CUDA in TF32,
+    then 1 in r checkpoints for each documented r (in TF32 on CUDA), nearest first."""
+    tf32 = [(1, True)] if cuda else []
+    return [(1, False), *tf32, *((r, cuda) for r in REDUCTIONS[1:])]
+
+
+def choice_name(choice: Choice) -> str:
+    r, tf32 = choice
+    return ("full protocol" if r == 1 else f"1 in {r} checkpoints") + (", TF32" if tf32 else "")
+
+
+def choice_estimates(
+    folder: Path, train: TrainConfig, problems: int, choice: Choice, *, calibrate: bool
 ) -> list[Estimate]:
-    """``plan --estimate`` of the protocol's job at ``reduction`` on a skeleton of the run
+    """``plan --estimate`` of the protocol's job for ``choice`` on a skeleton of the run
     (:func:`~ckpt_analysis.zoo.train.skeleton_run`): exact unit counts and store sizes, and with
     ``calibrate`` the time per unit, before anything is trained."""
     skeleton_run(folder / "run", train)
-    spec = folder / f"polca_every{reduction}.toml"
-    spec.write_text(paper_job(train, analyse_every=reduction, problems=problems))
+    r, tf32 = choice
+    spec = folder / f"polca_every{r}{'_tf32' if tf32 else ''}.toml"
+    spec.write_text(paper_job(train, analyse_every=r, problems=problems, tf32=tf32))
     return estimate(load_job(spec), calibrate=calibrate)
 
 
-def choose_reduction(
-    train_s: float, calibrated: list[Estimate], counts: dict[int, list[Estimate]], budget: float
-) -> tuple[int, dict[int, float]]:
-    """The smallest reduction whose predicted seconds (training, then each analysis's units at
-    its calibrated time per unit, one worker, plus the one-time costs) fit ``budget``, else the
-    largest; and every reduction's prediction."""
-    per_unit = {e.analysis: e for e in calibrated}
-    predicted = {
-        r: train_s + sweep_seconds([replace(per_unit[e.analysis], units=e.units) for e in rows], workers=1)
-        for r, rows in counts.items()
-    }
-    fitting = [r for r in REDUCTIONS if predicted[r] <= budget]
-    return (fitting[0] if fitting else REDUCTIONS[-1]), predicted
+def choose(
+    train_s: float,
+    calibrated: dict[bool, list[Estimate]],
+    counts: dict[Choice, list[Estimate]],
+    budget: float,
+) -> tuple[Choice, dict[Choice, float]]:
+    """The nearest choice whose predicted seconds (training, then each analysis's units at the
+    time per unit calibrated in its precision, one worker, plus the one-time costs) fit
+    ``budget``, else the last; and every choice's prediction."""
+    predicted = {}
+    for choice, rows in counts.items():
+        per_unit = {e.analysis: e for e in calibrated[choice[1]]}
+        units = [replace(per_unit[e.analysis], units=e.units) for e in rows]
+        predicted[choice] = train_s + sweep_seconds(units, workers=1)
+    fitting = [c for c in counts if predicted[c] <= budget]
+    return (fitting[0] if fitting else list(counts)[-1]), predicted
 
 
 def run_budgeted(workdir: Path, name: str, train: TrainConfig, budget: float, problems: int) -> None:
@@ -243,32 +269,37 @@ def run_budgeted(workdir: Path, name: str, train: TrainConfig, budget: float, pr
     reduction that fits ``budget`` seconds, run it, and write ``report.md`` with the choice, the
     carry table, τ and accuracy beside the figures in ``workdir/name``."""
     folder, start = workdir / name, time.perf_counter()
+    cuda = resolve_device("auto").startswith("cuda")
     train_s = training_seconds(folder / "probe", train)
-    calibrated = reduction_estimates(folder / "skeleton", train, problems, 1, calibrate=True)
-    counts = {
-        r: reduction_estimates(folder / "skeleton", train, problems, r, calibrate=False) for r in REDUCTIONS
+    skeleton = folder / "skeleton"
+    calibrated = {
+        tf32: choice_estimates(skeleton, train, problems, (1, tf32), calibrate=True) for tf32 in {False, cuda}
     }
+    counts = {c: choice_estimates(skeleton, train, problems, c, calibrate=False) for c in choices(cuda)}
     left = budget - (time.perf_counter() - start)  # the estimate's own time counts against the budget
-    chosen, predicted = choose_reduction(train_s, calibrated, counts, left)
+    chosen, predicted = choose(train_s, calibrated, counts, left)
     rows = [
         [
-            "full protocol" if r == 1 else f"1 in {r} checkpoints",
-            f"{predicted[r]:.0f}",
-            f"{sum(e.store_bytes for e in counts[r]) / 1e9:.2f}",
-            "chosen" if r == chosen else "",
+            choice_name(c),
+            f"{predicted[c]:.0f}",
+            f"{sum(e.store_bytes for e in counts[c]) / 1e9:.2f}",
+            "chosen" if c == chosen else "",
         ]
-        for r in REDUCTIONS
+        for c in counts
     ]
-    unmeasured = [e.analysis for e in calibrated if e.seconds is None]
-    choice = table(["analysed", "predicted s", "store GB", ""], rows)
+    unmeasured = [e.analysis for e in calibrated[False] if e.seconds is None]
+    choice = table(["run", "predicted s", "store GB", ""], rows)
     fits = "fits" if predicted[chosen] <= left else "does not fit even at the largest reduction; ran that"
     timed = f"not timed: {', '.join(unmeasured)}" if unmeasured else "every analysis timed"
     head = f"budget {budget:.0f} s on {device_name('auto')}, {left:.0f} s left after the estimate; "
     head += f"training ≈ {train_s:.0f} s; {timed}"
-    head += f"; the choice {fits}"
+    head += f"; the choice ({choice_name(chosen)}) {fits}"
     print(head, choice, sep="\n\n")
     began = time.perf_counter()
-    carry = run_setting(workdir, name, train, lambda t: paper_job(t, analyse_every=chosen, problems=problems))
+    r, tf32 = chosen
+    carry = run_setting(
+        workdir, name, train, lambda t: paper_job(t, analyse_every=r, problems=problems, tf32=tf32)
+    )
     wall = time.perf_counter() - began
     report = protocol_report(folder)
     text = "\n\n".join(
