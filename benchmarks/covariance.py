@@ -1,8 +1,9 @@
 """Feature covariance cost vs the bare forward passes, and peak memory as tokens grow 4× (docs/benchmarks.md).
 
 Run: ``python benchmarks/covariance.py`` (about 2 minutes on 2 cores); ``--standin`` times the
-ratio on the Pythia-70M stand-in instead (hidden 512, 6 layers, random weights in float32; about
-5 minutes), ``--device cuda`` on a GPU.
+ratio on a Pythia stand-in instead (``--size 70m``: hidden 512, 6 layers, 32 × 128 tokens, about
+5 minutes; ``410m``: hidden 1024, 24 layers, 8 × 128 tokens; random weights in float32),
+``--device cuda`` on a GPU.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from ckpt_analysis.checkpoints import CheckpointSource
 from ckpt_analysis.config import ComputeSpec, DataSpec, JobSpec, LocalCheckpoints
 from ckpt_analysis.data import EvalData
 from ckpt_analysis.registry import Unit, UnitContext
-from ckpt_analysis.zoo.standin import PYTHIA_70M
+from ckpt_analysis.zoo.standin import PYTHIA_SIZES
 
 SEQ, LEN, BATCH = 128, 64, 32
+STANDIN_SEQUENCES = {"70m": 32, "410m": 8, "1.4b": 32}
+"""Sequences of 128 tokens per stand-in size: 410M's short on the CPU; on a GPU pass 1.4b."""
 
 
 def _context(model: torch.nn.Module, sequences: int, length: int, batch: int) -> UnitContext:
@@ -53,12 +56,12 @@ def _load(run: Path) -> torch.nn.Module:
     return source.load(source.checkpoints()[0])
 
 
-def _standin(device: str) -> torch.nn.Module:
-    """The Pythia-70M architecture with random weights, in float32."""
+def _standin(device: str, size: str) -> torch.nn.Module:
+    """The Pythia architecture of ``size`` with random weights, in float32."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_70M)).eval()
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_SIZES[size])).eval()
     return torch.nn.Module.to(model, device)
 
 
@@ -135,13 +138,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--standin", action="store_true", help="the Pythia-70M stand-in, 32 × 128 tokens")
+    parser.add_argument("--standin", action="store_true", help="a Pythia stand-in (see --size)")
+    parser.add_argument("--size", default="70m", choices=sorted(STANDIN_SEQUENCES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved (forward, covariance) pairs")
     args = parser.parse_args()
     print(machine(), "\n")
     if args.standin:
-        ctx = _context(_standin(args.device), 32, 128, 16)
-        time_ratio(ctx, threads=torch.get_num_threads(), site_sets=SITE_SETS)
+        ctx = _context(_standin(args.device, args.size), STANDIN_SEQUENCES[args.size], 128, 16)
+        time_ratio(ctx, threads=torch.get_num_threads(), site_sets=SITE_SETS, repeats=args.repeats)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = build_run(Path(tmp) / "run", 1)
