@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +36,19 @@ def build_run(root: Path, steps: int, *, vocab: int = 512, max_positions: int = 
             GPTNeoXForCausalLM(config).save_pretrained(folder)
             tokenizer.save_pretrained(folder)
     return root
+
+
+def bare_forwards(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+) -> None:
+    """The decoder stack alone (``model.base_model``, no hooks) over ``(ids, attention mask)``
+    batches, waiting for the device at the end: the floor the analyses' ratios divide by."""
+    base = model.base_model
+    with torch.inference_mode():
+        for ids, attn in batches:
+            base(input_ids=ids, attention_mask=attn)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def write_ids(path: Path, *, sequences: int, length: int, vocab: int = 512, seed: int = 0) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import build_run, machine, median_time, table
+from common import bare_forwards, build_run, machine, median_time, table
 
 from ckpt_analysis.analyses.covariance import Covariance, CovarianceParams
 from ckpt_analysis.checkpoints import CheckpointSource
@@ -67,9 +67,8 @@ def _standin(device: str, size: str) -> torch.nn.Module:
 
 def _bare_forward(ctx: UnitContext) -> None:
     model = ctx.load_model(0)
-    with torch.inference_mode():
-        for ids, attn, _ in ctx.eval_data.batches(ctx.job.compute.batch_size, model.device):
-            model.base_model(input_ids=ids, attention_mask=attn)
+    batches = ctx.eval_data.batches(ctx.job.compute.batch_size, model.device)
+    bare_forwards(model, ((ids, attn) for ids, attn, _ in batches))
 
 
 SITE_SETS = (["resid_post"], ["resid_pre", "resid_post"], ["resid_pre", "attn_out", "mlp_out", "resid_post"])

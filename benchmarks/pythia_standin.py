@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import machine, median_time, table, write_ids
+from common import bare_forwards, machine, median_time, table, write_ids
 
 from ckpt_analysis.analyses.leading_terms import TOKEN_BATCH
 from ckpt_analysis.checkpoints import CheckpointSource
@@ -168,15 +168,8 @@ def bare_forward_seconds(spec: JobSpec, repeats: int = 3) -> dict[str, float]:
     vocab = torch.arange(int(spec.analyses["corpus_stats"]["vocab_size"]), device=device)[:, None]
 
     def timed(batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]) -> float:
-        def forwards() -> None:
-            with torch.inference_mode():
-                for ids, attn in batches():
-                    model.base_model(input_ids=ids, attention_mask=attn)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        forwards()  # warm
-        return median_time(forwards, repeats)
+        bare_forwards(model, batches())  # warm
+        return median_time(lambda: bare_forwards(model, batches()), repeats)
 
     corpus = timed(lambda: ((ids, attn) for ids, attn, _ in data.batches(size, device)))
     tokens = timed(lambda: ((vocab[i : i + TOKEN_BATCH], None) for i in range(0, len(vocab), TOKEN_BATCH)))

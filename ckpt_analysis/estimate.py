@@ -168,9 +168,8 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
             records, startup = finished[analysis], None
             source = f"{len(records)} finished units"
         else:
-            records, startup, source = _timed(calibrated.get(analysis, []))
-            if analysis in todo and todo[analysis].placeholders and records:
-                source += " on placeholder inputs"
+            placeholders = analysis in todo and todo[analysis].placeholders
+            records, startup, source = _timed(calibrated.get(analysis, []), placeholders=placeholders)
         out.append(
             Estimate(
                 analysis,
@@ -187,15 +186,19 @@ def estimate(job: JobSpec, *, calibrate: bool = True) -> list[Estimate]:
     return out
 
 
-def _timed(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float | None, str]:
+def _timed(
+    runs: list[dict[str, Any]], *, placeholders: bool
+) -> tuple[list[dict[str, Any]], float | None, str]:
     """The sidecar to time by, the one-time cost and the source, from a calibration's ``runs``
-    of an analysis's units in order: the last, warm, and how much longer the first took."""
+    of an analysis's units in order: the last, warm, and how much longer the first took;
+    ``placeholders``: they ran on placeholder inputs, and the source says so."""
+    on = " on placeholder inputs" if placeholders else ""
     if not runs:
         return [], None, "not measured: its inputs are a long chain"
     if len(runs) == 1:
-        return runs, None, "calibration run (one unit: start-up included)"
+        return runs, None, f"calibration run (one unit: start-up included){on}"
     startup = max(0.0, float(runs[0]["wall_s"]) - float(runs[-1]["wall_s"]))
-    return runs[-1:], startup, "calibration run (second unit)"
+    return runs[-1:], startup, f"calibration run (second unit){on}"
 
 
 def _finished(job: JobSpec, ids: list[str]) -> list[dict[str, Any]]:

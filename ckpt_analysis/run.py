@@ -166,7 +166,13 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def run_unit(
-    store: str, job_json: str, index: int, *, torch_threads: int, force: bool, placeholder: bool = False
+    store: str,
+    job_json: str,
+    index: int,
+    *,
+    torch_threads: int,
+    force: bool,
+    placeholders: frozenset[str] = frozenset(),
 ) -> Outcome:
     """Compute one unit into ``store``; never raises (failures come back as an Outcome).
 
@@ -187,6 +193,7 @@ def run_unit(
         return Outcome(index, f"unit {index}", "failed", one_line(exc))
     try:
         with unit_lock(store, unit.id), heartbeat(lock_file(store, unit.id)):
+            placeholder = unit.id in placeholders  # run on fill values (run_job's ``placeholders``)
             return _run_locked(
                 store, worker, unit, index, torch_threads=torch_threads, force=force, placeholder=placeholder
             )
@@ -341,5 +348,6 @@ def _note_interrupted(store: str) -> None:
 def _run_unit_fn(
     store: str, job_json: str, torch_threads: int, force: bool, placeholders: frozenset[str], index: int
 ) -> Outcome:
-    placeholder = bool(placeholders) and _worker(store, job_json).units[index].id in placeholders
-    return run_unit(store, job_json, index, torch_threads=torch_threads, force=force, placeholder=placeholder)
+    return run_unit(
+        store, job_json, index, torch_threads=torch_threads, force=force, placeholders=placeholders
+    )

@@ -468,14 +468,14 @@ class Polca(Analysis[PolcaParams]):
         mid = any(self._needs(b)[1] for b in self.params.bases)
         midpoint = _midpoint(model, following) if mid and following is not None else None
         parts: dict[str, list[np.ndarray]] = {}
-        checked = self.params.tf32 and t in self.checked(len(ctx.checkpoints))
+        checked = self.checked(len(ctx.checkpoints)) if self.params.tf32 else []
         checks: dict[str, list[np.ndarray]] = {}
         for name in self.params.bases:
             x, (curv, at_midpoint) = suffix(name), self._needs(name)
             for chunk in self._directions(ctx, name, theta):
                 with _matmul_tf32(self.params.tf32):
                     here = project(chunk, second=curv)
-                if checked and following is not None:  # the same pair in fp32 (docs/polca.md, "TF32")
+                if t in checked and following is not None:  # the same pair in fp32 (docs/polca.md, "TF32")
                     pair = [project(chunk).first, project(chunk, params=_parameters(following)).first]
                     checks.setdefault(f"proj_grad_fp32{x}", []).append(torch.stack(pair).cpu().numpy())
                 parts.setdefault(f"proj_grad{x}", []).append(here.first.cpu().numpy())
@@ -487,7 +487,7 @@ class Polca(Analysis[PolcaParams]):
                     at_mid = project(chunk, params=midpoint).first
                     parts.setdefault(f"proj_grad_mid{x}", []).append(at_mid.cpu().numpy())
         norm = np.array(np.nan if step is None else float(step.norm()))
-        position = (self.checked(len(ctx.checkpoints)).index(t),) if checks else ()
+        position = (checked.index(t),) if checks else ()
         writes = [
             Write("step_norm", (t,), norm),
             *(Write(v, (t,), np.concatenate(b)) for v, b in parts.items()),
@@ -526,37 +526,55 @@ class Polca(Analysis[PolcaParams]):
         for rows in _stream(ctx, BASIS_VARIABLES[basis][0], max(1, int(budget // row_bytes))):
             yield torch.from_numpy(rows).to(like)
 
+    def _eigval(self, ctx: UnitContext, basis: str) -> np.ndarray | None:
+        """λ_b of the ``paper`` variant where the basis has them (docs/polca.md), else None."""
+        has = basis == "hessian" or self._basis(ctx).params.rayleigh
+        return ctx.read(EIGVAL_VARIABLES[basis]) if has else None
+
+    @staticmethod
     def _first_order_totals(
-        self, ctx: UnitContext, basis: str, p: np.ndarray, d: np.ndarray
+        p: np.ndarray, d: np.ndarray, eigval: np.ndarray | None
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The variants computed from P and D alone (``none``, ``trapezoid``, and ``paper`` where
         λ_b exists), and per b the paper variant's guarded step pairs."""
         first = first_order(p, d)
         totals: dict[str, np.ndarray] = {"none": first, "trapezoid": trapezoid_total(p, d)}
         guarded = np.zeros(p.shape[1], dtype=np.int64)
-        if basis == "hessian" or self._basis(ctx).params.rayleigh:
-            paper, guarded = second_order_paper(p, d, ctx.read(EIGVAL_VARIABLES[basis]))
+        if eigval is not None:
+            paper, guarded = second_order_paper(p, d, eigval)
             totals["paper"] = first + paper
         return totals, guarded
 
     def _tf32_check(
-        self, ctx: UnitContext, basis: str, loss: np.ndarray, p: np.ndarray, d: np.ndarray
+        self,
+        ctx: UnitContext,
+        basis: str,
+        loss: np.ndarray,
+        chosen: np.ndarray,
+        d: np.ndarray,
+        eigval: np.ndarray | None,
     ) -> list[Write]:
         """docs/polca.md, "TF32": each checked interval's conservation residual (mean |r|) and the
-        checked intervals' explained fraction, from the TF32 projections and from the fp32 ones."""
-        x, variant = suffix(basis), self.params.second_order
-        fp32 = ctx.read(f"proj_grad_fp32{x}").astype(np.float64)  # (checks, 2, K, N)
-        residuals, allocated, change = [], np.zeros(2), 0.0
-        for i, t in enumerate(self.checked(len(loss))):
-            pair, step = loss[t : t + 2], d[t : t + 1]
-            row = []
-            for j, projections in enumerate((p[t : t + 2], fp32[i])):
-                total = self._first_order_totals(ctx, basis, projections, step)[0][variant]
-                row.append(float(np.abs(conservation_residual(pair, total)).mean()))
-                allocated[j] += total.sum()
-            residuals.append(row)
-            change += float(np.diff(pair, axis=0).sum())
+        checked intervals' explained fraction, from the TF32 projections (the chosen variant's
+        terms, ``chosen``) and from the fp32 ones."""
+        fp32 = ctx.read(f"proj_grad_fp32{suffix(basis)}").astype(np.float64)  # (checks, 2, K, N)
+        checked = self.checked(len(loss))
+        totals = [
+            (
+                chosen[t : t + 1],
+                self._first_order_totals(fp32[i], d[t : t + 1], eigval)[0][self.params.second_order],
+            )
+            for i, t in enumerate(checked)
+        ]
+        pairs = [loss[t : t + 2] for t in checked]
+        residuals = [
+            [float(np.abs(conservation_residual(pair, total)).mean()) for total in both]
+            for pair, both in zip(pairs, totals, strict=True)
+        ]
+        allocated = np.array([sum(float(both[j].sum()) for both in totals) for j in range(2)])
+        change = sum(float(np.diff(pair, axis=0).sum()) for pair in pairs)
         everything = (slice(None),)
+        x = suffix(basis)
         return [
             Write(f"polca_tf32_residual{x}", everything, np.array(residuals)),
             Write(f"polca_tf32_explained{x}", everything, allocated / change),
@@ -567,7 +585,8 @@ class Polca(Analysis[PolcaParams]):
         x = suffix(basis)
         p = ctx.read(f"proj_grad{x}").astype(np.float64)
         d = ctx.read(f"step_proj{x}")[:-1]
-        totals, guarded = self._first_order_totals(ctx, basis, p, d)
+        eigval = self._eigval(ctx, basis)
+        totals, guarded = self._first_order_totals(p, d, eigval)
         first = totals["none"]
         if curv:
             totals["exact"] = first + second_order_exact(ctx.read(f"proj_curv{x}").astype(np.float64), d)
@@ -604,5 +623,5 @@ class Polca(Analysis[PolcaParams]):
             Write(f"polca_paper_guarded{x}", everything, guarded),
             Write(f"basis_kept{x}", everything, kept.astype(np.int8)),
             Write(f"token_kept{x}", everything, tokens.astype(np.int8)),
-            *(self._tf32_check(ctx, basis, loss, p, d) if self.params.tf32 else []),
+            *(self._tf32_check(ctx, basis, loss, chosen, d, eigval) if self.params.tf32 else []),
         ]
